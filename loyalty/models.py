@@ -1,0 +1,163 @@
+"""Transactions and the points ledger. Only loyalty.ledger writes Account, Entry, Lot and Draw rows."""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+from django.utils.translation import gettext_lazy as _
+
+from core.models import ApiClient, Program
+from members.models import Member
+
+
+class Transaction(models.Model):
+    """A purchase or return as a till or web shop sent it. Anonymous purchases have no member."""
+
+    class Kind(models.TextChoices):
+        PURCHASE = "purchase", _("Purchase")
+        RETURN = "return", _("Return")
+
+    class Channel(models.TextChoices):
+        POS = "pos", _("Store")
+        WEB = "web", _("Web shop")
+        APP = "app", _("App")
+
+    program = models.ForeignKey(Program, on_delete=models.PROTECT)
+    store = models.CharField(max_length=64)
+    external_id = models.CharField(max_length=128)
+    channel = models.CharField(max_length=8, choices=Channel.choices)
+    member = models.ForeignKey(Member, null=True, blank=True, on_delete=models.PROTECT, related_name="transactions")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    original = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="returns")
+    occurred_at = models.DateTimeField()
+    currency = models.CharField(max_length=3)
+    total = models.DecimalField(max_digits=12, decimal_places=2)
+    # [{sku, category, quantity, unit_price, amount}] as sent, amounts as decimal strings. A JSON column, not a table:
+    # one write instead of one per line on the hot path, and still queryable with jsonb functions.
+    lines = models.JSONField(default=list)
+    # Points this transaction moved: earned by a purchase (> 0) or reversed by a return (< 0 or 0).
+    points = models.IntegerField(default=0)
+    breakdown = models.JSONField(default=list)
+    # On purchases, the running totals of their returns; guarded by constraints so returns never exceed the purchase.
+    returned_total = models.DecimalField(max_digits=12, decimal_places=2, default=0)
+    points_reversed = models.IntegerField(default=0)
+    api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["program", "store", "external_id"], name="transaction_unique"),
+            models.CheckConstraint(condition=Q(total__gte=0), name="transaction_total_gte_0"),
+            models.CheckConstraint(
+                condition=Q(returned_total__gte=0, returned_total__lte=F("total")), name="returned_within_total"
+            ),
+            models.CheckConstraint(
+                condition=Q(points_reversed__gte=0) & (Q(points_reversed__lte=F("points")) | Q(points_reversed=0)),
+                name="reversed_within_earned",
+            ),
+            models.CheckConstraint(
+                condition=Q(kind="purchase", original__isnull=True) | Q(kind="return", original__isnull=False),
+                name="return_has_original",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["member", "-occurred_at"]),
+            models.Index(fields=["program", "-occurred_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.store}/{self.external_id}"
+
+
+class Account(models.Model):
+    """A member's points. The balances are a cache of the ledger, written by loyalty.ledger under a row lock."""
+
+    member = models.OneToOneField(Member, primary_key=True, on_delete=models.PROTECT, related_name="account")
+    # Spendable now. Negative only when a return reversed points already spent (the programme's return policy).
+    available = models.BigIntegerField(default=0)
+    pending = models.BigIntegerField(default=0)
+    lifetime_earned = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(pending__gte=0), name="account_pending_gte_0"),
+            models.CheckConstraint(condition=Q(lifetime_earned__gte=0), name="account_lifetime_gte_0"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Account {self.member_id}"
+
+
+class Entry(models.Model):
+    """One change of points. Append-only: a correction is a new entry, never an edit."""
+
+    class Kind(models.TextChoices):
+        EARN = "earn", _("Earned")
+        REVERSAL = "reversal", _("Reversed by a return")
+        REDEEM = "redeem", _("Redeemed")
+        EXPIRE = "expire", _("Expired")
+        ADJUST = "adjust", _("Adjusted")
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries")
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    points = models.BigIntegerField()
+    # Balances right after this entry, for statements and replayed responses.
+    available_after = models.BigIntegerField()
+    pending_after = models.BigIntegerField()
+    occurred_at = models.DateTimeField()
+    created_at = models.DateTimeField()
+    transaction = models.ForeignKey(Transaction, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    reason = models.CharField(max_length=500, blank=True)
+    staff_user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT)
+    api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.PROTECT)
+
+    class Meta:
+        verbose_name_plural = "entries"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kind="earn", points__gt=0)
+                | Q(kind__in=["reversal", "redeem", "expire"], points__lt=0)
+                | Q(kind="adjust", points__lt=0)
+                | Q(kind="adjust", points__gt=0),
+                name="entry_sign_matches_kind",
+            ),
+            models.CheckConstraint(condition=Q(pending_after__gte=0), name="entry_pending_after_gte_0"),
+            models.CheckConstraint(condition=~Q(kind="adjust") | ~Q(reason=""), name="adjustment_has_reason"),
+        ]
+        indexes = [models.Index(fields=["account", "-occurred_at", "-id"])]
+
+
+class Lot(models.Model):
+    """Points credited together, spent soonest-to-expire first. Pending until `available_from`."""
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="lots")
+    entry = models.OneToOneField(Entry, on_delete=models.PROTECT, related_name="lot")
+    amount = models.BigIntegerField()
+    remaining = models.BigIntegerField()
+    available_from = models.DateTimeField()
+    expires_at = models.DateTimeField(null=True, blank=True)
+    matured = models.BooleanField()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="lot_amount_gt_0"),
+            models.CheckConstraint(
+                condition=Q(remaining__gte=0, remaining__lte=F("amount")), name="lot_remaining_range"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["available_from"], condition=Q(matured=False), name="lot_to_mature"),
+            models.Index(fields=["expires_at"], condition=Q(remaining__gt=0), name="lot_to_expire"),
+            models.Index(fields=["account", "expires_at"], condition=Q(remaining__gt=0), name="lot_spendable"),
+        ]
+
+
+class Draw(models.Model):
+    """How much an entry took from a lot (negative: gave back to it)."""
+
+    entry = models.ForeignKey(Entry, on_delete=models.PROTECT, related_name="draws")
+    lot = models.ForeignKey(Lot, on_delete=models.PROTECT, related_name="draws")
+    points = models.BigIntegerField()
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=~Q(points=0), name="draw_nonzero")]

@@ -1,0 +1,280 @@
+"""Purchases and returns from tills and web shops: each is recorded once and earns (or reverses) points once."""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from core.errors import Conflict, MemberNotActive, Unprocessable
+from core.models import ApiClient, Program
+from loyalty import ledger
+from loyalty.earning import earning_for_purchase, reversal_for_return
+from loyalty.models import Account, Entry, Transaction
+from members.models import Member
+
+# A till's clock may run a little ahead; beyond this a transaction "in the future" is refused.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class TransactionInput:
+    store: str
+    external_id: str
+    channel: str
+    kind: str
+    occurred_at: datetime
+    currency: str
+    total: Decimal
+    lines: list[dict] = field(default_factory=list)
+    member: Member | None = None
+    original_external_id: str | None = None
+    original_store: str | None = None
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    transaction: Transaction
+    created: bool
+    points: int  # signed: what this transaction added to the member's points (a return's is negative)
+    pending: int
+    available_at: datetime | None
+    balance: ledger.Balance | None  # right after the transaction; None for anonymous purchases
+    forgiven: int = 0  # what a return did not take back, under the available-only return policy
+
+
+class TransactionMismatch(Conflict):
+    code, title = "transaction_mismatch", "Another transaction with this store and external_id exists"
+
+
+def transaction_record(
+    *, program: Program, data: TransactionInput, api_client: ApiClient | None = None, now: datetime | None = None
+) -> TransactionResult:
+    """Record a purchase or return and move its points. Idempotent on (store, external_id): a repeat returns the
+    first result with created=False and moves nothing; concurrent repeats are serialised by the unique index."""
+    now = now or timezone.now()
+    _validate(program, data, now)
+    if data.kind == Transaction.Kind.PURCHASE:
+        return _record_purchase(program, data, api_client, now)
+    return _record_return(program, data, api_client, now)
+
+
+def transaction_preview(*, program: Program, data: TransactionInput, now: datetime | None = None) -> TransactionResult:
+    """What transaction_record would do with the same input; writes nothing. It runs the very same code in a
+    transaction that is always rolled back, so the preview cannot drift from what a real purchase earns."""
+    with transaction.atomic():
+        result = transaction_record(program=program, data=data, now=now)
+        transaction.set_rollback(True)
+    return result
+
+
+def _validate(program: Program, data: TransactionInput, now: datetime) -> None:
+    if data.currency != program.currency:
+        raise Unprocessable(
+            f"This programme takes {program.currency}, not {data.currency}.",
+            code="currency_mismatch",
+            errors={"currency": [f"Must be {program.currency}."]},
+        )
+    if data.lines:
+        lines_total = sum((Decimal(line["amount"]) for line in data.lines), Decimal(0))
+        if lines_total != data.total:
+            raise Unprocessable(
+                f"The lines add up to {lines_total}, not to the total {data.total}.",
+                code="lines_do_not_add_up",
+                errors={"lines": [f"The amounts add up to {lines_total}, not {data.total}."]},
+            )
+    if data.occurred_at > now + CLOCK_SKEW:
+        raise Unprocessable(
+            "occurred_at lies in the future.", code="occurred_in_future", errors={"occurred_at": ["In the future."]}
+        )
+    max_age = program.max_transaction_age_days
+    if max_age is not None and data.occurred_at < now - timedelta(days=max_age):
+        raise Unprocessable(
+            f"This programme accepts transactions at most {max_age} days old.",
+            code="transaction_too_old",
+            errors={"occurred_at": [f"More than {max_age} days ago."]},
+        )
+    if data.member is not None and data.kind == Transaction.Kind.PURCHASE and data.member.status != "active":
+        raise MemberNotActive(f"Member {data.member.member_number} is {data.member.status}.")
+
+
+def _new_transaction(program, data, api_client, now, **fields) -> Transaction:
+    return Transaction(
+        program=program,
+        store=data.store,
+        external_id=data.external_id,
+        channel=data.channel,
+        kind=data.kind,
+        occurred_at=data.occurred_at,
+        currency=data.currency,
+        total=data.total,
+        lines=data.lines,
+        api_client=api_client,
+        created_at=now,
+        **fields,
+    )
+
+
+@transaction.atomic
+def _record_purchase(program, data, api_client, now) -> TransactionResult:
+    member = data.member
+    earning = earning_for_purchase(program=program, total=data.total, occurred_at=data.occurred_at)
+    points = earning.points if member else 0  # anonymous purchases are kept for analytics and earn nothing
+    txn = _new_transaction(
+        program, data, api_client, now, member=member, points=points, breakdown=earning.breakdown if member else []
+    )
+    txn.pk = _insert_ignoring_conflict(txn)
+    if txn.pk is None:
+        return _replay(program, data)
+    entry = None
+    if points:
+        entry = ledger.ledger_credit(
+            member_id=member.pk,
+            kind=Entry.Kind.EARN,
+            points=points,
+            occurred_at=data.occurred_at,
+            available_from=earning.available_from,
+            expires_at=earning.expires_at,
+            now=now,
+            transaction=txn,
+            api_client=api_client,
+        )
+    return _result(txn, created=True, entry=entry)
+
+
+@transaction.atomic
+def _record_return(program, data, api_client, now) -> TransactionResult:
+    # Locking the purchase serialises its returns, so together they never reverse more than it earned.
+    original = _original_for_update(program, data)
+    member = original.member
+    if data.member is not None and data.member.pk != original.member_id:
+        raise Unprocessable(
+            "The return names another member than the purchase.",
+            code="member_mismatch",
+            errors={"member": ["Differs from the purchase's member."]},
+        )
+    returned_total = original.returned_total + data.total
+    if returned_total > original.total:
+        raise Unprocessable(
+            f"Purchase {original.external_id} had {original.total - original.returned_total} left to return, "
+            f"not {data.total}.",
+            code="return_exceeds_purchase",
+            errors={"total": [f"At most {original.total - original.returned_total}."]},
+        )
+    to_reverse = reversal_for_return(
+        earned=original.points,
+        already_reversed=original.points_reversed,
+        purchase_total=original.total,
+        returned_total=returned_total,
+    )
+    txn = _new_transaction(program, data, api_client, now, member=member, original=original, points=-to_reverse)
+    txn.pk = _insert_ignoring_conflict(txn)
+    if txn.pk is None:
+        return _replay(program, data)
+    Transaction.objects.filter(pk=original.pk).update(
+        returned_total=returned_total, points_reversed=original.points_reversed + to_reverse
+    )
+    entry = None
+    if to_reverse:
+        earn = Entry.objects.filter(transaction=original, kind=Entry.Kind.EARN).values_list("pk", flat=True).first()
+        entry = ledger.ledger_reverse(
+            member_id=member.pk,
+            points=to_reverse,
+            earn_entry_id=earn,
+            allow_negative=program.return_policy == Program.ReturnPolicy.ALLOW_NEGATIVE,
+            occurred_at=data.occurred_at,
+            now=now,
+            transaction=txn,
+            api_client=api_client,
+        )
+    return _result(txn, created=True, entry=entry, forgiven=to_reverse + (entry.points if entry else 0))
+
+
+def _original_for_update(program: Program, data: TransactionInput) -> Transaction:
+    if not data.original_external_id:
+        raise Unprocessable(
+            "A return names the purchase it returns.",
+            code="original_required",
+            errors={"original_external_id": ["This field is required for returns."]},
+        )
+    candidates = Transaction.objects.filter(
+        program=program, kind=Transaction.Kind.PURCHASE, external_id=data.original_external_id
+    )
+    if data.original_store:
+        candidates = candidates.filter(store=data.original_store)
+    found = list(candidates.values_list("pk", "store")[:50])
+    if len(found) > 1:
+        found = [f for f in found if f[1] == data.store] or found
+    if not found:
+        raise Unprocessable(
+            f"No purchase {data.original_external_id} to return.",
+            code="original_not_found",
+            errors={"original_external_id": ["No such purchase."]},
+        )
+    if len(found) > 1:
+        raise Unprocessable(
+            f"Several stores sent purchase {data.original_external_id}; name the store with original_store.",
+            code="original_ambiguous",
+            errors={"original_store": ["Required: the external id is not unique across stores."]},
+        )
+    return Transaction.objects.select_for_update().select_related("member").get(pk=found[0][0])
+
+
+def _insert_ignoring_conflict(instance) -> int | None:
+    """INSERT the unsaved instance; None when a unique constraint says it exists already.
+    One round trip, and no check-then-insert race: the database decides."""
+    model = type(instance)
+    fields = [f for f in model._meta.concrete_fields if not f.primary_key]
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    params = [f.get_db_prep_save(f.pre_save(instance, add=True), connection) for f in fields]
+    sql = (
+        f"INSERT INTO {model._meta.db_table} ({columns}) VALUES ({', '.join(['%s'] * len(fields))}) "
+        "ON CONFLICT DO NOTHING RETURNING id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _replay(program: Program, data: TransactionInput) -> TransactionResult:
+    """The first result of a transaction sent again. Another transaction under the same key is a conflict."""
+    existing = Transaction.objects.get(program=program, store=data.store, external_id=data.external_id)
+    same_member = (
+        data.member is None
+        and data.kind == Transaction.Kind.RETURN
+        or existing.member_id == (data.member.pk if data.member else None)
+    )
+    if not (same_member and existing.kind == data.kind and existing.total == data.total):
+        raise TransactionMismatch(
+            f"Store {data.store} already sent transaction {data.external_id}, with other content."
+        )
+    entry = (
+        Entry.objects.select_related("lot").filter(transaction=existing).exclude(kind=Entry.Kind.ADJUST).first()
+        if existing.member_id
+        else None
+    )
+    forgiven = -existing.points + (entry.points if entry else 0) if existing.kind == Transaction.Kind.RETURN else 0
+    return _result(existing, created=False, entry=entry, forgiven=forgiven)
+
+
+def _result(txn: Transaction, *, created: bool, entry: Entry | None, forgiven: int = 0) -> TransactionResult:
+    pending, available_at, balance = 0, None, None
+    if entry is not None:
+        balance = ledger.Balance(entry.available_after, entry.pending_after)
+        lot = getattr(entry, "lot", None) if entry.kind == Entry.Kind.EARN else None
+        if lot is not None and lot.available_from > entry.created_at:
+            pending, available_at = entry.points, lot.available_from
+    elif txn.member_id:
+        account = Account.objects.filter(pk=txn.member_id).values_list("available", "pending").first()
+        balance = ledger.Balance(*(account or (0, 0)))
+    return TransactionResult(
+        transaction=txn,
+        created=created,
+        points=entry.points if entry else 0,
+        pending=pending,
+        available_at=available_at,
+        balance=balance,
+        forgiven=forgiven,
+    )

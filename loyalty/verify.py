@@ -1,0 +1,97 @@
+"""Checks every ledger invariant with set-based queries; `manage.py verify_ledger` reports what it finds."""
+
+from dataclasses import dataclass
+
+from django.db import connection
+
+from loyalty.models import Account, Draw, Entry, Lot, Transaction
+
+
+@dataclass(frozen=True)
+class Breach:
+    check: str
+    subject: str
+    detail: str
+
+
+def _t(model) -> str:
+    return model._meta.db_table
+
+
+def _checks() -> list[tuple[str, str]]:
+    a, e, lot, d, t = _t(Account), _t(Entry), _t(Lot), _t(Draw), _t(Transaction)
+    return [
+        (
+            "balance equals the sum of entries",
+            f"""SELECT a.member_id, a.available + a.pending, COALESCE(s.total, 0) FROM {a} a
+                LEFT JOIN (SELECT account_id, SUM(points) AS total FROM {e} GROUP BY account_id) s
+                  ON s.account_id = a.member_id
+                WHERE a.available + a.pending <> COALESCE(s.total, 0)""",
+        ),
+        (
+            "pending equals what pending lots hold",
+            f"""SELECT a.member_id, a.pending, COALESCE(s.total, 0) FROM {a} a
+                LEFT JOIN (SELECT account_id, SUM(remaining) AS total FROM {lot} WHERE NOT matured
+                           GROUP BY account_id) s ON s.account_id = a.member_id
+                WHERE a.pending <> COALESCE(s.total, 0)""",
+        ),
+        (
+            "available equals what matured lots hold",
+            f"""SELECT a.member_id, a.available, COALESCE(s.total, 0) FROM {a} a
+                LEFT JOIN (SELECT account_id, SUM(remaining) AS total FROM {lot} WHERE matured
+                           GROUP BY account_id) s ON s.account_id = a.member_id
+                WHERE CASE WHEN a.available > 0 THEN a.available ELSE 0 END <> COALESCE(s.total, 0)""",
+        ),
+        (
+            "lifetime earned equals earnings less reversals plus positive adjustments",
+            f"""SELECT a.member_id, a.lifetime_earned, COALESCE(s.total, 0) FROM {a} a
+                LEFT JOIN (SELECT account_id, SUM(points) AS total FROM {e}
+                           WHERE kind IN ('earn', 'reversal') OR (kind = 'adjust' AND points > 0)
+                           GROUP BY account_id) s ON s.account_id = a.member_id
+                WHERE a.lifetime_earned <> COALESCE(s.total, 0)""",
+        ),
+        (
+            "a lot's remaining equals its amount less its draws",
+            f"""SELECT l.id, l.remaining, l.amount - COALESCE(s.total, 0) FROM {lot} l
+                LEFT JOIN (SELECT lot_id, SUM(points) AS total FROM {d} GROUP BY lot_id) s ON s.lot_id = l.id
+                WHERE l.remaining <> l.amount - COALESCE(s.total, 0)""",
+        ),
+        (
+            "no lot below zero or above its amount",
+            f"SELECT id, remaining, amount FROM {lot} WHERE remaining < 0 OR remaining > amount",
+        ),
+        (
+            "a lot credits exactly its entry's points to the entry's account",
+            f"""SELECT l.id, l.amount, e.points FROM {lot} l JOIN {e} e ON e.id = l.entry_id
+                WHERE l.amount <> e.points OR l.account_id <> e.account_id""",
+        ),
+        (
+            "a spend or expiry takes from lots exactly what it removed",
+            f"""SELECT e.id, -e.points, COALESCE(SUM(dr.points), 0) FROM {e} e
+                LEFT JOIN {d} dr ON dr.entry_id = e.id
+                WHERE e.kind IN ('redeem', 'expire') OR (e.kind = 'adjust' AND e.points < 0)
+                GROUP BY e.id, e.points HAVING -e.points <> COALESCE(SUM(dr.points), 0)""",
+        ),
+        (
+            "a purchase's earn entry carries the points the purchase recorded",
+            f"""SELECT t.id, t.points, e.points FROM {t} t JOIN {e} e ON e.transaction_id = t.id
+                WHERE e.kind = 'earn' AND e.points <> t.points""",
+        ),
+        (
+            "a purchase's returns never reverse more than it earned",
+            f"""SELECT t.id, t.points, t.points_reversed FROM {t} t
+                WHERE t.kind = 'purchase' AND (t.points_reversed > t.points OR t.points_reversed < 0
+                      OR t.points_reversed <> COALESCE((SELECT -SUM(r.points) FROM {t} r WHERE r.original_id = t.id), 0))""",
+        ),
+    ]
+
+
+def ledger_verify(*, limit: int = 20) -> list[Breach]:
+    """Every breach of a ledger invariant, at most `limit` per check."""
+    breaches = []
+    with connection.cursor() as cursor:
+        for name, sql in _checks():
+            cursor.execute(f"{sql} LIMIT {int(limit)}")
+            for subject, found, expected in cursor.fetchall():
+                breaches.append(Breach(name, str(subject), f"found {found}, expected {expected}"))
+    return breaches

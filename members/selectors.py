@@ -1,0 +1,50 @@
+from django.core.exceptions import ValidationError
+
+from core.errors import InvalidInput, MemberNotFound
+from core.models import Program
+from members.models import Identifier, Member
+from members.normalize import normalize_email, normalize_phone
+
+
+def member_get(*, program: Program, member_number: str) -> Member:
+    """The programme's member with this number, or NotFound."""
+    member = Member.objects.filter(program=program, member_number=member_number).first()
+    if member is None:
+        raise MemberNotFound(f"No member {member_number} in this programme.")
+    return member
+
+
+def member_lookup(
+    *,
+    program: Program,
+    email: str | None = None,
+    phone: str | None = None,
+    card: str | None = None,
+    external_id: str | None = None,
+    channel: str | None = None,
+) -> Member:
+    """The member one identifier points to, or NotFound. Exactly one identifier must be given."""
+    given = {k: v for k, v in {"email": email, "phone": phone, "card": card, "external_id": external_id}.items() if v}
+    if len(given) != 1:
+        raise InvalidInput("Give exactly one of email, phone, card, or external_id with channel.")
+    if external_id and not channel:
+        raise InvalidInput("An external_id lookup needs its channel.", errors={"channel": ["This field is required."]})
+    members = Member.objects.filter(program=program)
+    try:
+        if email:
+            member = members.filter(email=normalize_email(email)).first()
+        elif phone:
+            member = members.filter(phone=normalize_phone(phone)).first()
+        elif card:
+            member = members.filter(identifiers__kind=Identifier.Kind.CARD, identifiers__value=card.strip()).first()
+        else:
+            member = members.filter(
+                identifiers__kind=Identifier.Kind.EXTERNAL,
+                identifiers__channel=channel,
+                identifiers__value=external_id.strip(),
+            ).first()
+    except ValidationError as exc:
+        raise InvalidInput(" ".join(exc.messages), errors={next(iter(given)): exc.messages}) from exc
+    if member is None:
+        raise MemberNotFound("No member has this identifier.")
+    return member

@@ -1,0 +1,56 @@
+"""The suite runs on PostgreSQL and Redis (scripts/test sets DATABASE_URL and REDIS_URL); it refuses to run on the
+embedded SQLite default, whose locking would make the concurrency tests meaningless."""
+
+import pytest
+from django.conf import settings
+
+
+def pytest_configure(config):
+    engine = settings.DATABASES["default"]["ENGINE"]
+    if engine != "django.db.backends.postgresql":
+        raise pytest.UsageError(f"The tests need PostgreSQL (DATABASE_URL); got {engine}. Run them with scripts/test.")
+    if not settings.REDIS_URL:
+        raise pytest.UsageError("The tests need Redis (REDIS_URL). Run them with scripts/test.")
+
+
+@pytest.fixture
+def program(db):
+    from core.models import Program
+
+    return Program.objects.get(code="DEFAULT")
+
+
+@pytest.fixture
+def make_client(program):
+    """An API client of the programme with the given scopes (all by default); returns (client, raw key)."""
+    from core.models import ApiClient
+
+    def make(*, scopes=None, name=None, for_program=None):
+        client = ApiClient(
+            program=for_program or program,
+            name=name or f"till-{ApiClient.objects.count() + 1}",
+            scopes=list(ApiClient.Scope.values) if scopes is None else scopes,
+        )
+        raw = client.set_new_key()
+        client.save()
+        return client, raw
+
+    return make
+
+
+@pytest.fixture
+def api(make_client):
+    """A DRF test client authenticated with an all-scopes key of the DEFAULT programme."""
+    from rest_framework.test import APIClient
+
+    _, raw = make_client()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
+    return client
+
+
+@pytest.fixture
+def member(program):
+    from tests.factories import MemberFactory
+
+    return MemberFactory(program=program)
