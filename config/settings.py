@@ -89,6 +89,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "mature-pending-points": {"task": "loyalty.tasks.mature_pending_points", "schedule": 60.0},
     "expire-points": {"task": "loyalty.tasks.expire_points", "schedule": crontab(minute="*/15")},
+    "purge-idempotency-records": {"task": "core.tasks.purge_idempotency_records", "schedule": crontab(hour=3, minute=7)},
 }
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -7,6 +7,7 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
+from rest_framework.views import set_rollback
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ _DRF_CODES = {
 }
 
 
-def problem_exception_handler(exc, context):
-    """DRF's EXCEPTION_HANDLER: every error a view raises becomes a problem document."""
+def problem_for(exc) -> tuple[int, dict, dict] | None:
+    """(status, problem document, headers) for an error a client can act on; None for a bug."""
     if isinstance(exc, Http404):
         exc = NotFound(str(exc) if str(exc) else "Not found")
     elif isinstance(exc, DjangoPermissionDenied):
@@ -129,35 +130,34 @@ def problem_exception_handler(exc, context):
         body = problem(
             status=exc.status, code=exc.code, title=exc.title, detail=exc.detail, errors=exc.errors, **exc.extra
         )
-        status = exc.status
-    elif isinstance(exc, drf.ValidationError):
+        return exc.status, body, headers
+    if isinstance(exc, drf.ValidationError):
         errors = _flatten(exc.detail)
+        detail = "; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items())
         body = problem(
-            status=400,
-            code="validation_error",
-            title="The request is not valid",
-            detail="; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()),
-            errors=errors,
+            status=400, code="validation_error", title="The request is not valid", detail=detail, errors=errors
         )
-        status = 400
-    elif isinstance(exc, drf.APIException):
+        return 400, body, headers
+    if isinstance(exc, drf.APIException):
         code, title = next(((c, t) for cls, (c, t) in _DRF_CODES.items() if isinstance(exc, cls)), ("error", "Error"))
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        body = problem(status=exc.status_code, code=code, title=title, detail=str(detail))
-        status = exc.status_code
         if getattr(exc, "auth_header", None):
             headers["WWW-Authenticate"] = exc.auth_header
         if getattr(exc, "wait", None):
             headers["Retry-After"] = str(int(exc.wait))
-    else:
-        return None  # a bug: let Django log it and answer 500 through handler500
+        return exc.status_code, problem(status=exc.status_code, code=code, title=title, detail=str(detail)), headers
+    return None
 
-    response = Response(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
+
+def problem_exception_handler(exc, context):
+    """DRF's EXCEPTION_HANDLER: every error a view raises becomes a problem document."""
+    found = problem_for(exc)
+    if found is None:
+        return None  # a bug: Django logs it and answers 500 through handler500
+    status, body, headers = found
     # A view that wrote before failing must not leave anything behind.
-    from rest_framework.views import set_rollback
-
     set_rollback()
-    return response
+    return Response(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
 
 
 def handler404(request, exception=None):

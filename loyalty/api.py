@@ -1,25 +1,272 @@
+"""REST endpoints for transactions, balances, activity and adjustments (API.md: Transactions, Members, Points)."""
+
+from django.conf import settings
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.errors import ApplicationError, MemberNotFound, Unprocessable, problem_for
+from core.money import CURRENCIES
+from core.pagination import CursorPagination
+from loyalty.models import Entry, Transaction
+from loyalty.points import points_adjust
+from loyalty.selectors import balance_get, entry_list
+from loyalty.transactions import TransactionInput, TransactionResult, transaction_preview, transaction_record
+from members.selectors import member_get, member_lookup
 
-class BalanceApi(APIView):
-    scopes = {}
+
+class AwareDateTimeField(serializers.DateTimeField):
+    """ISO 8601 with an offset; a time without one is ambiguous across the programme's time zones."""
+
+    def to_internal_value(self, value):
+        parsed = super().to_internal_value(value)
+        if isinstance(value, str) and not (value.endswith("Z") or value[-6] in "+-" or value[-5] in "+-"):
+            raise serializers.ValidationError("Give the time with its offset, e.g. 2026-05-01T14:30:00+02:00.")
+        return parsed
 
 
-class ActivityApi(APIView):
-    scopes = {}
+class LineSerializer(serializers.Serializer):
+    sku = serializers.CharField(max_length=64)
+    category = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    quantity = serializers.DecimalField(max_digits=12, decimal_places=3, min_value=0)
+    unit_price = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
+    amount = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
 
 
-class AdjustmentApi(APIView):
-    scopes = {}
+class MemberLookupSerializer(serializers.Serializer):
+    email = serializers.CharField(required=False)
+    phone = serializers.CharField(required=False)
+    card = serializers.CharField(required=False)
+    external_id = serializers.CharField(required=False)
+    channel = serializers.CharField(required=False)
+
+
+class TransactionInputSerializer(serializers.Serializer):
+    external_id = serializers.CharField(max_length=128)
+    store = serializers.CharField(max_length=64)
+    channel = serializers.ChoiceField(choices=Transaction.Channel.choices)
+    member = serializers.CharField(max_length=10, required=False, allow_null=True)
+    member_lookup = MemberLookupSerializer(required=False, allow_null=True)
+    type = serializers.ChoiceField(choices=Transaction.Kind.choices)
+    original_external_id = serializers.CharField(max_length=128, required=False, allow_null=True)
+    original_store = serializers.CharField(max_length=64, required=False, allow_null=True)
+    occurred_at = AwareDateTimeField()
+    currency = serializers.CharField(min_length=3, max_length=3)
+    total = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
+    lines = LineSerializer(many=True, required=False, max_length=1000)
+
+    def validate_currency(self, value: str) -> str:
+        if value not in CURRENCIES:
+            raise serializers.ValidationError(f"'{value}' is not an ISO 4217 currency code.")
+        return value
+
+    def validate(self, attrs):
+        if attrs.get("member") and attrs.get("member_lookup"):
+            raise serializers.ValidationError({"member": ["Give member or member_lookup, not both."]})
+        if attrs["type"] == Transaction.Kind.RETURN and not attrs.get("original_external_id"):
+            raise serializers.ValidationError({"original_external_id": ["Required for a return."]})
+        return attrs
+
+
+def _transaction_input(request, data) -> TransactionInput:
+    """Validate one transaction body and resolve its member; raises ValidationError or an ApplicationError."""
+    serializer = TransactionInputSerializer(data=data)
+    serializer.is_valid(raise_exception=True)
+    v = serializer.validated_data
+    program = request.auth.program
+    member = None
+    try:
+        if v.get("member"):
+            member = member_get(program=program, member_number=v["member"])
+        elif v.get("member_lookup"):
+            member = member_lookup(program=program, **v["member_lookup"])
+    except MemberNotFound as exc:
+        raise Unprocessable(exc.detail, code="unknown_member", errors={"member": [exc.detail]}) from exc
+    return TransactionInput(
+        store=v["store"],
+        external_id=v["external_id"],
+        channel=v["channel"],
+        kind=v["type"],
+        occurred_at=v["occurred_at"],
+        currency=v["currency"],
+        total=v["total"],
+        lines=[
+            {**line, **{k: str(line[k]) for k in ("quantity", "unit_price", "amount")}} for line in v.get("lines", [])
+        ],
+        member=member,
+        original_external_id=v.get("original_external_id"),
+        original_store=v.get("original_store"),
+    )
+
+
+def _transaction_output(result: TransactionResult, *, preview: bool = False) -> dict:
+    txn = result.transaction
+    points = {
+        "earned": result.points,
+        "pending": result.pending,
+        "available_at": result.available_at.isoformat() if result.available_at else None,
+        "breakdown": txn.breakdown,
+    }
+    if txn.kind == Transaction.Kind.RETURN:
+        points["reversed"] = -result.points
+        points["forgiven"] = result.forgiven
+    body = {} if preview else {"id": txn.pk, "store": txn.store, "external_id": txn.external_id}
+    body.update(
+        {
+            "type": txn.kind,
+            "member": txn.member.member_number if txn.member_id else None,
+            "points": points,
+            "balance": {"available": result.balance.available, "pending": result.balance.pending}
+            if result.balance
+            else None,
+        }
+    )
+    return body
 
 
 class TransactionApi(APIView):
-    scopes = {}
+    scopes = {"POST": "transactions:write"}
+
+    @extend_schema(request=TransactionInputSerializer, responses={201: dict, 200: dict})
+    def post(self, request):
+        result = transaction_record(
+            program=request.auth.program, data=_transaction_input(request, request.data), api_client=request.auth
+        )
+        return Response(_transaction_output(result), status=201 if result.created else 200)
 
 
 class TransactionPreviewApi(APIView):
-    scopes = {}
+    scopes = {"POST": "transactions:write"}
+
+    @extend_schema(request=TransactionInputSerializer, responses={200: dict})
+    def post(self, request):
+        result = transaction_preview(program=request.auth.program, data=_transaction_input(request, request.data))
+        return Response(_transaction_output(result, preview=True))
 
 
 class TransactionBatchApi(APIView):
-    scopes = {}
+    scopes = {"POST": "transactions:write"}
+
+    class InputSerializer(serializers.Serializer):
+        transactions = serializers.ListField(child=serializers.DictField(), allow_empty=False)
+
+        def validate_transactions(self, value):
+            if len(value) > settings.TRANSACTION_BATCH_MAX:
+                raise serializers.ValidationError(
+                    f"At most {settings.TRANSACTION_BATCH_MAX} transactions per batch, not {len(value)}."
+                )
+            return value
+
+    @extend_schema(request=InputSerializer, responses={200: dict})
+    def post(self, request):
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        results = []
+        for index, item in enumerate(serializer.validated_data["transactions"]):
+            # Each item stands alone: one bad transaction is reported and does not undo the others.
+            try:
+                result = transaction_record(
+                    program=request.auth.program, data=_transaction_input(request, item), api_client=request.auth
+                )
+                results.append(
+                    {"index": index, "status": 201 if result.created else 200, "body": _transaction_output(result)}
+                )
+            except (serializers.ValidationError, ApplicationError) as exc:
+                status, body, _ = problem_for(exc)
+                results.append({"index": index, "status": status, "body": body})
+        return Response({"results": results})
+
+
+class BalanceApi(APIView):
+    scopes = {"GET": "members:read"}
+
+    def get(self, request, member_number: str):
+        member = member_get(program=request.auth.program, member_number=member_number)
+        balance = balance_get(member=member)
+        return Response(
+            {
+                "member": member.member_number,
+                "available": balance.available,
+                "pending": balance.pending,
+                "lifetime_earned": balance.lifetime_earned,
+                "expiring": [
+                    {"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring
+                ],
+                "tier": None,
+                "next_tier": None,
+            }
+        )
+
+
+class ActivityPagination(CursorPagination):
+    ordering = ("-occurred_at", "-id")
+
+
+class ActivityApi(APIView):
+    scopes = {"GET": "members:read"}
+
+    class FilterSerializer(serializers.Serializer):
+        kind = serializers.ChoiceField(choices=Entry.Kind.choices, required=False)
+        since = AwareDateTimeField(required=False)
+        until = AwareDateTimeField(required=False)
+
+    class OutputSerializer(serializers.ModelSerializer):
+        source = serializers.SerializerMethodField()
+
+        class Meta:
+            model = Entry
+            fields = ["id", "kind", "points", "available_after", "pending_after", "occurred_at", "reason", "source"]
+
+        def get_source(self, entry) -> dict:
+            if entry.transaction_id:
+                t = entry.transaction
+                return {"type": "transaction", "store": t.store, "external_id": t.external_id, "kind": t.kind}
+            if entry.staff_user_id:
+                return {"type": "staff", "user": entry.staff_user.get_username()}
+            if entry.api_client_id:
+                return {"type": "api_client", "name": entry.api_client.name}
+            return {"type": "system"}
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("kind", str, enum=Entry.Kind.values),
+            OpenApiParameter("since", str),
+            OpenApiParameter("until", str),
+        ],
+        responses=OutputSerializer(many=True),
+    )
+    def get(self, request, member_number: str):
+        member = member_get(program=request.auth.program, member_number=member_number)
+        filters = self.FilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        paginator = ActivityPagination()
+        page = paginator.paginate_queryset(entry_list(member=member, **filters.validated_data), request, view=self)
+        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+
+
+class AdjustmentApi(APIView):
+    scopes = {"POST": "points:write"}
+
+    class InputSerializer(serializers.Serializer):
+        points = serializers.IntegerField()
+        reason = serializers.CharField(max_length=500)
+
+    @extend_schema(request=InputSerializer, responses={201: dict})
+    def post(self, request, member_number: str):
+        member = member_get(program=request.auth.program, member_number=member_number)
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        entry = points_adjust(member=member, api_client=request.auth, **serializer.validated_data)
+        return Response(
+            {
+                "id": entry.pk,
+                "member": member.member_number,
+                "kind": entry.kind,
+                "points": entry.points,
+                "reason": entry.reason,
+                "occurred_at": entry.occurred_at,
+                "balance": {"available": entry.available_after, "pending": entry.pending_after},
+            },
+            status=201,
+        )

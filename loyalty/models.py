@@ -126,6 +126,9 @@ class Entry(models.Model):
         ]
         indexes = [models.Index(fields=["account", "-occurred_at", "-id"])]
 
+    def __str__(self) -> str:
+        return f"{self.kind} {self.points:+d}"
+
 
 class Lot(models.Model):
     """Points credited together, spent soonest-to-expire first. Pending until `available_from`."""
@@ -151,6 +154,9 @@ class Lot(models.Model):
             models.Index(fields=["account", "expires_at"], condition=Q(remaining__gt=0), name="lot_spendable"),
         ]
 
+    def __str__(self) -> str:
+        return f"Lot {self.pk}: {self.remaining}/{self.amount}"
+
 
 class Draw(models.Model):
     """How much an entry took from a lot (negative: gave back to it)."""
@@ -161,3 +167,6 @@ class Draw(models.Model):
 
     class Meta:
         constraints = [models.CheckConstraint(condition=~Q(points=0), name="draw_nonzero")]
+
+    def __str__(self) -> str:
+        return f"Entry {self.entry_id} drew {self.points} from lot {self.lot_id}"

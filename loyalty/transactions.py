@@ -218,7 +218,7 @@ def _original_for_update(program: Program, data: TransactionInput) -> Transactio
             code="original_ambiguous",
             errors={"original_store": ["Required: the external id is not unique across stores."]},
         )
-    return Transaction.objects.select_for_update().select_related("member").get(pk=found[0][0])
+    return Transaction.objects.select_for_update(of=("self",)).select_related("member").get(pk=found[0][0])
 
 
 def _insert_ignoring_conflict(instance) -> int | None:

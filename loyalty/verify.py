@@ -81,7 +81,8 @@ def _checks() -> list[tuple[str, str]]:
             "a purchase's returns never reverse more than it earned",
             f"""SELECT t.id, t.points, t.points_reversed FROM {t} t
                 WHERE t.kind = 'purchase' AND (t.points_reversed > t.points OR t.points_reversed < 0
-                      OR t.points_reversed <> COALESCE((SELECT -SUM(r.points) FROM {t} r WHERE r.original_id = t.id), 0))""",
+                      OR t.points_reversed <> COALESCE(
+                          (SELECT -SUM(r.points) FROM {t} r WHERE r.original_id = t.id), 0))""",
         ),
     ]
 
