@@ -92,7 +92,10 @@ def _flatten(errors) -> dict:
     def walk(prefix: str, value):
         if isinstance(value, dict):
             for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
+                if isinstance(k, int):  # DRF reports list items by index
+                    walk(f"{prefix}[{k}]", v)
+                else:
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
         elif isinstance(value, list) and value and not all(isinstance(v, str) for v in value):
             for i, v in enumerate(value):
                 if v:

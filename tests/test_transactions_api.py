@@ -1,0 +1,356 @@
+"""The transaction API as a till sees it: each purchase earns once, and bad input changes nothing."""
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from core.models import IdempotencyRecord
+from loyalty.models import Account, Entry, Lot, Transaction
+from loyalty.verify import ledger_verify
+
+URL = "/api/v1/transactions"
+
+
+def purchase(who, **overrides):
+    body = {
+        "external_id": "R-1001",
+        "store": "STHLM-01",
+        "channel": "pos",
+        "member": who.member_number if who else None,
+        "type": "purchase",
+        "occurred_at": timezone.now().isoformat(),
+        "currency": "SEK",
+        "total": "129.90",
+        "lines": [
+            {"sku": "MILK", "category": "dairy", "quantity": "2", "unit_price": "14.95", "amount": "29.90"},
+            {"sku": "COFFEE", "category": "pantry", "quantity": "1", "unit_price": "100.00", "amount": "100.00"},
+        ],
+    }
+    body.update(overrides)
+    return body
+
+
+def post(api, url, body, **headers):
+    return api.post(url, json.dumps(body), content_type="application/json", **headers)
+
+
+def ledger_snapshot():
+    return (
+        Transaction.objects.count(),
+        Entry.objects.count(),
+        Lot.objects.count(),
+        list(Account.objects.order_by("pk").values_list("available", "pending", "lifetime_earned")),
+    )
+
+
+def test_a_purchase_earns_one_point_per_whole_krona(api, member):
+    # when
+    response = post(api, URL, purchase(member))
+    # then
+    assert response.status_code == 201
+    body = response.json()
+    assert body["points"] == {
+        "earned": 129,
+        "pending": 0,
+        "available_at": None,
+        "breakdown": [{"rule": "base", "points": 129}],
+    }
+    assert body["balance"] == {"available": 129, "pending": 0}
+    assert ledger_verify() == []
+
+
+def test_the_same_purchase_sent_again_returns_the_first_result_and_awards_nothing(api, member):
+    # given
+    first = post(api, URL, purchase(member))
+    # when
+    again = post(api, URL, purchase(member))
+    # then
+    assert again.status_code == 200
+    assert again.json() == first.json()
+    assert Entry.objects.count() == 1
+    assert Account.objects.get(pk=member.pk).available == 129
+
+
+def test_another_purchase_under_a_used_external_id_is_a_conflict(api, member):
+    # given
+    post(api, URL, purchase(member))
+    before = ledger_snapshot()
+    # when
+    response = post(api, URL, purchase(member, total="500.00", lines=[]))
+    # then
+    assert response.status_code == 409
+    assert response.json()["code"] == "transaction_mismatch"
+    assert ledger_snapshot() == before
+
+
+def test_the_same_external_id_in_another_store_is_another_purchase(api, member):
+    # given
+    post(api, URL, purchase(member))
+    # when
+    response = post(api, URL, purchase(member, store="GBG-02"))
+    # then
+    assert response.status_code == 201
+    assert Account.objects.get(pk=member.pk).available == 258
+
+
+def test_an_anonymous_purchase_is_recorded_and_earns_nothing(api):
+    # when
+    response = post(api, URL, purchase(None))
+    # then
+    assert response.status_code == 201
+    assert response.json()["points"]["earned"] == 0
+    assert response.json()["balance"] is None
+    assert Transaction.objects.get().member is None
+    assert not Entry.objects.exists()
+
+
+def test_a_member_found_by_email_earns(api, member):
+    # when
+    response = post(api, URL, purchase(None, member_lookup={"email": member.email.upper()}))
+    # then
+    assert response.status_code == 201
+    assert response.json()["member"] == member.member_number
+
+
+def test_pending_points_become_available_later(api, member, program):
+    # given
+    program.pending_days = 14
+    program.save()
+    # when
+    response = post(api, URL, purchase(member))
+    # then
+    points = response.json()["points"]
+    assert points["pending"] == 129
+    assert points["available_at"] is not None
+    assert response.json()["balance"] == {"available": 0, "pending": 129}
+
+
+def test_a_purchase_sent_late_expires_counted_from_its_own_date(api, member):
+    # given: a till that was offline sends a purchase made on a leap day
+    occurred = "2024-02-29T18:30:00+01:00"
+    # when
+    post(api, URL, purchase(member, occurred_at=occurred))
+    # then: 24 months later, clamped to the end of February
+    assert Lot.objects.get().expires_at.isoformat() == "2026-02-28T17:30:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"external_id": None}, "external_id"),
+        ({"store": ""}, "store"),
+        ({"total": "-1.00"}, "total"),
+        ({"total": "abc"}, "total"),
+        ({"total": "12.345"}, "total"),
+        ({"total": "NaN"}, "total"),
+        ({"currency": "XYZ"}, "currency"),
+        ({"channel": "fax"}, "channel"),
+        ({"type": "gift"}, "type"),
+        ({"occurred_at": "yesterday"}, "occurred_at"),
+        ({"occurred_at": "2026-01-01T10:00:00"}, "occurred_at"),
+        ({"lines": [{"sku": "A", "quantity": "1", "unit_price": "1", "amount": "-1"}]}, "lines[0].amount"),
+        ({"type": "return"}, "original_external_id"),
+    ],
+)
+def test_bad_input_is_a_validation_problem_and_writes_nothing(api, member, overrides, field):
+    # given
+    before = ledger_snapshot()
+    # when
+    response = post(api, URL, purchase(member, **overrides))
+    # then
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/problem+json"
+    assert response.json()["code"] == "validation_error"
+    assert field in response.json()["errors"]
+    assert ledger_snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"total": "100.00"}, "lines_do_not_add_up"),
+        ({"currency": "NOK"}, "currency_mismatch"),
+        ({"member": "1234567890"}, "unknown_member"),
+        ({"occurred_at": (timezone.now() + timedelta(days=1)).isoformat()}, "occurred_in_future"),
+        ({"type": "return", "original_external_id": "NO-SUCH"}, "original_not_found"),
+    ],
+)
+def test_input_the_programme_cannot_accept_is_refused_and_writes_nothing(api, member, overrides, code):
+    # given
+    before = ledger_snapshot()
+    # when
+    response = post(api, URL, purchase(member, **overrides))
+    # then
+    assert response.status_code == 422
+    assert response.json()["code"] == code
+    assert ledger_snapshot() == before
+
+
+def test_a_return_of_more_than_was_bought_is_refused_and_changes_nothing(api, member):
+    # given
+    post(api, URL, purchase(member))
+    before = ledger_snapshot()
+    # when
+    response = post(
+        api,
+        URL,
+        purchase(member, external_id="RET-1", type="return", original_external_id="R-1001", total="200.00", lines=[]),
+    )
+    # then
+    assert response.status_code == 422
+    assert response.json()["code"] == "return_exceeds_purchase"
+    assert ledger_snapshot() == before
+
+
+def test_a_full_return_reverses_exactly_what_was_earned(api, member):
+    # given
+    post(api, URL, purchase(member))
+    # when
+    response = post(
+        api,
+        URL,
+        purchase(member, external_id="RET-1", type="return", original_external_id="R-1001", lines=[]),
+    )
+    # then
+    assert response.status_code == 201
+    assert response.json()["points"]["reversed"] == 129
+    assert Account.objects.get(pk=member.pk).available == 0
+    assert ledger_verify() == []
+
+
+def test_malformed_json_is_a_problem_and_writes_nothing(api, member):
+    # when
+    response = api.post(URL, "{not json", content_type="application/json")
+    # then
+    assert response.status_code == 400
+    assert response.json()["code"] == "malformed_request"
+    assert not Transaction.objects.exists()
+
+
+def test_a_suspended_member_cannot_earn(api, member):
+    # given
+    member.status = "suspended"
+    member.save()
+    # when
+    response = post(api, URL, purchase(member))
+    # then
+    assert response.status_code == 409
+    assert response.json()["code"] == "member_not_active"
+    assert not Transaction.objects.exists()
+
+
+def test_preview_tells_what_a_purchase_would_earn_and_writes_nothing(api, member):
+    # given
+    before = ledger_snapshot()
+    # when
+    response = post(api, URL + "/preview", purchase(member))
+    # then
+    assert response.status_code == 200
+    assert response.json()["points"]["earned"] == 129
+    assert "id" not in response.json()
+    assert ledger_snapshot() == before
+
+
+def test_a_batch_answers_each_transaction_on_its_own(api, member):
+    # given
+    items = [purchase(member, external_id=f"B-{i}") for i in range(3)] + [purchase(member, total="x")]
+    # when
+    response = post(api, URL + "/batch", {"transactions": items})
+    # then
+    assert response.status_code == 200
+    statuses = [r["status"] for r in response.json()["results"]]
+    assert statuses == [201, 201, 201, 400]
+    assert Account.objects.get(pk=member.pk).available == 3 * 129
+
+
+def test_an_oversized_batch_is_refused_whole(api, member, settings):
+    # given
+    settings.TRANSACTION_BATCH_MAX = 3
+    items = [purchase(member, external_id=f"B-{i}") for i in range(4)]
+    # when
+    response = post(api, URL + "/batch", {"transactions": items})
+    # then
+    assert response.status_code == 400
+    assert "transactions" in response.json()["errors"]
+    assert not Transaction.objects.exists()
+
+
+def test_an_idempotency_key_replays_the_first_answer(api, member):
+    # given
+    body = purchase(member)
+    first = post(api, URL, body, HTTP_IDEMPOTENCY_KEY="k-1")
+    # when
+    again = post(api, URL, body, HTTP_IDEMPOTENCY_KEY="k-1")
+    reused = post(api, URL, {**body, "external_id": "other"}, HTTP_IDEMPOTENCY_KEY="k-1")
+    # then
+    assert first.status_code == 201
+    assert (again.status_code, again.json()) == (first.status_code, first.json())
+    assert again["Idempotent-Replayed"] == "true"
+    assert reused.status_code == 422
+    assert reused.json()["code"] == "idempotency_key_reused"
+    assert Transaction.objects.count() == 1
+    assert IdempotencyRecord.objects.count() == 1
+
+
+def test_a_key_without_the_transactions_scope_cannot_post(make_client, member):
+    # given
+    from rest_framework.test import APIClient
+
+    _, raw = make_client(scopes=["members:read"])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
+    # when
+    response = post(client, URL, purchase(member))
+    # then
+    assert response.status_code == 403
+    assert not Transaction.objects.exists()
+
+
+def test_adjustments_need_a_reason_and_enough_points(api, member):
+    # given
+    url = f"/api/v1/members/{member.member_number}/adjustments"
+    # when
+    no_reason = post(api, url, {"points": 10, "reason": "  "})
+    overdraft = post(api, url, {"points": -10, "reason": "correction"})
+    credit = post(api, url, {"points": 25, "reason": "goodwill: broken bag"})
+    # then
+    assert no_reason.status_code == 400
+    assert overdraft.status_code == 409
+    assert overdraft.json()["code"] == "insufficient_points"
+    assert credit.status_code == 201
+    assert credit.json()["balance"] == {"available": 25, "pending": 0}
+    entry = Entry.objects.get()
+    assert (entry.kind, entry.points, entry.reason) == ("adjust", 25, "goodwill: broken bag")
+    assert entry.api_client is not None
+
+
+def test_balance_and_activity_show_the_ledger_newest_first(api, member):
+    # given
+    post(api, URL, purchase(member))
+    post(
+        api,
+        URL,
+        purchase(member, external_id="RET-1", type="return", original_external_id="R-1001", total="29.90", lines=[]),
+    )
+    # when
+    balance = api.get(f"/api/v1/members/{member.member_number}/balance").json()
+    activity = api.get(f"/api/v1/members/{member.member_number}/activity").json()
+    # then
+    assert (balance["available"], balance["pending"], balance["lifetime_earned"]) == (100, 0, 100)
+    assert balance["expiring"][0]["points"] == 100
+    kinds = [e["kind"] for e in activity["results"]]
+    assert kinds == ["reversal", "earn"]
+    assert activity["results"][0]["source"]["external_id"] == "RET-1"
+
+
+def test_a_member_of_another_programme_is_not_found(api, program):
+    # given
+    from tests.factories import MemberFactory, ProgramFactory
+
+    stranger = MemberFactory(program=ProgramFactory())
+    # when
+    response = api.get(f"/api/v1/members/{stranger.member_number}/balance")
+    # then
+    assert response.status_code == 404
