@@ -81,7 +81,9 @@ class HasScopes(permissions.BasePermission):
             return True
         method = "GET" if request.method in ("HEAD", "OPTIONS") else request.method
         if method not in scopes:
-            return False
+            # A method the view does not serve gets DRF's 405, not a misleading 403; one it serves without a
+            # declared scope is refused.
+            return not hasattr(view, request.method.lower())
         needed = scopes[method]  # None: any key of the programme may
         if needed is not None and not client.has_scope(needed):
             self.message = f"This API key lacks the scope '{needed}'."

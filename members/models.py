@@ -44,9 +44,16 @@ class Member(models.Model):
     consent_email = models.BooleanField(default=False)
     consent_sms = models.BooleanField(default=False)
     consent_push = models.BooleanField(default=False)
+    # Given at enrolment (members.referrals); the code others enrol with to name this member as their referrer.
+    referral_code = models.CharField(max_length=8, editable=False)
+    # Who referred this member: set once, at enrolment or shortly after it. loyalty.referrals rewards both.
+    referred_by = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="referees", editable=False
+    )
 
     class Meta:
         constraints = [
+            models.UniqueConstraint(fields=["program", "referral_code"], name="member_referral_code_unique"),
             models.UniqueConstraint(
                 fields=["program", "email"], condition=Q(email__isnull=False), name="member_email_unique"
             ),
@@ -106,3 +113,6 @@ class ConsentEvent(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["member", "channel", "-occurred_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {'granted' if self.granted else 'revoked'} at {self.occurred_at:%Y-%m-%d %H:%M}"

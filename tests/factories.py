@@ -1,9 +1,8 @@
 import factory
-from django.utils import timezone
 
 from core.models import Program
 from members.models import Member
-from members.numbers import new_member_number
+from members.services import member_enroll, member_update
 
 
 class ProgramFactory(factory.django.DjangoModelFactory):
@@ -16,12 +15,24 @@ class ProgramFactory(factory.django.DjangoModelFactory):
 
 
 class MemberFactory(factory.django.DjangoModelFactory):
+    """Enrols through members.services.member_enroll, so test members are normalised like real ones."""
+
     class Meta:
         model = Member
 
-    program = factory.LazyFunction(lambda: Program.objects.get(code="DEFAULT"))
-    member_number = factory.LazyFunction(new_member_number)
+    # get_or_create: a transactional test empties every table, the migration's DEFAULT programme included.
+    program = factory.LazyFunction(
+        lambda: Program.objects.get_or_create(
+            code="DEFAULT", defaults={"name": "Default programme", "currency": "SEK"}
+        )[0]
+    )
     first_name = factory.Faker("first_name")
     last_name = factory.Faker("last_name")
     email = factory.Sequence(lambda n: f"member{n}@example.com")
-    enrolled_at = factory.LazyFunction(timezone.now)
+
+    @classmethod
+    def _create(cls, model_class, *args, enrolled_at=None, status=None, source="factory", **kwargs):
+        member = member_enroll(now=enrolled_at, source=source, **kwargs)
+        if status is not None:
+            member = member_update(member=member, status=status, source=source)
+        return member
