@@ -25,9 +25,11 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from here, not from a CDN
     "core",
     "members",
     "loyalty",
+    "rewards",
 ]
 
 MIDDLEWARE = [
@@ -63,7 +65,10 @@ TEMPLATES = [
 # Database: PostgreSQL through psycopg 3 when DATABASE_URL is set, an SQLite file otherwise.
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=600)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=True)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Server-side binding lets psycopg prepare statements the hot paths run again and again.
+    DATABASES["default"]["OPTIONS"] = {"server_side_binding": env.bool("DB_SERVER_SIDE_BINDING", default=False)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Wait for the write lock instead of failing at once when two requests write together.
     DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
@@ -89,7 +94,12 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "mature-pending-points": {"task": "loyalty.tasks.mature_pending_points", "schedule": 60.0},
     "expire-points": {"task": "loyalty.tasks.expire_points", "schedule": crontab(minute="*/15")},
-    "purge-idempotency-records": {"task": "core.tasks.purge_idempotency_records", "schedule": crontab(hour=3, minute=7)},
+    "review-tiers": {"task": "loyalty.tasks.review_tiers", "schedule": crontab(minute=23)},
+    "lapse-holds": {"task": "rewards.tasks.lapse_holds", "schedule": 60.0},
+    "purge-idempotency-records": {
+        "task": "core.tasks.purge_idempotency_records",
+        "schedule": crontab(hour=3, minute=7),
+    },
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -116,7 +126,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "core.pagination.CursorPagination",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "core.schema.AutoSchema",
     "EXCEPTION_HANDLER": "core.errors.problem_exception_handler",
     "UNAUTHENTICATED_USER": None,
     "COERCE_DECIMAL_TO_STRING": True,
@@ -126,9 +136,15 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Integration contract v1 for retail POS systems, web shops and survey tools.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
-    "APPEND_COMPONENTS": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "Authorization"}}},
-    "SECURITY": [{"ApiKey": []}],
+    "ENUM_NAME_OVERRIDES": {
+        "MemberStatusEnum": "members.models.Member.Status",
+        "MemberLocaleEnum": "members.models.Member.Locale",
+        "EntryKindEnum": "loyalty.models.Entry.Kind",
+        "LimitPeriodEnum": "loyalty.rule_models.Period",
+    },
 }
 
 # The loyalty domain.
@@ -138,6 +154,7 @@ API_KEY_HASH_SECRET = env.str("API_KEY_HASH_SECRET", default=SECRET_KEY)
 # How long an authenticated API client is remembered in-process; a revoked key stops working within this time.
 API_CLIENT_CACHE_SECONDS = env.int("API_CLIENT_CACHE_SECONDS", default=5)
 LEDGER_BATCH_SIZE = env.int("LEDGER_BATCH_SIZE", default=1000)
+TIER_REVIEW_BATCH_SIZE = env.int("TIER_REVIEW_BATCH_SIZE", default=10000)
 TRANSACTION_BATCH_MAX = 1000
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
@@ -150,3 +167,4 @@ LOGGING = {
     "loggers": {"django.db.backends": {"level": "INFO"}},
 }
 LOYALTY_DEFAULT_REGION = env.str("LOYALTY_DEFAULT_REGION", default="SE")
+RULES_CACHE_SECONDS = env.int("RULES_CACHE_SECONDS", default=2)

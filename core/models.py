@@ -1,9 +1,10 @@
 import hashlib
 import hmac
 import secrets
+from decimal import Decimal
 
 from django.conf import settings
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
@@ -21,6 +22,28 @@ class Program(models.Model):
     class ReturnPolicy(models.TextChoices):
         ALLOW_NEGATIVE = "allow_negative", _("Reverse in full, even into a negative balance")
         AVAILABLE_ONLY = "available_only", _("Reverse only what is still available")
+
+    class VoucherReturnPolicy(models.TextChoices):
+        KEEP_USED = "keep", _("A returned purchase does not give its vouchers back")
+        RESTORE = "restore", _("A returned purchase gives its vouchers back, usable again")
+
+    class TierMeasure(models.TextChoices):
+        POINTS = "points", _("Qualifying points earned")
+        SPEND = "spend", _("Money spent")
+        PURCHASES = "purchases", _("Number of purchases")
+
+    class TierWindow(models.TextChoices):
+        ROLLING = "rolling", _("Rolling months")
+        CALENDAR_YEAR = "calendar_year", _("Calendar year")
+        ANNIVERSARY_YEAR = "anniversary", _("Member's anniversary year")
+
+    class TierDowngrade(models.TextChoices):
+        ONE_STEP = "one_step", _("One tier at a time")
+        TO_SUPPORTED = "to_supported", _("To the tier the window supports")
+
+    class TierReturnPolicy(models.TextChoices):
+        KEEP = "keep", _("The tier stays until the review")
+        REEVALUATE = "reevaluate", _("Re-evaluate the tier at once")
 
     code = models.SlugField(max_length=32, unique=True)
     name = models.CharField(max_length=120)
@@ -40,8 +63,77 @@ class Program(models.Model):
         default=24, help_text=_("Months after the purchase when points expire; 0 means never.")
     )
     return_policy = models.CharField(max_length=16, choices=ReturnPolicy.choices, default=ReturnPolicy.ALLOW_NEGATIVE)
+    timezone = models.CharField(
+        max_length=64, default="Europe/Stockholm", help_text=_("Local time of earning rules' days and hours.")
+    )
     max_transaction_age_days = models.PositiveIntegerField(
         null=True, blank=True, help_text=_("Oldest purchase accepted, in days; empty means unlimited.")
+    )
+    # Rewards and paying with points (the rewards app reads these).
+    hold_minutes = models.PositiveIntegerField(
+        default=15,
+        db_default=15,
+        validators=[MinValueValidator(1)],
+        help_text=_("Minutes a hold on points for paying at a till stays open before it lapses by itself."),
+    )
+    point_value = models.DecimalField(
+        max_digits=10,
+        decimal_places=4,
+        default=Decimal("0.01"),
+        db_default=Decimal("0.01"),
+        validators=[MinValueValidator(0)],
+        help_text=_("What one point is worth in the programme's currency when paying with points or donating."),
+    )
+    voucher_return_policy = models.CharField(
+        max_length=8,
+        choices=VoucherReturnPolicy.choices,
+        default=VoucherReturnPolicy.KEEP_USED,
+        db_default=VoucherReturnPolicy.KEEP_USED,
+        help_text=_("Whether a voucher used in a purchase becomes usable again when that purchase is returned."),
+    )
+    # Tiers (loyalty.tiers). A programme without tiers ignores these, and its purchases pay no tier cost at all.
+    has_tiers = models.BooleanField(
+        default=False, db_default=False, editable=False, help_text=_("Kept by loyalty.tier_setup: any tier active?")
+    )
+    tier_measure = models.CharField(
+        max_length=10, choices=TierMeasure.choices, default=TierMeasure.POINTS, db_default=TierMeasure.POINTS
+    )
+    tier_window = models.CharField(
+        max_length=16, choices=TierWindow.choices, default=TierWindow.ROLLING, db_default=TierWindow.ROLLING
+    )
+    tier_window_months = models.PositiveSmallIntegerField(
+        default=12,
+        db_default=12,
+        validators=[MinValueValidator(1), MaxValueValidator(36)],
+        help_text=_("Length of a rolling window, in months."),
+    )
+    tier_grace_days = models.PositiveSmallIntegerField(
+        default=0,
+        db_default=0,
+        validators=[MaxValueValidator(366)],
+        help_text=_("Days after the review date before a member moves down; activity in them still counts."),
+    )
+    tier_downgrade = models.CharField(
+        max_length=12, choices=TierDowngrade.choices, default=TierDowngrade.ONE_STEP, db_default=TierDowngrade.ONE_STEP
+    )
+    tier_return_policy = models.CharField(
+        max_length=12, choices=TierReturnPolicy.choices, default=TierReturnPolicy.KEEP, db_default=TierReturnPolicy.KEEP
+    )
+    # Referrals (loyalty.referrals): both members get their points on the referee's first qualifying purchase.
+    referrals_enabled = models.BooleanField(default=False, db_default=False)
+    referral_referrer_points = models.PositiveIntegerField(
+        default=0, db_default=0, help_text=_("Points for the member whose code was used.")
+    )
+    referral_referee_points = models.PositiveIntegerField(
+        default=0, db_default=0, help_text=_("Points for the new member who enrolled with the code.")
+    )
+    referral_min_purchase = models.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        default=Decimal("0"),
+        db_default=Decimal("0"),
+        validators=[MinValueValidator(0)],
+        help_text=_("Smallest purchase total that qualifies the referral."),
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -49,6 +141,12 @@ class Program(models.Model):
     class Meta:
         constraints = [
             models.CheckConstraint(condition=models.Q(points_per_unit__gte=0), name="program_points_per_unit_gte_0"),
+            models.CheckConstraint(
+                condition=models.Q(tier_window_months__gte=1, tier_window_months__lte=36),
+                name="program_tier_window_months_range",
+            ),
+            models.CheckConstraint(condition=models.Q(hold_minutes__gte=1), name="program_hold_minutes_gte_1"),
+            models.CheckConstraint(condition=models.Q(point_value__gte=0), name="program_point_value_gte_0"),
         ]
 
     def __str__(self) -> str:

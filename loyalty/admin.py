@@ -127,3 +127,7 @@ class TransactionAdmin(ReadOnlyAdmin):
     search_fields = ["external_id", "store", "member__member_number"]
     list_select_related = ["member"]
     date_hierarchy = "occurred_at"
+
+
+import loyalty.event_admin  # noqa: E402,F401  (custom events and referrals)
+from loyalty import tier_admin  # noqa: E402,F401  (tiers: definitions, members, history)

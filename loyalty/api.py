@@ -9,9 +9,11 @@ from rest_framework.views import APIView
 from core.errors import ApplicationError, MemberNotFound, Unprocessable, problem_for
 from core.money import CURRENCIES
 from core.pagination import CursorPagination
+from core.validation import validate
 from loyalty.models import Entry, Transaction
 from loyalty.points import points_adjust
 from loyalty.selectors import balance_get, entry_list
+from loyalty.tier_api import tier_balance_fields
 from loyalty.transactions import TransactionInput, TransactionResult, transaction_preview, transaction_record
 from members.selectors import member_get, member_lookup
 
@@ -71,9 +73,7 @@ class TransactionInputSerializer(serializers.Serializer):
 
 def _transaction_input(request, data) -> TransactionInput:
     """Validate one transaction body and resolve its member; raises ValidationError or an ApplicationError."""
-    serializer = TransactionInputSerializer(data=data)
-    serializer.is_valid(raise_exception=True)
-    v = serializer.validated_data
+    v = validate(TransactionInputSerializer, data)
     program = request.auth.program
     member = None
     try:
@@ -188,13 +188,13 @@ class BalanceApi(APIView):
             {
                 "member": member.member_number,
                 "available": balance.available,
+                "held": balance.held,
                 "pending": balance.pending,
                 "lifetime_earned": balance.lifetime_earned,
                 "expiring": [
                     {"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring
                 ],
-                "tier": None,
-                "next_tier": None,
+                **tier_balance_fields(member=member, program=request.auth.program),
             }
         )
 

@@ -76,10 +76,15 @@ class Account(models.Model):
     available = models.BigIntegerField(default=0)
     pending = models.BigIntegerField(default=0)
     lifetime_earned = models.BigIntegerField(default=0)
+    # Points set aside by open holds (rewards): spendable is available - held. A reservation, not a ledger
+    # movement; written only by loyalty.ledger under the account row lock. A database default, because some
+    # ledger paths insert accounts with raw SQL.
+    held = models.BigIntegerField(default=0, db_default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         constraints = [
+            models.CheckConstraint(condition=Q(held__gte=0), name="account_held_gte_0"),
             models.CheckConstraint(condition=Q(pending__gte=0), name="account_pending_gte_0"),
             models.CheckConstraint(condition=Q(lifetime_earned__gte=0), name="account_lifetime_gte_0"),
         ]
@@ -97,6 +102,8 @@ class Entry(models.Model):
         REDEEM = "redeem", _("Redeemed")
         EXPIRE = "expire", _("Expired")
         ADJUST = "adjust", _("Adjusted")
+        REFUND = "refund", _("Refunded (a cancelled redemption)")
+        BONUS = "bonus", _("Bonus (an event or a referral)")
 
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries")
     kind = models.CharField(max_length=10, choices=Kind.choices)
@@ -110,6 +117,10 @@ class Entry(models.Model):
     reason = models.CharField(max_length=500, blank=True)
     staff_user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT)
     api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.PROTECT)
+    # The spend a refund gives back; unique, so a spend is refunded at most once whatever races.
+    refund_of = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="refunded_by"
+    )
 
     class Meta:
         verbose_name_plural = "entries"
@@ -118,8 +129,14 @@ class Entry(models.Model):
                 condition=Q(kind="earn", points__gt=0)
                 | Q(kind__in=["reversal", "redeem", "expire"], points__lt=0)
                 | Q(kind="adjust", points__lt=0)
-                | Q(kind="adjust", points__gt=0),
+                | Q(kind="adjust", points__gt=0)
+                | Q(kind="refund", points__gt=0)
+                | Q(kind="bonus", points__gt=0),
                 name="entry_sign_matches_kind",
+            ),
+            models.CheckConstraint(
+                condition=Q(kind="refund", refund_of__isnull=False) | Q(~Q(kind="refund"), refund_of__isnull=True),
+                name="refund_names_its_spend",
             ),
             models.CheckConstraint(condition=Q(pending_after__gte=0), name="entry_pending_after_gte_0"),
             models.CheckConstraint(condition=~Q(kind="adjust") | ~Q(reason=""), name="adjustment_has_reason"),
@@ -170,3 +187,8 @@ class Draw(models.Model):
 
     def __str__(self) -> str:
         return f"Entry {self.entry_id} drew {self.points} from lot {self.lot_id}"
+
+
+from loyalty.event_models import EventType, MemberEvent, Referral  # noqa: E402,F401
+from loyalty.rule_models import EarningRule, Period, RuleUsage  # noqa: E402,F401
+from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus  # noqa: E402,F401

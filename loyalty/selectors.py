@@ -13,11 +13,16 @@ class MemberBalance:
     pending: int
     lifetime_earned: int
     expiring: list[dict]
+    held: int = 0  # set aside by open holds (rewards); already counted out of `available`
 
 
 def balance_get(*, member: Member, expiring_limit: int = 12) -> MemberBalance:
-    """The member's balances and the points that will expire, soonest first, grouped by expiry time."""
-    account = Account.objects.filter(pk=member.pk).values_list("available", "pending", "lifetime_earned").first()
+    """The member's balances and the points that will expire, soonest first, grouped by expiry time. `available` is
+    what may be spent now: points set aside by open holds are counted out of it (API.md: Points)."""
+    account = (
+        Account.objects.filter(pk=member.pk).values_list("available", "pending", "lifetime_earned", "held").first()
+    )
+    available, pending, lifetime_earned, held = account or (0, 0, 0, 0)
     expiring = (
         Lot.objects.filter(account_id=member.pk, remaining__gt=0, expires_at__isnull=False)
         .values("expires_at")
@@ -25,8 +30,11 @@ def balance_get(*, member: Member, expiring_limit: int = 12) -> MemberBalance:
         .order_by("expires_at")[:expiring_limit]
     )
     return MemberBalance(
-        *(account or (0, 0, 0)),
+        available - held,
+        pending,
+        lifetime_earned,
         expiring=[{"points": row["points"], "expires_at": row["expires_at"]} for row in expiring],
+        held=held,
     )
 
 

@@ -39,3 +39,19 @@ def expire_points() -> int:
     expired = ledger_expire_due(now=timezone.now(), batch_size=settings.LEDGER_BATCH_SIZE)
     logger.info("expire_points: %d lots expired", expired)
     return expired
+
+
+@shared_task(name="loyalty.tasks.review_tiers", **RETRY)
+def review_tiers() -> dict:
+    """Move members whose tier review (plus grace) is due, and end manual tiers past their end date. Safe to run
+    twice or concurrently: reviewed members' review dates move on, and batches skip rows another run holds."""
+    from loyalty.tiers import tiers_review_due
+
+    result = tiers_review_due(now=timezone.now(), batch_size=settings.TIER_REVIEW_BATCH_SIZE)
+    logger.info(
+        "review_tiers: %d reviewed, %d changed, %d manual tiers ended",
+        result.reviewed,
+        result.changed,
+        result.manual_expired,
+    )
+    return {"reviewed": result.reviewed, "changed": result.changed, "manual_expired": result.manual_expired}

@@ -7,9 +7,10 @@ from decimal import Decimal
 from django.db import connection, transaction
 from django.utils import timezone
 
+from core.db import insert_params, insert_plan
 from core.errors import Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
-from loyalty import ledger
+from loyalty import ledger, referrals, rules, tiers
 from loyalty.earning import earning_for_purchase, reversal_for_return
 from loyalty.models import Account, Entry, Transaction
 from members.models import Member
@@ -120,13 +121,25 @@ def _new_transaction(program, data, api_client, now, **fields) -> Transaction:
 def _record_purchase(program, data, api_client, now) -> TransactionResult:
     member = data.member
     earning = earning_for_purchase(program=program, total=data.total, occurred_at=data.occurred_at)
-    points = earning.points if member else 0  # anonymous purchases are kept for analytics and earn nothing
+    # Anonymous purchases are kept for analytics and earn nothing.
+    awards = rules.earning_evaluate(basket=_basket(program, data)) if member else []
+    points = sum(a.points for a in awards)
     txn = _new_transaction(
-        program, data, api_client, now, member=member, points=points, breakdown=earning.breakdown if member else []
+        program, data, api_client, now, member=member, points=points, breakdown=[a.as_line() for a in awards]
     )
     txn.pk = _insert_ignoring_conflict(txn)
     if txn.pk is None:
         return _replay(program, data)
+    # Before any account lock of this purchase: it locks the referrer's and this member's accounts in key order.
+    referrals.referral_on_purchase(program=program, member=member, transaction=txn, now=now)
+    if rules.awards_need_claim(awards):
+        # Limits and budgets are claimed only for a purchase that is new, under the member's account lock.
+        ledger.ledger_lock(member.pk)
+        granted = rules.awards_claim(awards=awards, member_id=member.pk, program=program, occurred_at=data.occurred_at)
+        if granted != awards:
+            txn.points, txn.breakdown = sum(a.points for a in granted), [a.as_line() for a in granted]
+            Transaction.objects.filter(pk=txn.pk).update(points=txn.points, breakdown=txn.breakdown)
+            points = txn.points
     entry = None
     if points:
         entry = ledger.ledger_credit(
@@ -140,6 +153,8 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
             transaction=txn,
             api_client=api_client,
         )
+    if member is not None and program.has_tiers:
+        tiers.tier_on_transaction(transaction=txn, now=now)
     return _result(txn, created=True, entry=entry)
 
 
@@ -147,6 +162,11 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
 def _record_return(program, data, api_client, now) -> TransactionResult:
     # Locking the purchase serialises its returns, so together they never reverse more than it earned.
     original = _original_for_update(program, data)
+    # A return sent again must be answered with its first result before the checks below, which would refuse a
+    # repeat of a full return as exceeding the purchase. Looking first is race-free here: the lock on the purchase
+    # has made any earlier copy of this return commit already.
+    if Transaction.objects.filter(program=program, store=data.store, external_id=data.external_id).exists():
+        return _replay(program, data)
     member = original.member
     if data.member is not None and data.member.pk != original.member_id:
         raise Unprocessable(
@@ -188,7 +208,27 @@ def _record_return(program, data, api_client, now) -> TransactionResult:
             transaction=txn,
             api_client=api_client,
         )
+    if member is not None and program.has_tiers:
+        tiers.tier_on_transaction(transaction=txn, now=now)
     return _result(txn, created=True, entry=entry, forgiven=to_reverse + (entry.points if entry else 0))
+
+
+def _basket(program: Program, data: TransactionInput) -> rules.Basket:
+    """The purchase as the earning rules see it; member facts are fetched only when an active rule asks."""
+    member, needs = data.member, rules.rules_need(program)
+    first_purchase = "first_purchase" in needs and not (
+        Transaction.objects.filter(member=member, kind=Transaction.Kind.PURCHASE).exists()
+    )
+    return rules.Basket(
+        program=program,
+        total=data.total,
+        lines=data.lines,
+        store=data.store,
+        channel=data.channel,
+        occurred_at=data.occurred_at,
+        birth_date=member.birth_date,
+        first_purchase=first_purchase,
+    )
 
 
 def _original_for_update(program: Program, data: TransactionInput) -> Transaction:
@@ -224,16 +264,13 @@ def _original_for_update(program: Program, data: TransactionInput) -> Transactio
 def _insert_ignoring_conflict(instance) -> int | None:
     """INSERT the unsaved instance; None when a unique constraint says it exists already.
     One round trip, and no check-then-insert race: the database decides."""
-    model = type(instance)
-    fields = [f for f in model._meta.concrete_fields if not f.primary_key]
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    params = [f.get_db_prep_save(f.pre_save(instance, add=True), connection) for f in fields]
+    plan, columns = insert_plan(type(instance))
     sql = (
-        f"INSERT INTO {model._meta.db_table} ({columns}) VALUES ({', '.join(['%s'] * len(fields))}) "
+        f"INSERT INTO {instance._meta.db_table} ({columns}) VALUES ({', '.join(['%s'] * len(plan))}) "
         "ON CONFLICT DO NOTHING RETURNING id"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, insert_params(instance, plan))
         row = cursor.fetchone()
     return row[0] if row else None
 

@@ -43,10 +43,10 @@ def _checks() -> list[tuple[str, str]]:
                 WHERE CASE WHEN a.available > 0 THEN a.available ELSE 0 END <> COALESCE(s.total, 0)""",
         ),
         (
-            "lifetime earned equals earnings less reversals plus positive adjustments",
+            "lifetime earned equals earnings and bonuses less reversals plus positive adjustments",
             f"""SELECT a.member_id, a.lifetime_earned, COALESCE(s.total, 0) FROM {a} a
                 LEFT JOIN (SELECT account_id, SUM(points) AS total FROM {e}
-                           WHERE kind IN ('earn', 'reversal') OR (kind = 'adjust' AND points > 0)
+                           WHERE kind IN ('earn', 'reversal', 'bonus') OR (kind = 'adjust' AND points > 0)
                            GROUP BY account_id) s ON s.account_id = a.member_id
                 WHERE a.lifetime_earned <> COALESCE(s.total, 0)""",
         ),
@@ -83,6 +83,11 @@ def _checks() -> list[tuple[str, str]]:
                 WHERE t.kind = 'purchase' AND (t.points_reversed > t.points OR t.points_reversed < 0
                       OR t.points_reversed <> COALESCE(
                           (SELECT -SUM(r.points) FROM {t} r WHERE r.original_id = t.id), 0))""",
+        ),
+        (
+            "a refund gives back exactly what its spend took, to the same account",
+            f"""SELECT r.id, r.points, -s.points FROM {e} r JOIN {e} s ON s.id = r.refund_of_id
+                WHERE r.points <> -s.points OR r.account_id <> s.account_id""",
         ),
     ]
 

@@ -49,6 +49,7 @@ class MemberOutputSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=Member.Status.choices)
     enrollment_channel = serializers.ChoiceField(choices=Channel.choices)
     enrolled_at = serializers.DateTimeField()
+    referral_code = serializers.CharField(help_text="The code others enrol with to name this member as referrer.")
     external_ids = serializers.SerializerMethodField(help_text='Other systems\' ids by channel: {"web": "c-991"}.')
     cards = serializers.SerializerMethodField()
     consents = ConsentsOutputSerializer(source="*")
@@ -76,6 +77,12 @@ class _MemberFieldsSerializer(serializers.Serializer):
     timezone = serializers.CharField(max_length=64, required=False, help_text="IANA time zone.")
     cards = serializers.ListField(child=serializers.CharField(max_length=128), max_length=MAX_CARDS, required=False)
     consents = ConsentsSerializer(required=False)
+    referral_code = serializers.CharField(
+        max_length=16,
+        required=False,
+        help_text="The referral code of the member who referred this one. After enrolment it can be added once, "
+        "within a few days; a member's own code or one that would make a loop is refused.",
+    )
 
 
 class MemberEnrollApi(APIView):
@@ -92,7 +99,7 @@ class MemberEnrollApi(APIView):
         request=InputSerializer,
         responses={
             201: MemberOutputSerializer,
-            400: _problem("Invalid fields"),
+            400: _problem("Invalid fields; an unknown referral code is reported in errors.referral_code"),
             409: _problem("member_exists: the email, phone, card or external id belongs to a member"),
         },
     )
@@ -166,7 +173,11 @@ class MemberDetailApi(APIView):
             200: MemberOutputSerializer,
             400: _problem("Invalid fields"),
             404: _problem("member_not_found"),
-            409: _problem("member_exists: the email, phone, card or external id belongs to another member"),
+            409: _problem(
+                "member_exists: the email, phone, card or external id belongs to another member; "
+                "already_referred: the member has a referrer"
+            ),
+            422: _problem("self_referral, referral_loop, referral_too_late"),
         },
     )
     def patch(self, request, member_number: str):

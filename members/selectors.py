@@ -1,5 +1,6 @@
 from django.core.exceptions import ValidationError
 
+from core.db import fetch_instance
 from core.errors import InvalidInput, MemberNotFound
 from core.models import Program
 from members.models import Identifier, Member
@@ -8,7 +9,8 @@ from members.normalize import normalize_email, normalize_phone
 
 def member_get(*, program: Program, member_number: str) -> Member:
     """The programme's member with this number, or NotFound."""
-    member = Member.objects.filter(program=program, member_number=member_number).first()
+    # The number is unique, so the programme condition only keeps other programmes' members out.
+    member = fetch_instance(Member, "member_number = %s AND program_id = %s", [member_number, program.pk])
     if member is None:
         raise MemberNotFound(f"No member {member_number} in this programme.")
     return member

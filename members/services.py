@@ -6,20 +6,19 @@ first: two tills enrolling the same person at once must not both succeed."""
 import functools
 import re
 import zoneinfo
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone as dj_timezone
 
-from core.errors import Conflict, InvalidInput, MemberExists, Unprocessable
+from core.errors import InvalidInput, MemberExists
 from core.models import Program
 from members.models import Channel, ConsentEvent, Identifier, Member
 from members.normalize import normalize_email, normalize_phone
 from members.numbers import new_member_number
-from members.referral_codes import new_referral_code, normalize_referral_code
+from members.referrals import attach_referrer, new_referral_code, referrer_for_code
 
-_REFERRAL_LOCK = 0x52454646  # advisory lock class for referral attachments ("REFF")
 CONSENT_FIELDS = {"email": "consent_email", "sms": "consent_sms", "push": "consent_push"}
 MEMBER_NUMBER_ATTEMPTS = 5
 MAX_CARDS = 20
@@ -40,9 +39,7 @@ UPDATABLE = frozenset(
         "referral_code",
     }
 )
-# A member who enrolled without a code may still name their referrer for this long, but only once.
-REFERRAL_ATTACH_DAYS = 14
-REFERRAL_CHAIN_MAX = 1000
+
 
 # Which unique constraint a duplicate hit, and the field a client should be told about.
 _DUPLICATE_FIELDS = {
@@ -209,16 +206,9 @@ def _clean_consents(errors: _Errors, value) -> dict[str, bool]:
 
 
 def _clean_referrer(errors: _Errors, program: Program, value) -> Member | None:
-    """The active member of the programme whose referral code this is."""
-    code = normalize_referral_code(value) if isinstance(value, str) else ""
-    if not code:
-        errors.add("referral_code", "Must be a referral code such as 'K7MQ2XPA'.")
-        return None
-    referrer = Member.objects.filter(program=program, referral_code=code).first()
-    if referrer is None:
-        errors.add("referral_code", f"No member of this programme has the referral code '{code}'.")
-    elif referrer.status != Member.Status.ACTIVE:
-        errors.add("referral_code", f"The referral code '{code}' belongs to a member who is {referrer.status}.")
+    referrer, problem = referrer_for_code(program=program, value=value)
+    if problem:
+        errors.add("referral_code", problem)
     return referrer
 
 
@@ -339,51 +329,6 @@ def consents_set(
     )
 
 
-def _attach_referrer(*, member: Member, referrer: Member, now: datetime) -> None:
-    """Name the member's referrer after enrolment. Refuses a second referrer, the member's own code, a loop (the
-    referrer was referred, directly or down a chain, by this member) and a late attachment, changing nothing.
-    The caller holds the member's row lock."""
-    field = "referral_code"
-    if member.referred_by_id is not None:
-        raise Conflict(
-            "This member was already referred; a member is referred once.",
-            code="already_referred",
-            errors={field: ["The member already has a referrer."]},
-        )
-    if referrer.pk == member.pk:
-        raise Unprocessable(
-            "A member cannot refer themselves.", code="self_referral", errors={field: ["This is the member's own code."]}
-        )
-    if now - member.enrolled_at > timedelta(days=REFERRAL_ATTACH_DAYS):
-        raise Unprocessable(
-            f"A referral code can be added at most {REFERRAL_ATTACH_DAYS} days after enrolment.",
-            code="referral_too_late",
-            errors={field: [f"Only within {REFERRAL_ATTACH_DAYS} days of enrolment."]},
-        )
-    # Attachments in a programme are rare, so one lock per programme serialises them: two members naming each other
-    # at the same moment would otherwise both see no loop.
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_REFERRAL_LOCK, member.program_id])
-        cursor.execute(
-            f"""WITH RECURSIVE chain(id, depth) AS (
-                    SELECT referred_by_id, 1 FROM {Member._meta.db_table} WHERE id = %s
-                    UNION ALL
-                    SELECT m.referred_by_id, c.depth + 1 FROM {Member._meta.db_table} m JOIN chain c ON m.id = c.id
-                    WHERE c.id IS NOT NULL AND c.depth < %s)
-                SELECT EXISTS (SELECT 1 FROM chain WHERE id = %s)""",
-            [referrer.pk, REFERRAL_CHAIN_MAX, member.pk],
-        )
-        loop = cursor.fetchone()[0]
-    if loop:
-        raise Unprocessable(
-            f"Member {referrer.member_number} was referred by this member; referrals cannot go round in a loop.",
-            code="referral_loop",
-            errors={field: ["The code's owner was referred by this member."]},
-        )
-    member.referred_by = referrer
-    member.save(update_fields=["referred_by", "updated_at"])
-
-
 def _replace_external_ids(*, member: Member, external_ids: dict[str, str | None]) -> None:
     identifiers = Identifier.objects.filter(member=member, kind=Identifier.Kind.EXTERNAL)
     identifiers.filter(channel__in=list(external_ids)).exclude(
@@ -442,7 +387,7 @@ def member_update(*, member: Member, source: str, now: datetime | None = None, *
 
     locked = Member.objects.select_for_update().get(pk=member.pk)
     if referrer is not None:
-        _attach_referrer(member=locked, referrer=referrer, now=now)
+        attach_referrer(member=locked, referrer=referrer, now=now)
     try:
         with transaction.atomic():
             if fields or ext_ids or card_list is not None:

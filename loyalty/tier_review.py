@@ -1,0 +1,262 @@
+"""The periodic tier review: members whose review date (plus the grace days) has passed keep their tier for another
+period if their window supports it, or move down (one tier, or to the supported tier: the programme's choice);
+manual tiers past their end fall back to what the window supports.
+
+Set-based on PostgreSQL: one statement per batch claims the due rows in primary-key order (FOR UPDATE SKIP LOCKED),
+sums their counters over each member's own window, decides, updates and writes the history rows. A reviewed member's
+review date moves a period on, so a second run finds nothing to do, and concurrent runs skip each other's rows.
+Other databases (the embedded SQLite default) run the same rules row by row through loyalty.tier_windows."""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import connection, transaction
+
+from core.models import Program
+from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
+from loyalty.tier_windows import current_window_start, first_review_at, next_review_at, review_window
+from members.models import Member
+
+
+@dataclass(frozen=True)
+class ReviewResult:
+    reviewed: int = 0
+    changed: int = 0
+    manual_expired: int = 0
+
+    def __add__(self, other: "ReviewResult") -> "ReviewResult":
+        return ReviewResult(
+            self.reviewed + other.reviewed, self.changed + other.changed, self.manual_expired + other.manual_expired
+        )
+
+
+def tiers_review_due(*, now: datetime, batch_size: int = 10_000, set_based: bool | None = None) -> ReviewResult:
+    """Review every member whose review (plus grace) is due at `now`, and end manual tiers past their end date.
+    Safe to run twice or concurrently; each batch commits on its own."""
+    if set_based is None:
+        set_based = connection.vendor == "postgresql"
+    result = ReviewResult()
+    for program in Program.objects.order_by("pk"):
+        result += _expire_manual(program, now, batch_size)
+        review = _review_batch_sql if set_based else _review_batch_rows
+        after = 0
+        while True:
+            with transaction.atomic():
+                reviewed, changed, last = review(program, now, batch_size, after)
+            result += ReviewResult(reviewed=reviewed, changed=changed)
+            if last is None:
+                break
+            after = last
+    return result
+
+
+def _measure_sql(program: Program) -> tuple[str, int]:
+    from loyalty.tiers import MEASURE_COLUMN
+
+    return MEASURE_COLUMN[program.tier_measure], 100 if program.tier_measure == Program.TierMeasure.SPEND else 1
+
+
+def _window_sql(program: Program) -> tuple[str, str]:
+    """SQL for the first period of the window a review at local date `r` counts, and for the next review date;
+    the same arithmetic as loyalty.tier_windows.review_window and next_review_at."""
+    if program.tier_window == Program.TierWindow.CALENDAR_YEAR:
+        return (
+            "(date_trunc('year', d.r) - interval '1 year')::date",
+            "(date_trunc('year', d.r) + interval '1 year')::date",
+        )
+    if program.tier_window == Program.TierWindow.ANNIVERSARY_YEAR:
+        years = "(extract(year from d.r) - extract(year from d.enrolled))::int"
+        return (
+            f"(d.enrolled + make_interval(years => {years} - 1))::date",
+            f"(d.enrolled + make_interval(years => {years} + 1))::date",
+        )
+    months = int(program.tier_window_months)
+    return (
+        f"(d.r - make_interval(months => {months}))::date",
+        f"(date_trunc('month', d.r) + make_interval(months => {months}))::date",
+    )
+
+
+def _review_batch_sql(program: Program, now: datetime, batch_size: int, after: int) -> tuple[int, int, int | None]:
+    column, scale = _measure_sql(program)
+    window_start, next_review = _window_sql(program)
+    status, member, tier = TierStatus._meta.db_table, Member._meta.db_table, Tier._meta.db_table
+    counter, change = TierCounter._meta.db_table, TierChange._meta.db_table
+    to_supported = program.tier_downgrade == Program.TierDowngrade.TO_SUPPORTED
+    sql = f"""
+WITH due AS (
+    SELECT s.member_id, s.tier_id, m.timezone AS tz,
+           (s.review_at AT TIME ZONE m.timezone)::date AS r,
+           (m.enrolled_at AT TIME ZONE m.timezone)::date AS enrolled
+    FROM {status} s JOIN {member} m ON m.id = s.member_id
+    WHERE s.program_id = %(program)s AND s.review_at <= %(cutoff)s AND s.manual_until IS NULL
+      AND s.member_id > %(after)s
+    ORDER BY s.member_id
+    LIMIT %(batch)s
+    FOR UPDATE OF s SKIP LOCKED
+), win AS (
+    SELECT d.*, {window_start} AS w_start, {next_review} AS next_r FROM due d
+), ladder AS (
+    -- Active tiers as ranges of the measure (thresholds rise with rank: tier_setup enforces it).
+    SELECT t.id, t.rank, t.threshold, t.threshold * %(scale)s AS lo,
+           lead(t.threshold * %(scale)s) OVER (ORDER BY t.rank) AS hi
+    FROM {tier} t WHERE t.program_id = %(program)s AND t.retired_at IS NULL
+), steps AS (
+    -- For every tier a member may hold (retired ones too), its rank and the active tier one step below it.
+    SELECT t.id, t.rank, b.id AS below_id, b.rank AS below_rank, b.threshold AS below_threshold
+    FROM {tier} t LEFT JOIN LATERAL (
+        SELECT l.id, l.rank, l.threshold FROM ladder l WHERE l.rank < t.rank ORDER BY l.rank DESC LIMIT 1
+    ) b ON true
+    WHERE t.program_id = %(program)s
+), decided AS (
+    SELECT w.member_id, w.tier_id AS old_id, w.tz, w.next_r, cur.rank AS old_rank,
+           sup.id AS sup_id, sup.rank AS sup_rank, sup.threshold AS sup_threshold,
+           cur.below_id, cur.below_rank, cur.below_threshold
+    FROM win w
+    CROSS JOIN LATERAL (
+        -- One index range per member over the counters' (member_id, period) key.
+        SELECT COALESCE(SUM(c.{column}), 0) AS total FROM {counter} c
+        WHERE c.member_id = w.member_id AND c.period >= w.w_start AND c.period < w.r + %(grace)s::int
+    ) ms
+    LEFT JOIN steps cur ON cur.id = w.tier_id
+    LEFT JOIN ladder sup ON ms.total >= sup.lo AND (sup.hi IS NULL OR ms.total < sup.hi)
+), chosen AS (
+    SELECT d.member_id, d.old_id, d.old_rank, d.tz, d.next_r,
+           CASE WHEN %(to_supported)s OR COALESCE(d.sup_rank, -1) >= COALESCE(d.old_rank, -1)
+                THEN d.sup_id ELSE d.below_id END AS new_id,
+           CASE WHEN %(to_supported)s OR COALESCE(d.sup_rank, -1) >= COALESCE(d.old_rank, -1)
+                THEN d.sup_rank ELSE d.below_rank END AS new_rank,
+           CASE WHEN %(to_supported)s OR COALESCE(d.sup_rank, -1) >= COALESCE(d.old_rank, -1)
+                THEN d.sup_threshold ELSE d.below_threshold END AS new_threshold
+    FROM decided d
+), upd AS (
+    UPDATE {status} s SET
+        tier_id = c.new_id,
+        since = CASE WHEN c.new_id IS DISTINCT FROM c.old_id THEN %(now)s ELSE s.since END,
+        review_at = CASE WHEN c.new_threshold > 0 THEN (c.next_r::timestamp AT TIME ZONE c.tz) END,
+        updated_at = %(now)s
+    FROM chosen c WHERE s.member_id = c.member_id
+    RETURNING s.member_id
+), hist AS (
+    INSERT INTO {change} (member_id, program_id, from_tier_id, to_tier_id, reason, note, occurred_at)
+    SELECT c.member_id, %(program)s, c.old_id, c.new_id,
+           CASE WHEN COALESCE(c.new_rank, -1) > COALESCE(c.old_rank, -1) THEN 'upgrade' ELSE 'downgrade' END,
+           '', %(now)s
+    FROM chosen c WHERE c.new_id IS DISTINCT FROM c.old_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM hist), (SELECT max(member_id) FROM due)
+"""
+    params = {
+        "program": program.pk,
+        "cutoff": now - timedelta(days=program.tier_grace_days),
+        "after": after,
+        "batch": batch_size,
+        "grace": program.tier_grace_days,
+        "scale": scale,
+        "to_supported": to_supported,
+        "now": now,
+    }
+    with connection.cursor() as cursor:
+        # JIT-compiling this statement costs more than it saves on a batch, every batch.
+        cursor.execute("SET LOCAL jit = off")
+        cursor.execute(sql, params)
+        reviewed, changed, last = cursor.fetchone()
+    return reviewed, changed, last
+
+
+def _review_batch_rows(program: Program, now: datetime, batch_size: int, after: int) -> tuple[int, int, int | None]:
+    """The same review, row by row: for databases without the SQL above, and as its reference in the tests."""
+    from loyalty.tiers import _rank, _supported, measure_in_window, threshold_units, tier_info_list
+
+    tiers = tier_info_list(program_id=program.pk)
+    due = list(
+        TierStatus.objects.select_for_update(skip_locked=True, of=("self",))
+        .select_related("member")
+        .filter(
+            program=program,
+            review_at__lte=now - timedelta(days=program.tier_grace_days),
+            manual_until__isnull=True,
+            member_id__gt=after,
+        )
+        .order_by("member_id")[:batch_size]
+    )
+    changed = 0
+    for status in due:
+        member = status.member
+        start, end = review_window(program=program, member=member, review_at=status.review_at)
+        measure = measure_in_window(program=program, member=member, since_period=start) - measure_in_window(
+            program=program, member=member, since_period=end
+        )
+        current = next((t for t in tiers if t.id == status.tier_id), None)
+        supported = _supported(program, tiers, measure)
+        old_rank, sup_rank = _rank(current), _rank(supported)
+        if program.tier_downgrade == Program.TierDowngrade.TO_SUPPORTED or sup_rank >= old_rank:
+            new = supported
+        else:
+            below = [t for t in tiers if not t.retired and t.rank < old_rank]
+            new = below[-1] if below else None
+        new_id = new.id if new else None
+        keeps_review = new is not None and threshold_units(program, new.threshold) > 0
+        TierStatus.objects.filter(member_id=member.pk).update(
+            tier_id=new_id,
+            since=now if new_id != status.tier_id else status.since,
+            review_at=next_review_at(program=program, member=member, review_at=status.review_at)
+            if keeps_review
+            else None,
+            updated_at=now,
+        )
+        if new_id != status.tier_id:
+            changed += 1
+            TierChange.objects.create(
+                member_id=member.pk,
+                program=program,
+                from_tier_id=status.tier_id,
+                to_tier_id=new_id,
+                reason=TierChange.Reason.UPGRADE if _rank(new) > old_rank else TierChange.Reason.DOWNGRADE,
+                occurred_at=now,
+            )
+    return len(due), changed, due[-1].member_id if due else None
+
+
+def _expire_manual(program: Program, now: datetime, batch_size: int) -> ReviewResult:
+    """Manual tiers past their end fall back to what the member's current window supports. Rare: row by row."""
+    from loyalty.tiers import _supported, measure_in_window, threshold_units, tier_info_list
+
+    tiers = tier_info_list(program_id=program.pk)
+    expired = 0
+    while True:
+        with transaction.atomic():
+            batch = list(
+                TierStatus.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("member")
+                .filter(program=program, manual_until__lte=now)
+                .order_by("member_id")[:batch_size]
+            )
+            for status in batch:
+                member = status.member
+                start = current_window_start(program=program, member=member, now=now)
+                new = _supported(program, tiers, measure_in_window(program=program, member=member, since_period=start))
+                review = new is not None and threshold_units(program, new.threshold) > 0
+                TierStatus.objects.filter(member_id=member.pk).update(
+                    tier_id=new.id if new else None,
+                    since=now,
+                    review_at=first_review_at(program=program, member=member, since=now) if review else None,
+                    manual_until=None,
+                    manual_reason="",
+                    manual_by=None,
+                    manual_api_client=None,
+                    updated_at=now,
+                )
+                TierChange.objects.create(
+                    member_id=member.pk,
+                    program=program,
+                    from_tier_id=status.tier_id,
+                    to_tier_id=new.id if new else None,
+                    reason=TierChange.Reason.MANUAL_EXPIRED,
+                    note=status.manual_reason,
+                    occurred_at=now,
+                )
+            expired += len(batch)
+        if len(batch) < batch_size:
+            return ReviewResult(manual_expired=expired)

@@ -1,0 +1,372 @@
+"""Members' tiers: counting qualifying activity, moving up at once, manual overrides, and what a member sees.
+
+Definitions are changed by loyalty.tier_setup and reviewed by loyalty.tier_review (re-exported here). The earn path
+calls `tier_on_transaction` only when the programme has tiers (Program.has_tiers, loaded with the API client), so a
+programme without tiers pays nothing; with tiers it costs one upsert and one read unless the tier changes."""
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db import connection
+from django.db import transaction as db_transaction
+from django.utils import timezone
+
+from core.errors import InvalidInput
+from core.models import ApiClient, Program
+from loyalty.models import Transaction
+from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
+from loyalty.tier_windows import anchor_day, current_window_start, first_review_at, period_of
+from members.models import Member
+
+# Tier definitions are read on every purchase of a programme with tiers, so they are remembered in-process for a
+# few seconds. tier_setup clears this process's copy on every change; other processes see a change within this time.
+TIER_CACHE_SECONDS = 5
+_tier_cache: dict[int, tuple[tuple["TierInfo", ...], float]] = {}
+
+MEASURE_COLUMN = {
+    Program.TierMeasure.POINTS: "points",
+    Program.TierMeasure.SPEND: "spend_cents",
+    Program.TierMeasure.PURCHASES: "purchases",
+}
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    id: int
+    code: str
+    rank: int
+    threshold: Decimal
+    earn_multiplier: Decimal
+    retired: bool
+
+
+def tier_cache_clear(program_id: int | None = None) -> None:
+    if program_id is None:
+        _tier_cache.clear()
+    else:
+        _tier_cache.pop(program_id, None)
+
+
+def tier_info_list(*, program_id: int) -> tuple[TierInfo, ...]:
+    """Every tier of the programme, retired ones too (members may still hold them), lowest rank first."""
+    cached = _tier_cache.get(program_id)
+    if cached and time.monotonic() - cached[1] < TIER_CACHE_SECONDS:
+        return cached[0]
+    tiers = tuple(
+        TierInfo(id=t[0], code=t[1], rank=t[2], threshold=t[3], earn_multiplier=t[4], retired=t[5] is not None)
+        for t in Tier.objects.filter(program_id=program_id)
+        .order_by("rank", "id")
+        .values_list("id", "code", "rank", "threshold", "earn_multiplier", "retired_at")
+    )
+    _tier_cache[program_id] = (tiers, time.monotonic())
+    return tiers
+
+
+def threshold_units(program: Program, threshold: Decimal) -> int:
+    """A threshold in the counters' unit: cents for money, whole points or purchases otherwise."""
+    return int(threshold * 100) if program.tier_measure == Program.TierMeasure.SPEND else int(threshold)
+
+
+def _supported(program: Program, tiers: tuple[TierInfo, ...], units: int) -> TierInfo | None:
+    """The highest active tier that `units` of the measure reach."""
+    reached = [t for t in tiers if not t.retired and threshold_units(program, t.threshold) <= units]
+    return reached[-1] if reached else None
+
+
+def _by_id(tiers: tuple[TierInfo, ...], tier_id: int | None) -> TierInfo | None:
+    return next((t for t in tiers if t.id == tier_id), None)
+
+
+def _rank(tier: TierInfo | None) -> int:
+    return -1 if tier is None else tier.rank
+
+
+def _needs_review(program: Program, tier: TierInfo | Tier | None) -> bool:
+    return tier is not None and threshold_units(program, tier.threshold) > 0
+
+
+def measure_in_window(*, program: Program, member: Member, since_period) -> int:
+    """The member's qualifying measure, in counter units, over the periods from `since_period` on."""
+    column = MEASURE_COLUMN[program.tier_measure]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT COALESCE(SUM({column}), 0) FROM {TierCounter._meta.db_table} "
+            "WHERE member_id = %s AND period >= %s",
+            [member.pk, since_period],
+        )
+        return int(cursor.fetchone()[0])
+
+
+def _count(txn: Transaction, member: Member, program: Program) -> None:
+    """One upsert: add the transaction's qualifying activity to its period (a return's to its purchase's)."""
+    is_return = txn.kind == Transaction.Kind.RETURN
+    source = txn.original if is_return else txn
+    period = period_of(source.occurred_at.astimezone(member.tz).date(), anchor_day(program=program, member=member))
+    cents = int(txn.total * 100)
+    table = TierCounter._meta.db_table
+    if is_return:
+        # A purchase stops counting as one only when it has been returned in full; the return's own update of the
+        # purchase's returned_total is already visible in this database transaction.
+        purchases_sql = (
+            f"(SELECT CASE WHEN returned_total >= total THEN -1 ELSE 0 END "
+            f"FROM {Transaction._meta.db_table} WHERE id = %s)"
+        )
+        params = [member.pk, period, txn.points, -cents, source.pk]
+    else:
+        purchases_sql = "%s"
+        params = [member.pk, period, txn.points, cents, 1]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (member_id, period, points, spend_cents, purchases) "
+            f"VALUES (%s, %s, %s, %s, {purchases_sql}) "
+            f"ON CONFLICT (member_id, period) DO UPDATE SET points = {table}.points + excluded.points, "
+            f"spend_cents = {table}.spend_cents + excluded.spend_cents, "
+            f"purchases = {table}.purchases + excluded.purchases",
+            params,
+        )
+
+
+def _status_and_measure(program: Program, member: Member, now: datetime) -> tuple[bool, int | None, datetime, int]:
+    """(has a status row, its tier id, its manual end, the measure in the current window) in one read."""
+    column = MEASURE_COLUMN[program.tier_measure]
+    since_period = current_window_start(program=program, member=member, now=now)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT s.member_id, s.tier_id, s.manual_until, (SELECT COALESCE(SUM(c.{column}), 0) "
+            f"FROM {TierCounter._meta.db_table} c WHERE c.member_id = %s AND c.period >= %s) "
+            f"FROM (SELECT 1 AS one) AS x LEFT JOIN {TierStatus._meta.db_table} s ON s.member_id = %s",
+            [member.pk, since_period, member.pk],
+        )
+        found, tier_id, manual_until, measure = cursor.fetchone()
+    return found is not None, tier_id, manual_until, int(measure)
+
+
+def _insert_status(member: Member, program: Program, tier_id: int | None, now: datetime, review_at) -> bool:
+    """INSERT the member's first status row; False when it exists already. The database decides, so of two first
+    changes at once exactly one inserts (no check-then-insert race)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {TierStatus._meta.db_table} (member_id, program_id, tier_id, since, review_at, "
+            "manual_reason, updated_at) VALUES (%s, %s, %s, %s, %s, '', %s) "
+            "ON CONFLICT (member_id) DO NOTHING RETURNING member_id",
+            [member.pk, program.pk, tier_id, now, review_at, now],
+        )
+        return cursor.fetchone() is not None
+
+
+def _move(
+    *,
+    program: Program,
+    member: Member,
+    exists: bool,
+    from_id: int | None,
+    to: TierInfo | None,
+    reason: str,
+    now: datetime,
+    review_at: datetime | None,
+    clear_manual: bool = False,
+    **history,
+) -> TierChange | None:
+    """Compare-and-set the member's tier from `from_id` to `to`, with its history row. None when another
+    transaction changed it first (its history row is the one that counts). Without a status row the member was
+    at the base tier (`from_id`), and the first insert wins."""
+    to_id = to.id if to else None
+    if exists:
+        fields = {"tier_id": to_id, "since": now, "review_at": review_at, "updated_at": now}
+        if clear_manual:
+            fields.update(manual_until=None, manual_reason="", manual_by=None, manual_api_client=None)
+        changed = TierStatus.objects.filter(member_id=member.pk, tier_id=from_id).update(**fields)
+    else:
+        changed = _insert_status(member, program, to_id, now, review_at)
+    if not changed:
+        return None
+    return TierChange.objects.create(
+        member_id=member.pk,
+        program_id=program.pk,
+        from_tier_id=from_id,
+        to_tier_id=to_id,
+        reason=reason,
+        occurred_at=now,
+        **history,
+    )
+
+
+def tier_on_transaction(*, transaction: Transaction, now: datetime) -> TierChange | None:
+    """Count a purchase's or return's qualifying activity; move the member up at once when they qualify, and after
+    a return, down at once if the programme re-evaluates on returns. Runs inside the caller's database transaction;
+    concurrent purchases of one member upgrade once (compare-and-set on the status row)."""
+    program, member = transaction.program, transaction.member
+    if member is None:
+        return None
+    _count(transaction, member, program)
+    is_return = transaction.kind == Transaction.Kind.RETURN
+    if is_return and program.tier_return_policy != Program.TierReturnPolicy.REEVALUATE:
+        return None
+    tiers = tier_info_list(program_id=program.pk)
+    for _attempt in range(3):
+        exists, tier_id, manual_until, measure = _status_and_measure(program, member, now)
+        supported = _supported(program, tiers, measure)
+        current = _by_id(tiers, tier_id) if exists else _supported(program, tiers, 0)
+        manual = manual_until is not None and manual_until > now
+        if _rank(supported) > _rank(current):
+            reason, clear_manual = TierChange.Reason.UPGRADE, True
+        elif is_return and not manual and _rank(supported) < _rank(current):
+            reason, clear_manual = TierChange.Reason.RETURN, False
+        else:
+            return None
+        review_at = first_review_at(program=program, member=member, since=now)
+        change = _move(
+            program=program,
+            member=member,
+            exists=exists,
+            from_id=tier_id if exists else (current.id if current else None),
+            to=supported,
+            reason=reason,
+            now=now,
+            review_at=review_at if _needs_review(program, supported) else None,
+            clear_manual=clear_manual,
+            transaction=transaction,
+        )
+        if change is not None:
+            return change
+    return None
+
+
+@db_transaction.atomic
+def tier_set_manual(
+    *,
+    member: Member,
+    tier: Tier,
+    reason: str,
+    until: datetime,
+    now: datetime | None = None,
+    staff_user=None,
+    api_client: ApiClient | None = None,
+) -> TierChange:
+    """Staff give a member a tier until `until`, with a reason; the review leaves it alone until then and it then
+    falls back to what the window supports. Locks the member's status row; writes the history row with it."""
+    now = now or timezone.now()
+    errors = {}
+    if tier.program_id != member.program_id or tier.retired_at is not None:
+        errors["tier"] = ["Not an active tier of the member's programme."]
+    if not reason or not reason.strip():
+        errors["reason"] = ["Give the reason."]
+    elif len(reason) > 500:
+        errors["reason"] = ["At most 500 characters."]
+    if until <= now:
+        errors["until"] = ["Must lie in the future."]
+    if errors:
+        raise InvalidInput(
+            "The tier cannot be set: " + "; ".join(f"{k}: {v[0]}" for k, v in errors.items()), errors=errors
+        )
+    program = member.program
+    if _insert_status(member, program, None, now, None):
+        # The member had no row: they were at the base tier, if the programme has one.
+        base = _supported(program, tier_info_list(program_id=program.pk), 0)
+        from_id = base.id if base else None
+    else:
+        from_id = TierStatus.objects.select_for_update().values_list("tier_id", flat=True).get(member_id=member.pk)
+    TierStatus.objects.filter(member_id=member.pk).update(
+        tier=tier,
+        since=now,
+        review_at=None,
+        manual_until=until,
+        manual_reason=reason.strip(),
+        manual_by=staff_user,
+        manual_api_client=api_client,
+        updated_at=now,
+    )
+    return TierChange.objects.create(
+        member_id=member.pk,
+        program_id=program.pk,
+        from_tier_id=from_id,
+        to_tier=tier,
+        reason=TierChange.Reason.MANUAL,
+        note=reason.strip(),
+        occurred_at=now,
+        staff_user=staff_user,
+        api_client=api_client,
+    )
+
+
+@dataclass(frozen=True)
+class TierProgress:
+    tier: Tier | None
+    since: datetime | None
+    review_at: datetime | None
+    manual_until: datetime | None
+    measure: str
+    value: int | Decimal  # the measure in the current window, in its unit (points, money, purchases)
+    next_tier: Tier | None
+    needed: int | Decimal | None  # what is still missing to reach next_tier, in the measure's unit
+
+
+def _in_unit(program: Program, units: int) -> int | Decimal:
+    return Decimal(units) / 100 if program.tier_measure == Program.TierMeasure.SPEND else units
+
+
+def tier_progress_get(
+    *, member: Member, program: Program | None = None, now: datetime | None = None
+) -> TierProgress | None:
+    """The member's tier, and the next tier with what is still needed for it; None if the programme has no tiers."""
+    program = program or member.program
+    if not program.has_tiers:
+        return None
+    now = now or timezone.now()
+    tiers = tier_info_list(program_id=program.pk)
+    exists, tier_id, manual_until, measure = _status_and_measure(program, member, now)
+    current = _by_id(tiers, tier_id) if exists else _supported(program, tiers, 0)
+    following = [t for t in tiers if not t.retired and t.rank > _rank(current)]
+    wanted = {t.id for t in (current, following[0] if following else None) if t}
+    loaded = Tier.objects.in_bulk(wanted)
+    status = TierStatus.objects.filter(member_id=member.pk).values("since", "review_at").first() if exists else None
+    next_tier = loaded.get(following[0].id) if following else None
+    needed = None
+    if next_tier is not None:
+        needed = _in_unit(program, max(0, threshold_units(program, next_tier.threshold) - measure))
+    return TierProgress(
+        tier=loaded.get(current.id) if current else None,
+        since=status["since"] if status else None,
+        review_at=status["review_at"] if status else None,
+        manual_until=manual_until if manual_until and manual_until > now else None,
+        measure=program.tier_measure,
+        value=_in_unit(program, measure),
+        next_tier=next_tier,
+        needed=needed,
+    )
+
+
+def tier_current_for(*, member: Member, program: Program | None = None) -> TierInfo | None:
+    """The member's tier now (code, rank, earn_multiplier, ...), for the earning rules; None without one. No query
+    when the programme has no tiers or the member was loaded with select_related("tier_status"); else one small one."""
+    program = program or member.program
+    if not program.has_tiers:
+        return None
+    tiers = tier_info_list(program_id=program.pk)
+    if "tier_status" in member._state.fields_cache:
+        status = member._state.fields_cache["tier_status"]
+        exists, tier_id = status is not None, status.tier_id if status is not None else None
+    else:
+        row = TierStatus.objects.filter(member_id=member.pk).values_list("tier_id").first()
+        exists, tier_id = row is not None, row[0] if row else None
+    return _by_id(tiers, tier_id) if exists else _supported(program, tiers, 0)
+
+
+def tier_multiplier_for(*, member: Member, program: Program | None = None) -> Decimal:
+    """The earn multiplier of the member's tier: 1 without one. Costs what tier_current_for costs."""
+    current = tier_current_for(member=member, program=program)
+    return current.earn_multiplier if current else Decimal(1)
+
+
+def tier_history_list(*, member: Member):
+    """The member's tier changes, newest first."""
+    return (
+        TierChange.objects.filter(member_id=member.pk)
+        .select_related("from_tier", "to_tier", "staff_user", "api_client")
+        .order_by("-occurred_at", "-id")
+    )
+
+
+from loyalty.tier_review import tiers_review_due  # noqa: E402,F401  (the review job's public name lives here too)

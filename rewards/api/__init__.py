@@ -1,0 +1,1 @@
+"""REST endpoints of the rewards capability (API.md: Rewards, Points holds, Management)."""

@@ -1,0 +1,146 @@
+"""Reads of the rewards capability: the catalogue, redemptions, vouchers, holds, and points spent."""
+
+import zoneinfo
+from datetime import datetime, timedelta
+
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import Trunc
+from django.utils import timezone
+
+from core.models import Program
+from loyalty.ledger import ledger_balance
+from members.models import Member
+from rewards.codes import voucher_code_normalize
+from rewards.errors import HoldNotFound, InvalidVoucherCode, RedemptionNotFound, RewardNotFound, VoucherNotFound
+from rewards.models import Hold, Redemption, Reward, Voucher
+
+
+def member_tier_rank(*, member: Member) -> int | None:
+    """The rank of the member's current tier, or None without one. Tiers are not built yet, so no member has a
+    tier: rewards with a minimum tier rank are refused to everyone until the tiers capability answers here."""
+    return getattr(member, "tier_rank", None)
+
+
+def period_start(*, period: str, now: datetime, tz: zoneinfo.ZoneInfo) -> datetime | None:
+    """Start of the current per-member limit period, in the member's own calendar; None for 'ever'."""
+    local = now.astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == Reward.Period.DAY:
+        return local
+    if period == Reward.Period.WEEK:
+        return local - timedelta(days=local.weekday())
+    if period == Reward.Period.MONTH:
+        return local.replace(day=1)
+    if period == Reward.Period.YEAR:
+        return local.replace(month=1, day=1)
+    return None
+
+
+def reward_get(*, program: Program, code: str) -> Reward:
+    reward = Reward.objects.filter(program=program, code=code).first()
+    if reward is None:
+        raise RewardNotFound(f"No reward {code} in this programme.")
+    return reward
+
+
+def reward_list(
+    *,
+    program: Program,
+    kind: str | None = None,
+    tier_rank: int | None = None,
+    affordable_for: Member | None = None,
+    include_retired: bool = False,
+    now: datetime | None = None,
+) -> QuerySet[Reward]:
+    """Rewards of the programme; by default those that can be redeemed now. `tier_rank`: those a member of that tier
+    rank may redeem. `affordable_for`: those the member can pay for with the points they may spend now."""
+    now = now or timezone.now()
+    rewards = Reward.objects.filter(program=program)
+    if not include_retired:
+        rewards = rewards.filter(
+            Q(available_from__isnull=True) | Q(available_from__lte=now),
+            Q(available_until__isnull=True) | Q(available_until__gt=now),
+            active=True,
+        ).exclude(stock=0)
+    if kind:
+        rewards = rewards.filter(kind=kind)
+    if tier_rank is not None:
+        rewards = rewards.filter(Q(min_tier_rank__isnull=True) | Q(min_tier_rank__lte=tier_rank))
+    if affordable_for is not None:
+        spendable = ledger_balance(member_id=affordable_for.pk).spendable
+        rank = member_tier_rank(member=affordable_for)
+        rewards = rewards.filter(points_cost__lte=spendable).filter(
+            Q(min_tier_rank__isnull=True) | Q(min_tier_rank__lte=rank if rank is not None else -1)
+        )
+    return rewards
+
+
+MAX_ID = 2**63 - 1  # ids beyond bigint are not found, rather than a database error
+
+
+def redemption_get(*, program: Program, redemption_id: int) -> Redemption:
+    if not 0 < redemption_id <= MAX_ID:
+        raise RedemptionNotFound(f"No redemption {redemption_id} in this programme.")
+    redemption = (
+        Redemption.objects.select_related("reward", "member", "voucher")
+        .filter(program=program, pk=redemption_id)
+        .first()
+    )
+    if redemption is None:
+        raise RedemptionNotFound(f"No redemption {redemption_id} in this programme.")
+    return redemption
+
+
+def voucher_get(*, program: Program, code: str) -> Voucher:
+    """The programme's voucher with this code, as typed at a till. InvalidVoucherCode for a mistyped code (its check
+    character does not match), VoucherNotFound for a well-formed code nobody was given."""
+    canonical = voucher_code_normalize(code)
+    if canonical is None:
+        raise InvalidVoucherCode(f"{code!r} is not a voucher code; check it for typing errors.")
+    voucher = (
+        Voucher.objects.select_related("redemption__reward", "redemption__member")
+        .filter(program=program, code=canonical)
+        .first()
+    )
+    if voucher is None:
+        raise VoucherNotFound("No voucher has this code.")
+    return voucher
+
+
+def hold_get(*, program: Program, hold_id: int) -> Hold:
+    if not 0 < hold_id <= MAX_ID:
+        raise HoldNotFound(f"No hold {hold_id} in this programme.")
+    hold = Hold.objects.select_related("member").filter(program=program, pk=hold_id).first()
+    if hold is None:
+        raise HoldNotFound(f"No hold {hold_id} in this programme.")
+    return hold
+
+
+def points_spent_report(
+    *, program: Program, period: str = "month", since: datetime | None = None, until: datetime | None = None
+) -> list[dict]:
+    """Points spent on rewards per period and reward, net of cancelled redemptions, newest period first; and, as
+    reward None, points paid at tills through captured holds."""
+    assert period in ("day", "week", "month", "year")
+    redemptions = Redemption.objects.filter(program=program, status=Redemption.Status.REDEEMED)
+    holds = Hold.objects.filter(program=program, status=Hold.Status.CAPTURED)
+    if since:
+        redemptions, holds = redemptions.filter(created_at__gte=since), holds.filter(closed_at__gte=since)
+    if until:
+        redemptions, holds = redemptions.filter(created_at__lt=until), holds.filter(closed_at__lt=until)
+    rows = [
+        {"period": r["period"], "reward": r["reward__code"], "name": r["reward__name_en"], **_counts(r)}
+        for r in redemptions.annotate(period=Trunc("created_at", period))
+        .values("period", "reward__code", "reward__name_en")
+        .annotate(count=Count("pk"), points=Sum("points"))
+    ]
+    rows += [
+        {"period": h["period"], "reward": None, "name": "Paid with points at tills", **_counts(h)}
+        for h in holds.annotate(period=Trunc("closed_at", period))
+        .values("period")
+        .annotate(count=Count("pk"), points=Sum("captured_points"))
+    ]
+    return sorted(rows, key=lambda r: (-r["period"].timestamp(), -r["points"], r["reward"] or ""))
+
+
+def _counts(row: dict) -> dict:
+    return {"count": row["count"], "points": row["points"] or 0}

@@ -1,0 +1,359 @@
+"""Earning rules: bonuses that explain themselves, limits and budgets that hold under concurrency."""
+
+import json
+import threading
+from datetime import datetime, time
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+from django.db import connection
+
+from loyalty.models import Account, EarningRule, RuleUsage, Transaction
+from loyalty.rule_services import earning_rule_create, earning_rule_update
+from loyalty.transactions import TransactionInput, transaction_preview, transaction_record
+from loyalty.verify import ledger_verify
+from tests.factories import MemberFactory
+
+STOCKHOLM = ZoneInfo("Europe/Stockholm")
+# A Wednesday, 14:30 in Stockholm.
+WEDNESDAY = datetime(2025, 11, 19, 14, 30, tzinfo=STOCKHOLM)
+
+
+def buy(
+    program, member, *, external_id="T1", total="100.00", lines=None, store="STHLM-01", channel="pos", at=WEDNESDAY
+):
+    lines = (
+        lines
+        if lines is not None
+        else [
+            {"sku": "MILK", "category": "dairy", "quantity": "2", "unit_price": "20.00", "amount": "40.00"},
+            {"sku": "BREAD", "category": "bakery", "quantity": "1", "unit_price": "60.00", "amount": "60.00"},
+        ]
+    )
+    data = TransactionInput(
+        store=store,
+        external_id=external_id,
+        channel=channel,
+        kind="purchase",
+        occurred_at=at,
+        currency="SEK",
+        total=Decimal(total),
+        lines=lines,
+        member=member,
+    )
+    return transaction_record(program=program, data=data)
+
+
+def rule(program, code, **fields):
+    return earning_rule_create(program=program, code=code, name=code.title(), **fields)
+
+
+def test_a_category_multiplier_doubles_the_points_of_what_matches(program, member):
+    # given
+    rule(program, "dairy2x", categories=["dairy"], benefit="multiplier", value=Decimal(2))
+    # when
+    result = buy(program, member)
+    # then
+    assert result.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "dairy2x", "points": 40}]
+    assert result.points == 140
+
+
+def test_points_per_unit_of_a_sku(program, member):
+    # given
+    rule(program, "milk10", skus=["MILK"], benefit="per_unit", value=Decimal(10))
+    # when
+    result = buy(program, member)
+    # then
+    assert {"rule": "milk10", "points": 20} in result.transaction.breakdown
+
+
+def test_a_fixed_bonus_needs_the_minimum_basket(program, member):
+    # given
+    rule(program, "big-basket", min_basket=Decimal("150.00"), benefit="fixed", value=Decimal(50))
+    # when
+    small = buy(program, member, external_id="small")
+    big = buy(program, member, external_id="big", total="150.00", lines=[])
+    # then
+    assert small.points == 100
+    assert big.points == 150 + 50
+
+
+def test_store_channel_weekday_and_hours_are_read_in_the_programmes_time_zone(program, member):
+    # given: Wednesdays 14:00-15:00 in the Stockholm store only
+    rule(
+        program,
+        "happy-hour",
+        stores=["STHLM-01"],
+        channels=["pos"],
+        days_of_week=[3],
+        time_from=time(14, 0),
+        time_until=time(15, 0),
+        benefit="fixed",
+        value=Decimal(25),
+    )
+    # when
+    inside = buy(program, member, external_id="in")
+    other_store = buy(program, member, external_id="store", store="GBG-02")
+    web = buy(program, member, external_id="web", channel="web")
+    # 13:30 UTC is 14:30 in Stockholm: inside the window
+    utc = buy(program, member, external_id="utc", at=datetime(2025, 11, 19, 13, 30, tzinfo=ZoneInfo("UTC")))
+    late = buy(program, member, external_id="late", at=WEDNESDAY.replace(hour=15))
+    thursday = buy(program, member, external_id="thu", at=WEDNESDAY.replace(day=20))
+    # then
+    assert [r.points for r in (inside, other_store, web, utc, late, thursday)] == [125, 100, 100, 125, 100, 100]
+
+
+def test_an_hours_window_may_run_over_midnight(program, member):
+    # given
+    rule(program, "night-owl", time_from=time(22, 0), time_until=time(2, 0), benefit="fixed", value=Decimal(5))
+    # when
+    before = buy(program, member, external_id="a", at=WEDNESDAY.replace(hour=23))
+    after = buy(program, member, external_id="b", at=WEDNESDAY.replace(hour=1))
+    outside = buy(program, member, external_id="c", at=WEDNESDAY.replace(hour=2))
+    # then
+    assert (before.points, after.points, outside.points) == (105, 105, 100)
+
+
+def test_a_rule_applies_only_within_its_validity(program, member):
+    # given
+    rule(
+        program,
+        "november",
+        valid_from=datetime(2025, 11, 1, tzinfo=STOCKHOLM),
+        valid_until=datetime(2025, 12, 1, tzinfo=STOCKHOLM),
+        benefit="fixed",
+        value=Decimal(10),
+    )
+    # when
+    inside = buy(program, member, external_id="in")
+    outside = buy(program, member, external_id="out", at=datetime(2025, 12, 1, 0, 0, tzinfo=STOCKHOLM))
+    # then
+    assert (inside.points, outside.points) == (110, 100)
+
+
+def test_an_exclusive_rule_stops_the_rules_below_it_and_priority_orders_them(program, member):
+    # given
+    rule(program, "low", priority=1, benefit="fixed", value=Decimal(1))
+    rule(program, "vip", priority=10, exclusive=True, benefit="fixed", value=Decimal(30))
+    rule(program, "top", priority=20, benefit="fixed", value=Decimal(7))
+    # when
+    result = buy(program, member)
+    # then
+    assert [line["rule"] for line in result.transaction.breakdown] == ["base", "top", "vip"]
+
+
+def test_first_purchase_and_birthday_month(program):
+    # given
+    member = MemberFactory(program=program, birth_date=datetime(1990, 11, 3).date())
+    rule(program, "welcome", first_purchase=True, benefit="fixed", value=Decimal(100))
+    rule(program, "birthday", birthday_month=True, benefit="multiplier", value=Decimal(2))
+    # when
+    first = buy(program, member, external_id="1")
+    second = buy(program, member, external_id="2")
+    december = buy(program, member, external_id="3", at=WEDNESDAY.replace(month=12, day=17))
+    # then
+    assert first.points == 100 + 100 + 100
+    assert second.points == 100 + 100
+    assert december.points == 100
+
+
+def test_a_member_limit_caps_the_bonus_per_month_and_the_breakdown_says_so(program, member):
+    # given: 300 bonus points per purchase, at most 500 a month
+    rule(program, "triple", benefit="multiplier", value=Decimal(4), member_limit=500, member_limit_period="month")
+    # when
+    first = buy(program, member, external_id="1")
+    second = buy(program, member, external_id="2")
+    third = buy(program, member, external_id="3")
+    next_month = buy(program, member, external_id="4", at=WEDNESDAY.replace(month=12, day=2))
+    # then
+    assert [r.points for r in (first, second, third, next_month)] == [400, 300, 100, 400]
+    assert second.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "triple", "points": 200}]
+    assert RuleUsage.objects.get(period_start=WEDNESDAY.date().replace(day=1)).points == 500
+    assert ledger_verify() == []
+
+
+def test_a_preview_shows_the_limited_bonus_and_uses_up_nothing(program, member):
+    # given
+    rule(program, "capped", benefit="fixed", value=Decimal(300), member_limit=500)
+    buy(program, member, external_id="1")
+    data = TransactionInput(
+        store="S",
+        external_id="p",
+        channel="pos",
+        kind="purchase",
+        occurred_at=WEDNESDAY,
+        currency="SEK",
+        total=Decimal("100.00"),
+        member=member,
+    )
+    # when
+    preview = transaction_preview(program=program, data=data)
+    # then
+    assert preview.points == 100 + 200
+    assert RuleUsage.objects.get().points == 300
+    assert not Transaction.objects.filter(external_id="p").exists()
+
+
+def test_a_changed_rule_never_rewrites_points_already_earned(program, member):
+    # given
+    promo = rule(program, "promo", benefit="fixed", value=Decimal(10))
+    before = buy(program, member, external_id="1")
+    # when
+    earning_rule_update(rule=promo, value=Decimal(99))
+    after = buy(program, member, external_id="2")
+    # then
+    before.transaction.refresh_from_db()
+    assert before.transaction.breakdown[-1] == {"rule": "promo", "points": 10}
+    assert after.transaction.breakdown[-1] == {"rule": "promo", "points": 99}
+    assert Account.objects.get(pk=member.pk).available == 110 + 199
+
+
+def test_a_return_reverses_bonus_points_in_the_same_proportion_as_base_points(program, member):
+    # given
+    rule(program, "double", benefit="multiplier", value=Decimal(2))
+    buy(program, member, external_id="P")  # 200 points
+    # when: a quarter of the basket comes back
+    data = TransactionInput(
+        store="STHLM-01",
+        external_id="R",
+        channel="pos",
+        kind="return",
+        occurred_at=WEDNESDAY,
+        currency="SEK",
+        total=Decimal("25.00"),
+        original_external_id="P",
+    )
+    result = transaction_record(program=program, data=data)
+    # then
+    assert result.points == -50
+    assert Account.objects.get(pk=member.pk).available == 150
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program):
+    # given: 100 points per purchase from a budget of 1,000, and 16 members buying at once, twice each
+    promo = rule(program, "launch", benefit="fixed", value=Decimal(100), budget=1000)
+    members = [MemberFactory(program=program) for _ in range(16)]
+    barrier = threading.Barrier(16)
+    errors = []
+
+    def shop(member):
+        try:
+            barrier.wait()
+            for n in range(2):
+                buy(program, member, external_id=f"{member.pk}-{n}")
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=shop, args=(m,)) for m in members]
+    # when
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # then
+    assert errors == []
+    promo.refresh_from_db()
+    given = sum(line["points"] for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == "launch")
+    assert promo.budget_used == given == 1000
+    assert ledger_verify() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_member_limit_holds_under_concurrent_purchases_of_one_member(program):
+    # given
+    rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=500)
+    member = MemberFactory(program=program)
+    barrier = threading.Barrier(12)
+
+    def shop(n):
+        try:
+            barrier.wait()
+            buy(program, member, external_id=f"c-{n}")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=shop, args=(n,)) for n in range(12)]
+    # when
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # then
+    assert Account.objects.get(pk=member.pk).available == 12 * 100 + 500
+    assert RuleUsage.objects.get().points == 500
+    assert ledger_verify() == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"benefit": "multiplier", "value": "0.5"}, "value"),
+        ({"benefit": "fixed", "value": "0"}, "value"),
+        ({"benefit": "fixed", "value": "5", "days_of_week": [0, 8]}, "days_of_week"),
+        ({"benefit": "fixed", "value": "5", "channels": ["fax"]}, "channels"),
+        (
+            {
+                "benefit": "fixed",
+                "value": "5",
+                "valid_from": "2026-12-01T00:00:00Z",
+                "valid_until": "2026-11-01T00:00:00Z",
+            },
+            "valid_until",
+        ),
+        ({"benefit": "bogus", "value": "5"}, "benefit"),
+        ({"benefit": "fixed", "value": "-5"}, "value"),
+    ],
+)
+def test_bad_rule_definitions_are_refused_with_a_clear_error(api, fields, field):
+    # when
+    response = api.post(
+        "/api/v1/earning-rules", json.dumps({"code": "bad", "name": "Bad", **fields}), content_type="application/json"
+    )
+    # then
+    assert response.status_code == 400
+    assert field in response.json()["errors"]
+    assert not EarningRule.objects.exists()
+
+
+def test_rules_are_managed_over_the_api_and_retired_not_deleted(api, program, member):
+    # given
+    created = api.post(
+        "/api/v1/earning-rules",
+        json.dumps({"code": "dairy", "name": "Dairy", "categories": ["dairy"], "benefit": "multiplier", "value": "2"}),
+        content_type="application/json",
+    )
+    duplicate = api.post(
+        "/api/v1/earning-rules",
+        json.dumps({"code": "dairy", "name": "Again", "benefit": "fixed", "value": "1"}),
+        content_type="application/json",
+    )
+    # when
+    changed = api.patch("/api/v1/earning-rules/dairy", json.dumps({"value": "3"}), content_type="application/json")
+    retired = api.delete("/api/v1/earning-rules/dairy")
+    # then
+    assert created.status_code == 201
+    assert duplicate.status_code == 409
+    assert changed.json()["value"] == "3.0000"
+    assert retired.json()["active"] is False
+    assert buy(program, member).points == 100
+    assert EarningRule.objects.count() == 1
+
+
+def test_a_key_without_program_manage_cannot_change_rules(make_client):
+    # given
+    from rest_framework.test import APIClient
+
+    _, raw = make_client(scopes=["transactions:write"])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
+    # when
+    response = client.post(
+        "/api/v1/earning-rules", {"code": "x", "name": "X", "benefit": "fixed", "value": "1"}, format="json"
+    )
+    # then
+    assert response.status_code == 403
+    assert not EarningRule.objects.exists()

@@ -1,0 +1,424 @@
+"""Bulk import (`manage.py import_transactions`): the same ledger as the per-row path, idempotent, all-or-nothing."""
+
+import csv
+import json
+from datetime import UTC, datetime, timedelta
+from datetime import timezone as dt_timezone
+from decimal import Decimal
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import transaction
+from django.utils import timezone
+
+from core.models import Program
+from loyalty import ledger
+from loyalty.imports import FIELDS, TransactionFile, transactions_import
+from loyalty.models import Account, Draw, Entry, Lot, Transaction
+from loyalty.transactions import TransactionInput, transaction_record
+from loyalty.verify import ledger_verify
+from tests.factories import MemberFactory
+
+pytestmark = pytest.mark.django_db(transaction=False)
+
+
+def _row(external_id, member, total, occurred_at, **extra):
+    row = {
+        "store": "S1",
+        "external_id": external_id,
+        "channel": "pos",
+        "member": member.member_number if member else "",
+        "type": "purchase",
+        "original_external_id": "",
+        "occurred_at": occurred_at.isoformat(),
+        "currency": "SEK",
+        "total": str(total),
+    }
+    row.update(extra)
+    return row
+
+
+def _csv(tmp_path, rows, name="tx.csv"):
+    path = tmp_path / name
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _jsonl(tmp_path, rows, name="tx.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _import(program, path, **kw):
+    return transactions_import(program=program, rows=TransactionFile(path), **kw)
+
+
+def _record_per_row(program, rows, members):
+    by_number = {m.member_number: m for m in members}
+    for row in rows:
+        transaction_record(
+            program=program,
+            data=TransactionInput(
+                store=row["store"],
+                external_id=row["external_id"],
+                channel=row["channel"],
+                kind=row["type"],
+                # As the API's DateTimeField hands it over: in the server's zone.
+                occurred_at=datetime.fromisoformat(row["occurred_at"]).astimezone(timezone.get_current_timezone()),
+                currency=row["currency"],
+                total=Decimal(row["total"]),
+                member=by_number.get(row["member"]),
+                original_external_id=row["original_external_id"] or None,
+            ),
+        )
+
+
+def _ledger_state():
+    """The ledger by business keys (member numbers, store/external id), not by row ids."""
+    key = {t.pk: (t.store, t.external_id) for t in Transaction.objects.all()}
+    number = dict(Account.objects.values_list("pk", "member__member_number"))
+    return {
+        "accounts": sorted((number[a.pk], a.available, a.pending, a.lifetime_earned) for a in Account.objects.all()),
+        "entries": [
+            (
+                number[e.account_id],
+                e.kind,
+                e.points,
+                e.available_after,
+                e.pending_after,
+                e.occurred_at,
+                key.get(e.transaction_id),
+            )
+            for e in Entry.objects.order_by("pk")
+        ],
+        "lots": [
+            (
+                number[lot.account_id],
+                lot.amount,
+                lot.remaining,
+                lot.available_from,
+                lot.expires_at,
+                lot.matured,
+                key.get(lot.entry.transaction_id),
+            )
+            for lot in Lot.objects.select_related("entry").order_by("entry_id")
+        ],
+        "draws": sorted(
+            (key.get(d.entry.transaction_id) or ("", ""), d.entry.kind, d.points)
+            for d in Draw.objects.select_related("entry")
+        ),
+        "transactions": sorted(
+            (t.store, t.external_id, t.member_id, t.kind, t.points, json.dumps(t.breakdown), t.total, t.points_reversed)
+            for t in Transaction.objects.all()
+        ),
+    }
+
+
+def _per_row_state(program, rows, members):
+    """What the per-row path makes of the same rows, from the same starting state, then undone."""
+    with transaction.atomic():
+        _record_per_row(program, rows, members)
+        state = _ledger_state()
+        transaction.set_rollback(True)
+    return state
+
+
+def _purchases(members, count, start):
+    # Late evenings in UTC are the next day at +01:00; around a leap day that moves the expiry (counted in
+    # calendar months) by a day unless the import reads times in the server's zone, as the API does.
+    cet = dt_timezone(timedelta(hours=1))
+    times = [start + timedelta(days=d, hours=h) for d in (0, 29, 30, 59, 90) for h in (0, 13, 14)]
+    times += [t.astimezone(cet) for t in times]
+    return [
+        _row(f"T{i}", members[i % len(members)] if i % 7 else None, Decimal("12.50") + i * 3, times[i % len(times)])
+        for i in range(count)
+    ]
+
+
+def test_import_makes_the_same_ledger_as_the_per_row_path(program, tmp_path):
+    # given
+    members = [MemberFactory() for _ in range(5)]
+    rows = _purchases(members, 60, datetime(2024, 1, 30, 9, 30, tzinfo=UTC))
+    expected = _per_row_state(program, rows, members)
+    # when
+    report = _import(program, _csv(tmp_path, rows), batch_size=7)
+    # then
+    assert _ledger_state() == expected
+    assert report.read == report.imported == 60
+    assert report.points_credited == sum(e[2] for e in expected["entries"])
+    assert ledger_verify() == []
+
+
+def test_rerun_imports_nothing(program, tmp_path):
+    # given
+    members = [MemberFactory() for _ in range(3)]
+    path = _csv(tmp_path, _purchases(members, 20, datetime(2025, 3, 1, tzinfo=UTC)))
+    _import(program, path, batch_size=6)
+    before = _ledger_state()
+    # when
+    report = _import(program, path, batch_size=6)
+    # then
+    assert (report.imported, report.already_present, report.points_credited) == (0, 20, 0)
+    assert _ledger_state() == before
+
+
+def test_a_bad_row_imports_nothing_and_names_line_and_field(program, tmp_path):
+    # given
+    member = MemberFactory()
+    rows = _purchases([member], 10, datetime(2025, 3, 1, tzinfo=UTC))
+    rows[4]["total"] = "12.345"
+    rows[7]["occurred_at"] = "2025-03-01T10:00:00"
+    rows[8]["member"] = "1234567890"
+    # when
+    report = _import(program, _csv(tmp_path, rows), batch_size=3)
+    # then
+    assert [(e.line, e.field) for e in report.errors] == [(6, "total"), (9, "occurred_at"), (10, "member")]
+    assert "decimal places" in report.errors[0].message
+    assert "offset" in report.errors[1].message
+    assert (report.invalid, report.imported) == (3, 0)
+    assert not Transaction.objects.exists()
+    assert not Account.objects.exists()
+
+
+def test_skip_invalid_imports_the_rest(program, tmp_path):
+    # given
+    member = MemberFactory()
+    rows = _purchases([member], 6, datetime(2025, 3, 1, tzinfo=UTC))
+    rows[2]["channel"] = "fax"
+    rows[3]["currency"] = "EUR"
+    # when
+    report = _import(program, _csv(tmp_path, rows), skip_invalid=True)
+    # then
+    assert [(e.line, e.field) for e in report.errors] == [(4, "channel"), (5, "currency")]
+    assert (report.read, report.invalid, report.imported) == (6, 2, 4)
+    assert set(Transaction.objects.values_list("external_id", flat=True)) == {"T0", "T1", "T4", "T5"}
+    assert ledger_verify() == []
+
+
+def test_unknown_and_suspended_members_are_row_errors(program, tmp_path):
+    # given
+    suspended = MemberFactory(status="suspended")
+    stranger = MemberFactory(program=Program.objects.create(code="OTHER", name="Other", currency="SEK"))
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [_row("A", suspended, 100, at), _row("B", stranger, 100, at)]
+    # when
+    report = _import(program, _csv(tmp_path, rows))
+    # then
+    assert [(e.line, e.field) for e in report.errors] == [(2, "member"), (3, "member")]
+    assert "suspended" in report.errors[0].message
+    assert "No member" in report.errors[1].message
+    assert not Transaction.objects.exists()
+
+
+def test_a_member_in_debt_has_it_settled_by_imported_points(program, tmp_path):
+    # given: 100 earned, 80 spent, then the purchase returned in full, which leaves -80 under allow_negative
+    member = MemberFactory()
+    at = timezone.now() - timedelta(days=3)
+    _record_per_row(program, [_row("P0", member, 100, at)], [member])
+    ledger.ledger_debit(member_id=member.pk, kind=Entry.Kind.REDEEM, points=80, occurred_at=at, now=timezone.now())
+    _record_per_row(program, [_row("R0", member, 100, at, type="return", original_external_id="P0")], [member])
+    assert Account.objects.get(pk=member.pk).available == -80
+    rows = [_row("P1", member, 50, at), _row("P2", member, 45, at)]
+    expected = _per_row_state(program, rows, [member])
+    # when
+    _import(program, _csv(tmp_path, rows))
+    # then
+    assert _ledger_state() == expected
+    account = Account.objects.get(pk=member.pk)
+    assert (account.available, account.pending) == (15, 0)
+    settled = sorted(
+        Draw.objects.filter(entry__transaction__external_id__in=["P1", "P2"]).values_list("points", flat=True)
+    )
+    assert settled == [30, 50]
+    assert ledger_verify() == []
+
+
+def test_pending_days_keep_recent_points_pending(program, tmp_path):
+    # given
+    Program.objects.filter(pk=program.pk).update(pending_days=14)
+    program.refresh_from_db()
+    member = MemberFactory()
+    now = timezone.now()
+    rows = [_row("OLD", member, 200, now - timedelta(days=30)), _row("NEW", member, 75, now - timedelta(days=2))]
+    expected = _per_row_state(program, rows, [member])
+    # when
+    _import(program, _csv(tmp_path, rows))
+    # then
+    assert _ledger_state() == expected
+    account = Account.objects.get(pk=member.pk)
+    assert (account.available, account.pending, account.lifetime_earned) == (200, 75, 275)
+    recent = Lot.objects.get(entry__transaction__external_id="NEW")
+    assert not recent.matured
+    assert recent.available_from == datetime.fromisoformat(rows[1]["occurred_at"]) + timedelta(days=14)
+    assert ledger_verify() == []
+
+
+def test_returns_in_the_file_reverse_their_purchases(program, tmp_path):
+    # given
+    member = MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    rows = [
+        _row("P1", member, 300, at),
+        _row("R1", None, 100, at + timedelta(days=1), type="return", original_external_id="P1"),
+        _row("P2", member, 40, at + timedelta(days=2)),
+    ]
+    # when
+    report = _import(program, _jsonl(tmp_path, rows))
+    # then
+    assert (report.imported, report.points_credited, report.points_reversed) == (3, 340, 100)
+    assert Account.objects.get(pk=member.pk).available == 240
+    assert Transaction.objects.get(external_id="P1").points_reversed == 100
+    assert ledger_verify() == []
+
+
+def test_a_return_without_its_purchase_is_a_row_error(program, tmp_path):
+    # given
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    rows = [_row("R1", None, 10, at, type="return", original_external_id="NOPE")]
+    # when
+    report = _import(program, _jsonl(tmp_path, rows))
+    # then
+    assert [(e.line, e.field) for e in report.errors] == [(1, "original_external_id")]
+    assert not Transaction.objects.exists()
+
+
+def test_jsonl_lines_are_checked_and_stored(program, tmp_path):
+    # given
+    member = MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    good = _row("P1", member, "30.00", at)
+    good["lines"] = [
+        {"sku": "A", "quantity": "2", "unit_price": "10.00", "amount": "20.00"},
+        {"sku": "B", "category": "food", "quantity": 1, "unit_price": "10", "amount": "10"},
+    ]
+    bad = _row("P2", member, "30.00", at)
+    bad["lines"] = [{"sku": "A", "quantity": "1", "unit_price": "10.00", "amount": "10.00"}]
+    path = tmp_path / "tx.ndjson"
+    path.write_text(json.dumps(good) + "\n\nnot json\n" + json.dumps(bad) + "\n")
+    # when
+    report = _import(program, path, skip_invalid=True)
+    # then
+    assert [(e.line, e.field) for e in report.errors] == [(3, "row"), (4, "lines")]
+    assert Transaction.objects.get(external_id="P1").lines[1] == {
+        "sku": "B",
+        "category": "food",
+        "quantity": "1.000",
+        "unit_price": "10.00",
+        "amount": "10.00",
+    }
+    assert Account.objects.get(pk=member.pk).available == 30
+
+
+def test_credit_many_equals_credit_one_by_one(program):
+    # given: two members, credits mixing pending and available, one member in debt
+    a, b = MemberFactory(), MemberFactory()
+    now = timezone.now()
+    ledger.ledger_credit(
+        member_id=a.pk, kind=Entry.Kind.EARN, points=10, occurred_at=now, available_from=now, expires_at=None, now=now
+    )
+    ledger.ledger_debit(member_id=a.pk, kind=Entry.Kind.REDEEM, points=10, occurred_at=now, now=now)
+    ledger.ledger_reverse(member_id=a.pk, points=10, earn_entry_id=None, allow_negative=True, occurred_at=now, now=now)
+    credits = [
+        {
+            "member_id": a.pk,
+            "kind": Entry.Kind.EARN,
+            "points": 4,
+            "occurred_at": now,
+            "available_from": now,
+            "expires_at": now + timedelta(days=700),
+        },
+        {
+            "member_id": b.pk,
+            "kind": Entry.Kind.EARN,
+            "points": 7,
+            "occurred_at": now,
+            "available_from": now + timedelta(days=5),
+            "expires_at": None,
+        },
+        {
+            "member_id": a.pk,
+            "kind": Entry.Kind.ADJUST,
+            "points": 9,
+            "occurred_at": now,
+            "available_from": now,
+            "expires_at": None,
+            "reason": "goodwill",
+        },
+    ]
+
+    def state():
+        return (
+            sorted(Account.objects.values_list("pk", "available", "pending", "lifetime_earned")),
+            list(
+                Entry.objects.order_by("pk").values_list(
+                    "account_id", "kind", "points", "available_after", "pending_after", "reason"
+                )
+            ),
+            list(Lot.objects.order_by("entry_id").values_list("account_id", "amount", "remaining", "matured")),
+            sorted(Draw.objects.values_list("lot__amount", "points")),
+        )
+
+    with transaction.atomic():
+        for credit in credits:
+            ledger.ledger_credit(now=now, **credit)
+        expected = state()
+        transaction.set_rollback(True)
+    # when
+    ids = ledger.ledger_credit_many(credits=credits, now=now)
+    # then
+    assert state() == expected
+    assert ids == sorted(ids) and len(ids) == 3
+    assert ledger_verify() == []
+
+
+def test_command_prints_a_summary(program, tmp_path, capsys):
+    # given
+    member = MemberFactory()
+    path = _csv(tmp_path, _purchases([member], 5, datetime(2025, 3, 1, tzinfo=UTC)))
+    # when
+    call_command("import_transactions", str(path), "--no-progress")
+    # then
+    out = capsys.readouterr().out
+    assert "read 5, imported 5, already present 0, invalid 0" in out
+    assert "rows/s" in out
+
+
+def test_command_refuses_a_bad_file_and_writes_nothing(program, tmp_path):
+    # given
+    member = MemberFactory()
+    path = _csv(tmp_path, _purchases([member], 3, datetime(2025, 3, 1, tzinfo=UTC)))
+    headless = tmp_path / "bad.csv"
+    headless.write_text("store,external_id,total\nS1,T1,10\n")
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(path.read_bytes() + b"S1,T9,pos,,purchase,,2025-03-01T00:00:00+00:00,SEK,\xff\n")
+    # when / then
+    with pytest.raises(CommandError, match="No programme 'NOPE'"):
+        call_command("import_transactions", str(path), "--program", "NOPE", "--no-progress")
+    with pytest.raises(CommandError, match="lacks channel, member, type"):
+        call_command("import_transactions", str(headless), "--no-progress")
+    with pytest.raises(CommandError, match="not UTF-8"):
+        call_command("import_transactions", str(broken), "--no-progress", "--skip-invalid")
+    with pytest.raises(CommandError, match="--format"):
+        call_command("import_transactions", str(tmp_path / "tx.txt"), "--no-progress")
+    with pytest.raises(CommandError, match="no such file"):
+        call_command("import_transactions", str(tmp_path / "missing.csv"), "--no-progress")
+    assert not Transaction.objects.exists()
+
+
+def test_command_with_bad_rows_fails_unless_skip_invalid(program, tmp_path, capsys):
+    # given
+    member = MemberFactory()
+    rows = _purchases([member], 3, datetime(2025, 3, 1, tzinfo=UTC))
+    rows[1]["type"] = "refund"
+    path = _csv(tmp_path, rows)
+    # when / then
+    with pytest.raises(CommandError, match="1 invalid row"):
+        call_command("import_transactions", str(path), "--no-progress")
+    assert "line 3: type:" in capsys.readouterr().err
+    assert not Transaction.objects.exists()
+    call_command("import_transactions", str(path), "--no-progress", "--skip-invalid")
+    assert Transaction.objects.count() == 2

@@ -1,0 +1,93 @@
+"""Concurrent purchases of one member move them up once: one status change, one history row."""
+
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+
+from loyalty.tier_models import TierChange, TierCounter, TierStatus
+from loyalty.tier_setup import tier_create
+from loyalty.tiers import tiers_review_due
+from loyalty.transactions import TransactionInput, transaction_record
+from tests.factories import MemberFactory
+
+NOW = datetime(2025, 6, 20, 12, 0, tzinfo=UTC)
+
+
+def _buy(program, member, total, *, key, at):
+    return transaction_record(
+        program=program,
+        data=TransactionInput(
+            store="S1",
+            external_id=key,
+            channel="pos",
+            kind="purchase",
+            occurred_at=at,
+            currency="SEK",
+            total=Decimal(total),
+            member=member,
+        ),
+        now=NOW,
+    )
+
+
+def _at_once(count, work):
+    barrier, errors = threading.Barrier(count), []
+
+    def run(i):
+        try:
+            barrier.wait()
+            work(i)
+        except Exception as exc:  # collected, asserted by the caller
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("spread_over_months", [False, True])
+def test_concurrent_purchases_of_one_member_upgrade_once(program, spread_over_months):
+    # given: 900 points, Silver at 1,000; eight purchases of 200 arrive at once (in one period, or late-arriving
+    # ones in different periods, which do not queue on one counter row)
+    silver = tier_create(program=program, code="silver", name_en="Silver", rank=1, threshold=Decimal(1000))
+    tier_create(program=program, code="gold", name_en="Gold", rank=2, threshold=Decimal(5000))
+    member = MemberFactory(program=program, enrolled_at=NOW - timedelta(days=400))
+    _buy(program, member, "900", key="seed", at=NOW)
+
+    def work(i):
+        _buy(program, member, "200", key=f"p{i}", at=NOW - timedelta(days=31 * i if spread_over_months else 0))
+
+    # when
+    errors = _at_once(8, work)
+    # then
+    assert errors == []
+    assert TierStatus.objects.get(member=member).tier_id == silver.pk
+    assert TierChange.objects.filter(member=member).count() == 1
+    assert sum(TierCounter.objects.filter(member=member).values_list("points", flat=True)) == 2500
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_reviews_review_each_member_once(program):
+    # given
+    tier_create(program=program, code="gold", name_en="Gold", rank=1, threshold=Decimal(1000))
+    members = [MemberFactory(program=program, enrolled_at=NOW - timedelta(days=400)) for _ in range(40)]
+    for i, m in enumerate(members):
+        _buy(program, m, "1000", key=f"p{i}", at=NOW)
+    due = TierStatus.objects.first().review_at + timedelta(hours=1)
+    results = []
+    # when
+    errors = _at_once(4, lambda i: results.append(tiers_review_due(now=due, batch_size=7)))
+    # then
+    assert errors == []
+    assert sum(r.changed for r in results) == 40
+    assert TierChange.objects.filter(reason="downgrade").count() == 40
+    assert not TierStatus.objects.exclude(tier=None).exists()
