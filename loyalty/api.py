@@ -1,6 +1,10 @@
 """REST endpoints for transactions, balances, activity and adjustments (API.md: Transactions, Members, Points)."""
 
+from decimal import Decimal
+
 from django.conf import settings
+from django.db import transaction
+from django.db.models import F
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -16,6 +20,7 @@ from loyalty.selectors import balance_get, entry_list
 from loyalty.tier_api import tier_balance_fields
 from loyalty.transactions import TransactionInput, TransactionResult, transaction_preview, transaction_record
 from members.selectors import member_get, member_lookup
+from rewards.services.vouchers import vouchers_restore_for_purchase
 
 
 class AwareDateTimeField(serializers.DateTimeField):
@@ -56,6 +61,13 @@ class TransactionInputSerializer(serializers.Serializer):
     occurred_at = AwareDateTimeField()
     currency = serializers.CharField(min_length=3, max_length=3)
     total = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
+    paid_with_points = serializers.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        min_value=0,
+        required=False,
+        help_text="The part of the total paid with points (the `value` of a captured hold); earns no points.",
+    )
     lines = LineSerializer(many=True, required=False, max_length=1000)
 
     def validate_currency(self, value: str) -> str:
@@ -97,7 +109,24 @@ def _transaction_input(request, data) -> TransactionInput:
         member=member,
         original_external_id=v.get("original_external_id"),
         original_store=v.get("original_store"),
+        paid_with_points=v.get("paid_with_points") or Decimal(0),
     )
+
+
+def _record(request, data: TransactionInput) -> TransactionResult:
+    """Record a transaction; a return that completes its purchase also gives back the purchase's vouchers when the
+    programme says so. Both in one database transaction: the return and its vouchers succeed or fail together."""
+    program = request.auth.program
+    with transaction.atomic():
+        result = transaction_record(program=program, data=data, api_client=request.auth)
+        txn = result.transaction
+        if result.created and txn.kind == Transaction.Kind.RETURN:
+            original = Transaction.objects.filter(pk=txn.original_id, returned_total=F("total")).first()
+            if original is not None:
+                vouchers_restore_for_purchase(
+                    program=program, store=original.store, transaction_external_id=original.external_id
+                )
+    return result
 
 
 def _transaction_output(result: TransactionResult, *, preview: bool = False) -> dict:
@@ -130,9 +159,7 @@ class TransactionApi(APIView):
 
     @extend_schema(request=TransactionInputSerializer, responses={201: dict, 200: dict})
     def post(self, request):
-        result = transaction_record(
-            program=request.auth.program, data=_transaction_input(request, request.data), api_client=request.auth
-        )
+        result = _record(request, _transaction_input(request, request.data))
         return Response(_transaction_output(result), status=201 if result.created else 200)
 
 
@@ -166,9 +193,7 @@ class TransactionBatchApi(APIView):
         for index, item in enumerate(serializer.validated_data["transactions"]):
             # Each item stands alone: one bad transaction is reported and does not undo the others.
             try:
-                result = transaction_record(
-                    program=request.auth.program, data=_transaction_input(request, item), api_client=request.auth
-                )
+                result = _record(request, _transaction_input(request, item))
                 results.append(
                     {"index": index, "status": 201 if result.created else 200, "body": _transaction_output(result)}
                 )

@@ -34,6 +34,8 @@ class Transaction(models.Model):
     # [{sku, category, quantity, unit_price, amount}] as sent, amounts as decimal strings. A JSON column, not a table:
     # one write instead of one per line on the hot path, and still queryable with jsonb functions.
     lines = models.JSONField(default=list)
+    # The part of the total paid with points (a captured hold); a purchase earns only on the part paid in money.
+    paid_with_points = models.DecimalField(max_digits=12, decimal_places=2, default=0, db_default=0)
     # Points this transaction moved: earned by a purchase (> 0) or reversed by a return (< 0 or 0).
     points = models.IntegerField(default=0)
     breakdown = models.JSONField(default=list)
@@ -47,6 +49,9 @@ class Transaction(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["program", "store", "external_id"], name="transaction_unique"),
             models.CheckConstraint(condition=Q(total__gte=0), name="transaction_total_gte_0"),
+            models.CheckConstraint(
+                condition=Q(paid_with_points__gte=0, paid_with_points__lte=F("total")), name="paid_with_points_in_total"
+            ),
             models.CheckConstraint(
                 condition=Q(returned_total__gte=0, returned_total__lte=F("total")), name="returned_within_total"
             ),

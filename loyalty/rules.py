@@ -33,6 +33,12 @@ class Basket:
     tier_multiplier: Decimal = Decimal(1)
     birth_date: date | None = None
     first_purchase: bool = False
+    paid_with_points: Decimal = Decimal(0)
+
+    @property
+    def money_share(self) -> Decimal:
+        """The part of the basket paid in money: points earn only on that part."""
+        return (self.total - self.paid_with_points) / self.total if self.total else Decimal(1)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class CompiledRule:
         if matching is None:
             return 0
         amount, quantity = matching
+        amount *= basket.money_share
         if rule.benefit == EarningRule.Benefit.FIXED:
             return _floor(rule.value)
         if rule.benefit == EarningRule.Benefit.PER_UNIT:
@@ -152,7 +159,7 @@ def earning_evaluate(*, basket: Basket) -> list[Award]:
     """Every line a purchase earns: base, tier multiplier, then bonus rules by priority (an exclusive rule that
     applies stops the rules below it). Writes nothing."""
     program = basket.program
-    base = points_for_amount(program=program, amount=basket.total)
+    base = points_for_amount(program=program, amount=basket.total - basket.paid_with_points)
     awards = [Award("base", base)] if base else []
     if basket.tier_code and basket.tier_multiplier > 1:
         extra = _floor(Decimal(base) * (basket.tier_multiplier - 1))

@@ -32,6 +32,7 @@ class TransactionInput:
     member: Member | None = None
     original_external_id: str | None = None
     original_store: str | None = None
+    paid_with_points: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ def _validate(program: Program, data: TransactionInput, now: datetime) -> None:
             code="currency_mismatch",
             errors={"currency": [f"Must be {program.currency}."]},
         )
+    if data.paid_with_points and (data.kind != Transaction.Kind.PURCHASE or data.paid_with_points > data.total):
+        raise Unprocessable(
+            "paid_with_points is the part of a purchase's total paid with points.",
+            code="invalid_points_payment",
+            errors={"paid_with_points": [f"At most the total {data.total}, and only on purchases."]},
+        )
     if data.lines:
         lines_total = sum((Decimal(line["amount"]) for line in data.lines), Decimal(0))
         if lines_total != data.total:
@@ -111,6 +118,7 @@ def _new_transaction(program, data, api_client, now, **fields) -> Transaction:
         currency=data.currency,
         total=data.total,
         lines=data.lines,
+        paid_with_points=data.paid_with_points,
         api_client=api_client,
         created_at=now,
         **fields,
@@ -219,6 +227,7 @@ def _basket(program: Program, data: TransactionInput) -> rules.Basket:
     first_purchase = "first_purchase" in needs and not (
         Transaction.objects.filter(member=member, kind=Transaction.Kind.PURCHASE).exists()
     )
+    tier = tiers.tier_current_for(member=member, program=program)
     return rules.Basket(
         program=program,
         total=data.total,
@@ -228,6 +237,9 @@ def _basket(program: Program, data: TransactionInput) -> rules.Basket:
         occurred_at=data.occurred_at,
         birth_date=member.birth_date,
         first_purchase=first_purchase,
+        tier_code=tier.code if tier else None,
+        tier_multiplier=tier.earn_multiplier if tier else Decimal(1),
+        paid_with_points=data.paid_with_points,
     )
 
 

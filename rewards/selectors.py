@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from core.models import Program
 from loyalty.ledger import ledger_balance
+from loyalty.tiers import tier_current_for
 from members.models import Member
 from rewards.codes import voucher_code_normalize
 from rewards.errors import HoldNotFound, InvalidVoucherCode, RedemptionNotFound, RewardNotFound, VoucherNotFound
@@ -16,9 +17,9 @@ from rewards.models import Hold, Redemption, Reward, Voucher
 
 
 def member_tier_rank(*, member: Member) -> int | None:
-    """The rank of the member's current tier, or None without one. Tiers are not built yet, so no member has a
-    tier: rewards with a minimum tier rank are refused to everyone until the tiers capability answers here."""
-    return getattr(member, "tier_rank", None)
+    """The rank of the member's current tier, or None without one (then rewards with a minimum rank are refused)."""
+    tier = tier_current_for(member=member)
+    return tier.rank if tier else None
 
 
 def period_start(*, period: str, now: datetime, tz: zoneinfo.ZoneInfo) -> datetime | None:
