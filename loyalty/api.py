@@ -1,11 +1,11 @@
 """REST endpoints for transactions, balances, activity and adjustments (API.md: Transactions, Members, Points)."""
 
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -41,6 +41,88 @@ class LineSerializer(serializers.Serializer):
     amount = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
 
 
+MAX_LINES = 1000
+_PLACES = {"quantity": Decimal("0.001"), "unit_price": Decimal("0.01"), "amount": Decimal("0.01")}
+_WHOLE_DIGITS = {"quantity": 9, "unit_price": 10, "amount": 10}
+
+
+def _line_number(name: str, value) -> str:
+    """A line's decimal as a string with its fixed places; ValueError says what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("A valid number is required.")
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError("A valid number is required.") from None
+    if not number.is_finite():
+        raise ValueError("A valid number is required.")
+    if number < 0:
+        raise ValueError("Ensure this value is greater than or equal to 0.")
+    places = _PLACES[name]
+    if number != number.quantize(places, rounding=ROUND_DOWN):
+        raise ValueError(f"Ensure that there are no more than {-places.as_tuple().exponent} decimal places.")
+    if number >= Decimal(10) ** _WHOLE_DIGITS[name]:
+        raise ValueError(f"Ensure that there are no more than {_WHOLE_DIGITS[name]} digits before the decimal point.")
+    return str(number.quantize(places))
+
+
+def _line_text(line: dict, name: str, *, required: bool) -> str:
+    value = line.get(name)
+    if value is None or value == "":
+        if required:
+            raise ValueError("This field is required.")
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("Not a valid string.")
+    if len(value) > 64:
+        raise ValueError("Ensure this field has no more than 64 characters.")
+    return value.strip()
+
+
+def _clean_line(line: dict) -> tuple[dict, dict]:
+    clean, problems = {}, {}
+    for name, required in (("sku", True), ("category", False)):
+        try:
+            clean[name] = _line_text(line, name, required=required)
+        except ValueError as exc:
+            problems[name] = [str(exc)]
+    for name in _PLACES:
+        try:
+            if line.get(name) is None:
+                raise ValueError("This field is required.")
+            clean[name] = _line_number(name, line[name])
+        except ValueError as exc:
+            problems[name] = [str(exc)]
+    return clean, problems
+
+
+@extend_schema_field(LineSerializer(many=True))
+class LinesField(serializers.Field):
+    """A purchase's lines, checked by hand with LineSerializer's rules and error paths (lines[i].field): DRF's
+    nested serializer cost more per request than all the database work of a purchase."""
+
+    def to_internal_value(self, data) -> list[dict]:
+        if not isinstance(data, list):
+            raise serializers.ValidationError("Expected a list of lines.")
+        if len(data) > MAX_LINES:
+            raise serializers.ValidationError(f"Ensure this field has no more than {MAX_LINES} elements.")
+        lines, errors = [], {}
+        for index, line in enumerate(data):
+            if not isinstance(line, dict):
+                errors[index] = {"non_field_errors": ["Expected an object."]}
+                continue
+            clean, problems = _clean_line(line)
+            if problems:
+                errors[index] = problems
+            lines.append(clean)
+        if errors:
+            raise serializers.ValidationError(errors)
+        return lines
+
+    def to_representation(self, value):
+        return value
+
+
 class MemberLookupSerializer(serializers.Serializer):
     email = serializers.CharField(required=False)
     phone = serializers.CharField(required=False)
@@ -68,7 +150,7 @@ class TransactionInputSerializer(serializers.Serializer):
         required=False,
         help_text="The part of the total paid with points (the `value` of a captured hold); earns no points.",
     )
-    lines = LineSerializer(many=True, required=False, max_length=1000)
+    lines = LinesField(required=False)
 
     def validate_currency(self, value: str) -> str:
         if value not in CURRENCIES:
@@ -103,9 +185,7 @@ def _transaction_input(request, data) -> TransactionInput:
         occurred_at=v["occurred_at"],
         currency=v["currency"],
         total=v["total"],
-        lines=[
-            {**line, **{k: str(line[k]) for k in ("quantity", "unit_price", "amount")}} for line in v.get("lines", [])
-        ],
+        lines=v.get("lines", []),
         member=member,
         original_external_id=v.get("original_external_id"),
         original_store=v.get("original_store"),
@@ -117,15 +197,16 @@ def _record(request, data: TransactionInput) -> TransactionResult:
     """Record a transaction; a return that completes its purchase also gives back the purchase's vouchers when the
     programme says so. Both in one database transaction: the return and its vouchers succeed or fail together."""
     program = request.auth.program
+    if data.kind == Transaction.Kind.PURCHASE:
+        return transaction_record(program=program, data=data, api_client=request.auth)
     with transaction.atomic():
         result = transaction_record(program=program, data=data, api_client=request.auth)
         txn = result.transaction
-        if result.created and txn.kind == Transaction.Kind.RETURN:
-            original = Transaction.objects.filter(pk=txn.original_id, returned_total=F("total")).first()
-            if original is not None:
-                vouchers_restore_for_purchase(
-                    program=program, store=original.store, transaction_external_id=original.external_id
-                )
+        original = Transaction.objects.filter(pk=txn.original_id, returned_total=F("total")).first()
+        if result.created and original is not None:
+            vouchers_restore_for_purchase(
+                program=program, store=original.store, transaction_external_id=original.external_id
+            )
     return result
 
 
@@ -206,6 +287,21 @@ class TransactionBatchApi(APIView):
 class BalanceApi(APIView):
     scopes = {"GET": "members:read"}
 
+    class OutputSerializer(serializers.Serializer):
+        class ExpiringSerializer(serializers.Serializer):
+            points = serializers.IntegerField()
+            expires_at = serializers.DateTimeField()
+
+        member = serializers.CharField()
+        available = serializers.IntegerField(help_text="Spendable now: the balance less points held for a till.")
+        held = serializers.IntegerField()
+        pending = serializers.IntegerField()
+        lifetime_earned = serializers.IntegerField()
+        expiring = ExpiringSerializer(many=True, help_text="Soonest first.")
+        tier = serializers.DictField(allow_null=True)
+        next_tier = serializers.DictField(allow_null=True)
+
+    @extend_schema(responses=OutputSerializer)
     def get(self, request, member_number: str):
         member = member_get(program=request.auth.program, member_number=member_number)
         balance = balance_get(member=member)

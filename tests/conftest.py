@@ -55,3 +55,16 @@ def member(program):
     from tests.factories import MemberFactory
 
     return MemberFactory(program=program)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_caches():
+    """Each test starts with empty in-process caches: a rolled-back test's rules, tiers or clients, cached under
+    ids the next test reuses, must not leak into it."""
+    from core import auth
+    from loyalty import rules, tiers
+
+    auth._clients.clear()
+    rules._cache.clear()
+    tiers.tier_cache_clear()
+    yield

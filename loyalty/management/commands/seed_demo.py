@@ -18,12 +18,16 @@ from tqdm import tqdm
 
 from core.errors import ApplicationError, MemberNotFound
 from core.models import ApiClient, Program
+from loyalty.event_services import event_type_create
 from loyalty.ledger import ledger_expire_due, ledger_mature_due
-from loyalty.models import Account, Transaction
+from loyalty.models import Account, Tier, Transaction
+from loyalty.rule_services import earning_rule_create
+from loyalty.tier_setup import program_settings_update, tier_create
 from loyalty.transactions import TransactionInput, transaction_record
 from members.models import Member
 from members.selectors import member_lookup
 from members.services import member_enroll
+from rewards.services.catalogue import reward_create
 
 DATA_FILE = settings.BASE_DIR / "demo" / "cdnow_sample.txt"
 PROGRAM_CODE = "DEFAULT"
@@ -59,6 +63,106 @@ class Purchase:
     day: date
     cds: int
     dollars: Decimal
+
+
+DEMO_TIERS = [
+    (
+        "SILVER",
+        1,
+        1000,
+        "1.10",
+        ("Silver", "Silver", "Sølv"),
+        ("10% more points", "10 % fler poäng", "10 % flere poeng"),
+    ),
+    (
+        "GOLD",
+        2,
+        3000,
+        "1.25",
+        ("Gold", "Guld", "Gull"),
+        ("25% more points, free delivery", "25 % fler poäng, fri frakt", "25 % flere poeng, gratis frakt"),
+    ),
+]
+DEMO_RULES = [
+    {"code": "weekend", "name": "Weekend bonus", "days_of_week": [6, 7], "benefit": "fixed", "value": Decimal(20)},
+    {
+        "code": "big-basket",
+        "name": "Big basket",
+        "min_basket": Decimal("500.00"),
+        "benefit": "fixed",
+        "value": Decimal(50),
+        "member_limit": 200,
+        "member_limit_period": "month",
+    },
+    {"code": "welcome", "name": "Welcome", "first_purchase": True, "benefit": "fixed", "value": Decimal(100)},
+    {
+        "code": "birthday",
+        "name": "Birthday month",
+        "birthday_month": True,
+        "benefit": "multiplier",
+        "value": Decimal(2),
+        "member_limit": 500,
+        "member_limit_period": "year",
+    },
+]
+DEMO_EVENTS = [
+    {
+        "code": "profile-completed",
+        "name": "Profile completed",
+        "points": 100,
+        "member_limit": 1,
+        "member_limit_period": "ever",
+    },
+    {
+        "code": "product-review",
+        "name": "Product review",
+        "points": 20,
+        "member_limit": 5,
+        "member_limit_period": "month",
+    },
+]
+DEMO_REWARDS = [
+    {
+        "code": "voucher-50",
+        "kind": "discount",
+        "points_cost": 500,
+        "discount_amount": Decimal("50.00"),
+        "min_basket": Decimal("200.00"),
+        "name_en": "50 SEK off",
+        "name_sv": "50 kr rabatt",
+        "name_nb": "50 kr rabatt",
+    },
+    {
+        "code": "free-cd",
+        "kind": "product",
+        "points_cost": 1200,
+        "product_sku": "CD-ANY",
+        "name_en": "A CD of your choice",
+        "name_sv": "Valfri cd",
+        "name_nb": "Valgfri cd",
+        "member_limit": 1,
+        "member_limit_period": "month",
+    },
+    {
+        "code": "concert",
+        "kind": "experience",
+        "points_cost": 5000,
+        "stock": 20,
+        "min_tier_rank": 2,
+        "name_en": "Concert evening for two",
+        "name_sv": "Konsertkväll för två",
+        "name_nb": "Konsertkveld for to",
+    },
+    {
+        "code": "red-cross",
+        "kind": "donation",
+        "points_cost": 100,
+        "partner": "Red Cross",
+        "name_en": "Give 10 SEK to the Red Cross",
+        "name_sv": "Ge 10 kr till Röda korset",
+        "name_nb": "Gi 10 kr til Røde Kors",
+    },
+]
 
 
 def read_sample(path: Path, *, customers: int) -> dict[str, list[Purchase]]:
@@ -131,6 +235,7 @@ class Command(BaseCommand):
 
         notes = [self._configure_program(program), self._ensure_admin()]
         notes.append(self._ensure_client(program))
+        notes.append(self._ensure_catalogue(program))
         self._load_members(program, histories)
         now = timezone.now()
         matured = ledger_mature_due(now=now, batch_size=settings.LEDGER_BATCH_SIZE)
@@ -148,6 +253,32 @@ class Command(BaseCommand):
         program.save(update_fields=["expiry_months", "updated_at"])
         return (
             f"Programme {program.code}: points now expire after {DEMO_EXPIRY_MONTHS} months (change it in the admin)."
+        )
+
+    def _ensure_catalogue(self, program: Program) -> str:
+        """A tier scheme, earning rules, event types and rewards, created through their services once."""
+        if Tier.objects.filter(program=program).exists():
+            return ""
+        program_settings_update(program=program, tier_measure="points", tier_window="rolling", tier_window_months=12)
+        for code, rank, threshold, multiplier, names, perks in DEMO_TIERS:
+            tier_create(
+                program=program,
+                code=code,
+                rank=rank,
+                threshold=Decimal(threshold),
+                earn_multiplier=Decimal(multiplier),
+                **{f"name_{lang}": name for lang, name in zip(("en", "sv", "nb"), names, strict=True)},
+                **{f"perks_{lang}": perk for lang, perk in zip(("en", "sv", "nb"), perks, strict=True)},
+            )
+        for fields in DEMO_RULES:
+            earning_rule_create(program=program, **fields)
+        for fields in DEMO_EVENTS:
+            event_type_create(program=program, **fields)
+        for fields in DEMO_REWARDS:
+            reward_create(program=program, **fields)
+        return (
+            f"Demo catalogue: {len(DEMO_TIERS)} tiers, {len(DEMO_RULES)} earning rules, {len(DEMO_EVENTS)} event "
+            f"types and {len(DEMO_REWARDS)} rewards (change them in the admin)."
         )
 
     def _ensure_admin(self) -> str:
