@@ -125,6 +125,41 @@ def wait_for(url: str, seconds: float = 30) -> None:
     sys.exit(f"server at {url} did not come up")
 
 
+def _cpu_seconds(pids) -> float:
+    """CPU time (user + system) the processes have used so far; processes gone or unreadable count as none."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(server) -> list[int]:
+    """gunicorn's master and workers (the server this script started; none for --url)."""
+    if server is None:
+        return []
+    try:
+        with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+            return [server.pid, *map(int, f.read().split())]
+    except OSError:
+        return [server.pid]
+
+
+def database_pids() -> list[int]:
+    """The PostgreSQL backends serving this database, when it runs on this machine (else their CPU reads as 0)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [pid for (pid,) in cursor.fetchall()]
+
+
 def check(numbers: list[str], counts: Counter) -> list[str]:
     failures = []
     accounts = Account.objects.filter(member__member_number__in=numbers)
@@ -182,6 +217,9 @@ def main() -> int:
         for t in warmers:
             t.join()
         counts, latencies = Counter(), []
+        # CPU per request of the server and the database backends, where they can be read (same machine).
+        measured = server_pids(server), database_pids()
+        cpu_before = [_cpu_seconds(pids) for pids in measured]
         deadline = time.monotonic() + args.seconds
         started = time.perf_counter()
         threads = [
@@ -193,6 +231,7 @@ def main() -> int:
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - started
+        cpu = [_cpu_seconds(pids) - before for pids, before in zip(measured, cpu_before, strict=True)]
     finally:
         if server is not None:
             server.terminate()
@@ -204,6 +243,8 @@ def main() -> int:
         f"{total} requests in {elapsed:.1f}s with {args.clients} clients on {args.members} members: "
         f"{total / elapsed:.0f}/s, p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
     )
+    if total:
+        print(f"CPU per request: server {cpu[0] / total * 1000:.2f} ms, database {cpu[1] / total * 1000:.2f} ms")
     for key_, value in sorted(counts.items()):
         print(f"  {key_}: {value}")
     failures = check(numbers, counts + warm)

@@ -21,11 +21,15 @@ class Transaction(models.Model):
         WEB = "web", _("Web shop")
         APP = "app", _("App")
 
-    program = models.ForeignKey(Program, on_delete=models.PROTECT)
+    # No index of their own for program and member: the unique (program, store, external_id) and the (member,
+    # -occurred_at) index lead with them and serve their lookups, and every index costs each imported row.
+    program = models.ForeignKey(Program, on_delete=models.PROTECT, db_index=False)
     store = models.CharField(max_length=64)
     external_id = models.CharField(max_length=128)
     channel = models.CharField(max_length=8, choices=Channel.choices)
-    member = models.ForeignKey(Member, null=True, blank=True, on_delete=models.PROTECT, related_name="transactions")
+    member = models.ForeignKey(
+        Member, null=True, blank=True, on_delete=models.PROTECT, related_name="transactions", db_index=False
+    )
     kind = models.CharField(max_length=8, choices=Kind.choices)
     original = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="returns")
     occurred_at = models.DateTimeField()
@@ -110,7 +114,8 @@ class Entry(models.Model):
         REFUND = "refund", _("Refunded (a cancelled redemption)")
         BONUS = "bonus", _("Bonus (an event or a referral)")
 
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries")
+    # Indexed by the (account, -occurred_at, -id) index, which leads with it.
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries", db_index=False)
     kind = models.CharField(max_length=10, choices=Kind.choices)
     points = models.BigIntegerField()
     # Balances right after this entry, for statements and replayed responses.

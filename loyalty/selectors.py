@@ -1,7 +1,8 @@
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from django.db.models import QuerySet, Sum
+from django.db import connection
+from django.db.models import QuerySet
 
 from loyalty.models import Account, Entry, Lot
 from members.models import Member
@@ -19,21 +20,29 @@ class MemberBalance:
 def balance_get(*, member: Member, expiring_limit: int = 12) -> MemberBalance:
     """The member's balances and the points that will expire, soonest first, grouped by expiry time. `available` is
     what may be spent now: points set aside by open holds are counted out of it (API.md: Points)."""
-    account = (
-        Account.objects.filter(pk=member.pk).values_list("available", "pending", "lifetime_earned", "held").first()
-    )
-    available, pending, lifetime_earned, held = account or (0, 0, 0, 0)
-    expiring = (
-        Lot.objects.filter(account_id=member.pk, remaining__gt=0, expires_at__isnull=False)
-        .values("expires_at")
-        .annotate(points=Sum("remaining"))
-        .order_by("expires_at")[:expiring_limit]
-    )
+    # Plain SQL: read on every till screen, and ORM compilation costs more than these two queries.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT available, pending, lifetime_earned, held FROM {Account._meta.db_table} WHERE member_id = %s",
+            [member.pk],
+        )
+        available, pending, lifetime_earned, held = cursor.fetchone() or (0, 0, 0, 0)
+        cursor.execute(
+            f"SELECT expires_at, SUM(remaining) FROM {Lot._meta.db_table} "
+            "WHERE account_id = %s AND remaining > 0 AND expires_at IS NOT NULL "
+            "GROUP BY expires_at ORDER BY expires_at LIMIT %s",
+            [member.pk, expiring_limit],
+        )
+        # SQLite hands back naive UTC datetimes from a plain cursor; PostgreSQL aware ones.
+        expiring = [
+            {"points": points, "expires_at": at if at.tzinfo else at.replace(tzinfo=UTC)}
+            for at, points in cursor.fetchall()
+        ]
     return MemberBalance(
         available - held,
         pending,
         lifetime_earned,
-        expiring=[{"points": row["points"], "expires_at": row["expires_at"]} for row in expiring],
+        expiring=expiring,
         held=held,
     )
 

@@ -58,7 +58,8 @@ def attach_referrer(*, member: Member, referrer: Member, now: datetime) -> None:
     # Attachments in a programme are rare, so one lock per programme serialises them: two members naming each other
     # at the same moment would otherwise both see no loop.
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_REFERRAL_LOCK, member.program_id])
+        if connection.vendor == "postgresql":  # SQLite needs no lock: its IMMEDIATE transactions serialise writers
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_REFERRAL_LOCK, member.program_id])
         cursor.execute(
             f"""WITH RECURSIVE chain(id, depth) AS (
                     SELECT referred_by_id, 1 FROM {Member._meta.db_table} WHERE id = %s

@@ -23,7 +23,9 @@ def _check_character(body: str) -> str:
 
 
 def voucher_code_new() -> str:
-    body = "".join(secrets.choice(ALPHABET) for _ in range(RANDOM_LENGTH))
+    # One draw of 75 random bits, 5 per character: the same uniform code as 15 draws, at a tenth of the cost.
+    bits = secrets.randbits(5 * RANDOM_LENGTH)
+    body = "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(RANDOM_LENGTH))
     return body + _check_character(body)
 
 

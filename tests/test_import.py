@@ -166,6 +166,40 @@ def test_rerun_imports_nothing(program, tmp_path):
     assert _ledger_state() == before
 
 
+def test_an_overlapping_file_imports_only_its_new_rows(program, tmp_path):
+    # given a file whose chunks mix recorded and new purchases, so the fast COPY is refused and undone
+    members = [MemberFactory() for _ in range(3)]
+    rows = _purchases(members, 24, datetime(2025, 3, 1, tzinfo=UTC))
+    expected = _per_row_state(program, rows, members)
+    _import(program, _csv(tmp_path, rows[:8] + rows[12:16], name="first.csv"), batch_size=5)
+    # when
+    report = _import(program, _csv(tmp_path, rows), batch_size=5)
+    # then
+    assert (report.imported, report.already_present) == (12, 12)
+    assert Transaction.objects.count() == 24
+    assert ledger_verify() == []
+    assert _ledger_state()["transactions"] == expected["transactions"]
+
+
+def test_odd_rows_are_refused_as_the_field_checks_refuse_them(program, tmp_path):
+    # given rows the quick path for plain rows must hand to the field-by-field checks
+    member = MemberFactory()
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [
+        {**_row("A", member, 10, at), "member": "   "},
+        _row("B", member, 10, at, original_store=0),
+        _row("C", member, 10, at, lines={}),
+        _row("D", member, "1e2", at),
+        _row("E", member, 10, at),
+    ]
+    # when
+    report = _import(program, _jsonl(tmp_path, rows))
+    # then
+    assert [(e.line, e.field) for e in report.errors] == [(1, "member"), (2, "original_store"), (3, "lines")]
+    assert (report.invalid, report.imported) == (3, 0)
+    assert not Transaction.objects.exists()
+
+
 def test_a_bad_row_imports_nothing_and_names_line_and_field(program, tmp_path):
     # given
     member = MemberFactory()

@@ -58,7 +58,7 @@ class ModelPurchase:
 
 @dataclass
 class Model:
-    """What the ledger should hold, computed from the rules in loyalty/ledger.py's docstring and API.md."""
+    """What the ledger should hold, computed from the rules in loyalty/ledger's docstring and API.md."""
 
     available: dict[int, int] = field(default_factory=dict)
     pending: dict[int, int] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.validation import validate
 from loyalty.ledger import ledger_balance
 from rewards.api.common import balance_output, member_from_body
 from rewards.selectors import hold_get
@@ -53,9 +54,7 @@ class HoldApi(APIView):
 
     @extend_schema(request=InputSerializer, responses={201: dict})
     def post(self, request):
-        serializer = self.InputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        v = serializer.validated_data
+        v = validate(self.InputSerializer, request.data)
         member = member_from_body(request, v["member"])
         member.program = request.auth.program
         result = hold_place(member=member, points=v["points"], store=v["store"], api_client=request.auth)
@@ -84,9 +83,7 @@ class HoldCaptureApi(APIView):
     @extend_schema(request=InputSerializer, responses=dict)
     def post(self, request, hold_id: int):
         hold = _hold(request, hold_id)
-        serializer = self.InputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        v = serializer.validated_data
+        v = validate(self.InputSerializer, request.data)
         return Response(
             _hold_output(hold_capture(hold=hold, transaction_external_id=v["external_id"], points=v.get("points")))
         )

@@ -8,7 +8,7 @@ the same transaction. Locks: the hold row (by the claim), then the member's acco
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from core.errors import InvalidInput, MemberNotActive
@@ -36,7 +36,24 @@ def _closed(hold: Hold) -> HoldClosed:
     )
 
 
-@transaction.atomic
+def _claim_sql(hold: Hold, assignments: str, params: list, *, unexpired_at: datetime | None = None) -> tuple[str, list]:
+    """The compare-and-set UPDATE of an open hold: apply `assignments` (SQL) if it is still open (and, given
+    `unexpired_at`, not past its time then)."""
+    sql = f"UPDATE {Hold._meta.db_table} SET {assignments} WHERE id = %s AND status = %s"
+    params = [*params, hold.pk, Hold.Status.OPEN]
+    if unexpired_at is not None:
+        sql += " AND expires_at > %s"
+        params.append(unexpired_at)
+    return sql, params
+
+
+def _claim(hold: Hold, assignments: str, params: list, *, unexpired_at: datetime | None = None) -> bool:
+    """Run _claim_sql's compare-and-set; True if this call won the hold."""
+    with connection.cursor() as cursor:
+        cursor.execute(*_claim_sql(hold, assignments, params, unexpired_at=unexpired_at))
+        return cursor.rowcount == 1
+
+
 def hold_place(
     *,
     member: Member,
@@ -58,8 +75,7 @@ def hold_place(
         raise InvalidInput("The hold is not valid.", errors=errors)
     if member.status != Member.Status.ACTIVE:
         raise MemberNotActive(f"Member {member.member_number} is {member.status}.")
-    balance = ledger.ledger_hold(member_id=member.pk, points=points)
-    hold = Hold.objects.create(
+    hold = Hold(
         program_id=member.program_id,
         member=member,
         points=points,
@@ -68,6 +84,8 @@ def hold_place(
         created_at=now,
         api_client=api_client,
     )
+    # The hold row is written by the very statement that sets its points aside: one round trip, no transaction.
+    balance = ledger.ledger_hold(member_id=member.pk, points=points, record=hold)
     return HoldResult(hold, balance)
 
 
@@ -88,11 +106,11 @@ def hold_capture(
         raise InvalidInput(
             f"Capture from 1 to the {hold.points} points held.", errors={"points": [f"From 1 to {hold.points}."]}
         )
-    claimed = Hold.objects.filter(pk=hold.pk, status=Hold.Status.OPEN, expires_at__gt=now).update(
-        status=Hold.Status.CAPTURED,
-        closed_at=now,
-        captured_points=points,
-        transaction_external_id=transaction_external_id,
+    claimed = _claim(
+        hold,
+        "status = %s, closed_at = %s, captured_points = %s, transaction_external_id = %s",
+        [Hold.Status.CAPTURED, now, points, transaction_external_id],
+        unexpired_at=now,
     )
     if not claimed:
         hold.refresh_from_db()
@@ -105,7 +123,7 @@ def hold_capture(
         if hold.status == Hold.Status.OPEN:  # past its time; the lapse job will give its points back
             raise HoldClosed(f"Hold {hold.pk} expired at {hold.expires_at.isoformat()}.", code="hold_lapsed")
         raise _closed(hold)
-    entry = ledger.ledger_capture(
+    entry, balance = ledger.ledger_capture(
         member_id=hold.member_id,
         held=hold.points,
         points=points,
@@ -114,21 +132,22 @@ def hold_capture(
         now=now,
         reason=f"Paid with points: {hold.store}/{transaction_external_id}"[:500],
         api_client_id=hold.api_client_id,
+        link=hold,  # the hold names its entry, written by the same statement
     )
-    Hold.objects.filter(pk=hold.pk).update(entry=entry)
     # What the claim wrote, set here rather than re-read, so the caller's cached member and programme survive.
     hold.status, hold.closed_at, hold.captured_points = Hold.Status.CAPTURED, now, points
     hold.transaction_external_id, hold.entry = transaction_external_id, entry
-    return HoldResult(hold, ledger.ledger_balance(member_id=hold.member_id))
+    return HoldResult(hold, balance)
 
 
-@transaction.atomic
 def hold_release(*, hold: Hold, now: datetime | None = None) -> HoldResult:
     """Give the held points back. Idempotent: releasing a released or lapsed hold changes nothing and returns it;
     a captured hold is HoldClosed (hold_captured)."""
     now = now or timezone.now()
-    if Hold.objects.filter(pk=hold.pk, status=Hold.Status.OPEN).update(status=Hold.Status.RELEASED, closed_at=now):
-        balance = ledger.ledger_unhold(member_id=hold.member_id, points=hold.points)
+    # Claim and give back in one statement: no transaction, one round trip.
+    claim = _claim_sql(hold, "status = %s, closed_at = %s", [Hold.Status.RELEASED, now])
+    balance = ledger.ledger_unhold(member_id=hold.member_id, points=hold.points, claim=claim)
+    if balance is not None:
         hold.status, hold.closed_at = Hold.Status.RELEASED, now
         return HoldResult(hold, balance)
     hold.refresh_from_db()

@@ -3,7 +3,7 @@ redemption whose voucher is unused, which refunds its points."""
 
 from datetime import datetime, timedelta
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -39,6 +39,61 @@ def _check_redeemable(reward: Reward, member: Member, now: datetime) -> None:
             raise TierNotEligible(f"Reward {reward.code} needs a tier of rank {reward.min_tier_rank} or higher.")
 
 
+def _count_then_take_stock(reward: Reward, used: str, params: list, limit: int) -> tuple[int, bool]:
+    """_limit_and_stock's statement as two, for databases without data-modifying WITH."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {used}", params)
+        used_now = cursor.fetchone()[0]
+        if reward.member_limit is not None and used_now > limit:
+            return used_now, False
+        cursor.execute(f"UPDATE {Reward._meta.db_table} SET stock = stock - 1 WHERE id = %s AND stock > 0", [reward.pk])
+        return used_now, cursor.rowcount == 1
+
+
+def _limit_and_stock(reward: Reward, member: Member, now: datetime) -> None:
+    """Check the member's limit and take an item of limited stock, in one statement, after this redemption's row was
+    written (so it counts itself). Runs under the account lock the spend took (a statement started after it, so it
+    counts the member's redemptions as the last one left them): two redemptions by one member cannot both see room.
+    The stock is taken with UPDATE ... WHERE stock > 0, so the last item goes to exactly one member; the reward row
+    is locked last, for the shortest time."""
+    params: list = []
+    used = "0"
+    if reward.member_limit is not None:
+        since = period_start(period=reward.member_limit_period, now=now, tz=member.tz)
+        used = (
+            f"(SELECT COUNT(*) FROM {Redemption._meta.db_table} WHERE member_id = %s AND reward_id = %s "
+            "AND status = %s" + (" AND created_at >= %s)" if since is not None else ")")
+        )
+        params += [member.pk, reward.pk, Redemption.Status.REDEEMED] + ([since] if since is not None else [])
+    limit = reward.member_limit if reward.member_limit is not None else 0
+    if reward.stock is not None and connection.vendor != "postgresql":
+        # The embedded SQLite default has no data-modifying WITH: the count, then the stock, as two statements in
+        # this transaction (SQLite serialises writers, so nothing can come between them).
+        used_now, took_stock = _count_then_take_stock(reward, used, params, limit)
+    else:
+        if reward.stock is not None:
+            sql = (
+                f"WITH c AS (SELECT {used} AS used), s AS (UPDATE {Reward._meta.db_table} SET stock = stock - 1 "
+                "WHERE id = %s AND stock > 0 AND (%s OR (SELECT used FROM c) <= %s) RETURNING id) "
+                "SELECT (SELECT used FROM c), EXISTS (SELECT FROM s)"
+            )
+            params += [reward.pk, reward.member_limit is None, limit]
+        else:
+            sql, params = f"SELECT {used}, true", params
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            used_now, took_stock = cursor.fetchone()
+    if reward.member_limit is not None and used_now > reward.member_limit:
+        raise RedemptionLimitReached(
+            f"Reward {reward.code} may be redeemed {reward.member_limit} times "
+            f"{reward.get_member_limit_period_display().lower()}.",
+            limit=reward.member_limit,
+            period=reward.member_limit_period,
+        )
+    if not took_stock:
+        raise OutOfStock(f"Reward {reward.code} is out of stock.")
+
+
 @transaction.atomic
 def reward_redeem(
     *,
@@ -50,10 +105,29 @@ def reward_redeem(
 ) -> Redemption:
     """Spend the reward's points (soonest-to-expire lots first) and issue its voucher. Refuses, changing nothing,
     with InsufficientPoints, RewardNotAvailable, TierNotEligible, RedemptionLimitReached or OutOfStock.
-    Locks the member's account, then (limited stock only) the reward row: always in that order."""
+    Locks the member's account, then (limited stock only) the reward row: always in that order. The returned
+    redemption has its member, reward and voucher set, and `balance`: the member's balances right after it."""
     now = now or timezone.now()
     _check_redeemable(reward, member, now)
-    entry = ledger.ledger_debit(
+    redemption = Redemption(
+        program_id=member.program_id,
+        member=member,
+        reward=reward,
+        points=reward.points_cost,
+        api_client=api_client,
+        staff_user=staff_user,
+        created_at=now,
+    )
+    # 75 random bits: a collision is not a practical concern, and the unique index would refuse one.
+    voucher = Voucher(
+        program_id=member.program_id,
+        code=voucher_code_new(),
+        expires_at=now + timedelta(days=reward.voucher_valid_days),
+        created_at=now,
+    )
+    # The redemption and its voucher are written by the statement that writes the spend's entry: the account row,
+    # which every request of the member waits on, stays locked for one round trip less.
+    _entry, balance = ledger.ledger_spend(
         member_id=member.pk,
         kind=Entry.Kind.REDEEM,
         points=reward.points_cost,
@@ -62,42 +136,11 @@ def reward_redeem(
         reason=f"Reward {reward.code}"[:500],
         api_client=api_client,
         staff_user=staff_user,
+        chain=((redemption, "entry"), (voucher, "redemption")),
     )
-    if reward.member_limit is not None:
-        # Counted under the account lock the debit took: two redemptions by one member cannot both see room.
-        since = period_start(period=reward.member_limit_period, now=now, tz=member.tz)
-        used = Redemption.objects.filter(member=member, reward=reward, status=Redemption.Status.REDEEMED)
-        if since is not None:
-            used = used.filter(created_at__gte=since)
-        if used.count() >= reward.member_limit:
-            raise RedemptionLimitReached(
-                f"Reward {reward.code} may be redeemed {reward.member_limit} times "
-                f"{reward.get_member_limit_period_display().lower()}.",
-                limit=reward.member_limit,
-                period=reward.member_limit_period,
-            )
-    if reward.stock is not None:
-        # Taken last, so the reward row - shared by every member redeeming it - stays locked for the shortest time.
-        if not Reward.objects.filter(pk=reward.pk, stock__gt=0).update(stock=F("stock") - 1):
-            raise OutOfStock(f"Reward {reward.code} is out of stock.")
-    redemption = Redemption.objects.create(
-        program_id=member.program_id,
-        member=member,
-        reward=reward,
-        points=reward.points_cost,
-        entry=entry,
-        api_client=api_client,
-        staff_user=staff_user,
-        created_at=now,
-    )
-    # 75 random bits: a collision is not a practical concern, and the unique index would refuse one.
-    Voucher.objects.create(
-        program_id=member.program_id,
-        redemption=redemption,
-        code=voucher_code_new(),
-        expires_at=now + timedelta(days=reward.voucher_valid_days),
-        created_at=now,
-    )
+    if reward.member_limit is not None or reward.stock is not None:
+        _limit_and_stock(reward, member, now)
+    redemption.balance = balance
     return redemption
 
 

@@ -3,6 +3,7 @@
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
 from tqdm import tqdm
 
 from core.errors import ApplicationError
@@ -35,6 +36,11 @@ class Command(BaseCommand):
     def handle(
         self, *args, file: str, format: str | None, program: str, batch_size: int, skip_invalid: bool, **options
     ):
+        if connection.vendor != "postgresql":  # the bulk path writes with COPY and arrays, which SQLite lacks
+            raise CommandError(
+                "import_transactions needs PostgreSQL (set DATABASE_URL=postgres://...); on the embedded SQLite "
+                "default, record transactions through the API (POST /api/v1/transactions) instead."
+            )
         if not 1 <= batch_size <= 100_000:
             raise CommandError("--batch-size must be between 1 and 100000.")
         found = Program.objects.filter(code=program).first()

@@ -1,0 +1,119 @@
+"""The ledger's bulk credit (imports): many credits in a fixed handful of statements."""
+
+from datetime import datetime
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from loyalty.ledger.core import EARNED_KINDS, ledger_credit
+from loyalty.models import Account, Draw, Entry, Lot
+
+_CREDIT_FIELDS = frozenset({"transaction_id", "api_client_id", "staff_user_id", "reason"})
+
+
+@transaction.atomic(savepoint=False)
+def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
+    """The set-based twin of ledger_credit: the same entries, lots, draws and balances as calling it once per credit,
+    in list order, in a fixed handful of statements. Each credit is a dict of ledger_credit's arguments (member_id,
+    kind, points, occurred_at, available_from, expires_at; entry fields as transaction_id, api_client_id,
+    staff_user_id, reason). Returns the entry ids in list order. Locks the accounts in primary-key order."""
+    if not credits:
+        return []
+    for credit in credits:
+        assert credit["points"] > 0
+        assert _CREDIT_FIELDS.issuperset(
+            credit.keys() - {"member_id", "kind", "points", "occurred_at", "available_from", "expires_at"}
+        )
+    if connection.vendor != "postgresql":
+        # The embedded SQLite default has no arrays or COPY: one ledger_credit per credit, the very ledger this
+        # function's contract names, in this one transaction (SQLite serialises writers, so no lock order matters).
+        return [ledger_credit(now=now, **credit).pk for credit in credits]
+    a, e, lot_t, d = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
+
+    def array(values) -> str:
+        # An array literal of integers, ~50x cheaper for the driver than adapting a list element by element.
+        return "{" + ",".join(map(str, values)) + "}"
+
+    stamp = timezone.now()
+    account_ids = sorted({credit["member_id"] for credit in credits})
+    with connection.cursor() as cursor:
+        # Opening in key order, then locking in key order: the same order as every other many-account job, so two
+        # imports, or an import and ledger_mature_due, wait for each other instead of deadlocking.
+        cursor.execute(
+            f"INSERT INTO {a} (member_id, available, pending, lifetime_earned, updated_at) "
+            "SELECT id, 0, 0, 0, %s FROM unnest(%s::bigint[]) AS id ORDER BY id ON CONFLICT DO NOTHING",
+            [stamp, array(account_ids)],
+        )
+        cursor.execute(
+            f"SELECT member_id, available, pending, lifetime_earned FROM {a} "
+            "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",
+            [array(account_ids)],
+        )
+        balances = {pk: [available, pending, lifetime] for pk, available, pending, lifetime in cursor.fetchall()}
+        # Ids drawn from the table's own sequence up front, so lots and draws can name their entries without a
+        # round trip per row; sorted, so entry ids rise in list order as they would one call at a time. The
+        # sequence is named as a constant: pg_get_serial_sequence in the query would run once per row, at ten
+        # times the cost of nextval itself.
+        cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [e])
+        cursor.execute(
+            "SELECT array_agg(nextval(%s::regclass)) FROM generate_series(1, %s)", [cursor.fetchone()[0], len(credits)]
+        )
+        entry_ids = sorted(cursor.fetchone()[0])
+        # COPY text built here rather than with write_row, which adapts value by value at ~6 µs a row: integers
+        # and timestamps print as PostgreSQL reads them, NULL is \N, and only free text needs escaping.
+        escape = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+        null, now_text, kinds, entries, lots, draws = "\\N", str(now), {}, [], [], []
+        for credit, entry_id in zip(credits, entry_ids, strict=True):
+            points, kind, member_id = credit["points"], credit["kind"], credit["member_id"]
+            available_from, expires_at = credit["available_from"], credit["expires_at"]
+            balance = balances[member_id]
+            matured = available_from <= now
+            if matured:
+                balance[0] += points
+            else:
+                balance[1] += points
+            earned = kinds.get(kind)
+            if earned is None:
+                earned = kinds[kind] = (str(kind), kind in EARNED_KINDS or kind == Entry.Kind.ADJUST)
+            if earned[1]:
+                balance[2] += points
+            settle = min(points, max(0, points - balance[0])) if matured else 0
+            transaction_id, api_client_id = credit.get("transaction_id"), credit.get("api_client_id")
+            staff_user_id, reason = credit.get("staff_user_id"), credit.get("reason", "")
+            entries.append(
+                f"{entry_id}\t{member_id}\t{earned[0]}\t{points}\t{balance[0]}\t{balance[1]}\t"
+                f"{credit['occurred_at']}\t{now_text}\t{null if transaction_id is None else transaction_id}\t"
+                f"{null if api_client_id is None else api_client_id}\t"
+                f"{null if staff_user_id is None else staff_user_id}\t{reason.translate(escape) if reason else ''}\n"
+            )
+            lots.append(
+                f"{member_id}\t{entry_id}\t{points}\t{points - settle}\t{available_from}\t"
+                f"{null if expires_at is None else expires_at}\t{'t' if matured else 'f'}\n"
+            )
+            if settle:
+                draws.append((entry_id, settle))
+        with cursor.copy(
+            f"COPY {e} (id, account_id, kind, points, available_after, pending_after, occurred_at, created_at, "
+            "transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
+        ) as copy:
+            copy.write("".join(entries))
+        with cursor.copy(
+            f"COPY {lot_t} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) FROM STDIN"
+        ) as copy:
+            copy.write("".join(lots))
+        if draws:
+            # A lot is found by its entry (one lot per credit entry), which spares reserving lot ids as well.
+            cursor.execute(
+                f"INSERT INTO {d} (entry_id, lot_id, points) SELECT v.entry_id, l.id, v.points "
+                "FROM unnest(%s::bigint[], %s::bigint[]) AS v(entry_id, points) "
+                f"JOIN {lot_t} l ON l.entry_id = v.entry_id",
+                [array(entry_id for entry_id, _ in draws), array(points for _, points in draws)],
+            )
+        # Absolute values are safe: they were computed from the rows as locked above.
+        cursor.execute(
+            f"UPDATE {a} AS a SET available = v.available, pending = v.pending, lifetime_earned = v.lifetime, "
+            "updated_at = %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+            "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
+            [stamp, array(account_ids), *(array(balances[pk][i] for pk in account_ids) for i in range(3))],
+        )
+    return entry_ids
