@@ -32,14 +32,16 @@ class HeldBalance:
         return max(self.available - self.held, 0)
 
 
-def _lock_and_spend(member_id: int, *, points: int, unhold: int) -> HeldBalance:
-    """Lock the member's account and take `points` from available and `unhold` from held; returns the balances after.
-    The caller checks them and raises to roll back. An account not yet opened is opened empty."""
+def _add_to_account(member_id: int, *, available=0, pending=0, lifetime=0, held=0) -> tuple[int, int, int]:
+    """Lock the member's account (opened on first use) and add to its balances; returns available, pending and held
+    after. One UPDATE ... RETURNING both takes the row lock and writes, saving a round trip on the hot paths; the
+    caller checks the result and raises to roll back."""
     sql = (
-        f"UPDATE {Account._meta.db_table} SET available = available - %s, held = held - %s, updated_at = %s "
+        f"UPDATE {Account._meta.db_table} SET available = available + %s, pending = pending + %s, "
+        "lifetime_earned = lifetime_earned + %s, held = held + %s, updated_at = %s "
         "WHERE member_id = %s RETURNING available, pending, held"
     )
-    params = [points, unhold, timezone.now(), member_id]
+    params = [available, pending, lifetime, held, timezone.now(), member_id]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
@@ -47,27 +49,20 @@ def _lock_and_spend(member_id: int, *, points: int, unhold: int) -> HeldBalance:
             Account.objects.bulk_create([Account(member_id=member_id)], ignore_conflicts=True)
             cursor.execute(sql, params)
             row = cursor.fetchone()
-    return HeldBalance(*row)
+    return row
+
+
+def _lock_and_spend(member_id: int, *, points: int, unhold: int) -> HeldBalance:
+    """Take `points` from available and `unhold` from held under the account lock; the balances after."""
+    return HeldBalance(*_add_to_account(member_id, available=-points, held=-unhold))
 
 
 def _lock_and_add(member_id: int, *, available: int = 0, pending: int = 0, lifetime: int = 0) -> Balance:
-    """Lock the member's account (opened on first use) and add to its balances; returns the balances after.
-
-    One UPDATE ... RETURNING both takes the row lock and writes, saving a round trip on the earn path."""
-    sql = (
-        f"UPDATE {Account._meta.db_table} SET available = available + %s, pending = pending + %s, "
-        "lifetime_earned = lifetime_earned + %s, updated_at = %s "
-        "WHERE member_id = %s RETURNING available, pending"
+    """Add to the account's balances under its lock; the balances after."""
+    after_available, after_pending, _ = _add_to_account(
+        member_id, available=available, pending=pending, lifetime=lifetime
     )
-    params = [available, pending, lifetime, timezone.now(), member_id]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-        if row is None:
-            Account.objects.bulk_create([Account(member_id=member_id)], ignore_conflicts=True)
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-    return Balance(*row)
+    return Balance(after_available, after_pending)
 
 
 def ledger_lock(member_id: int) -> Balance:
