@@ -7,6 +7,7 @@ enrolled one by one through the API: enrolment is not what is being measured, an
 
 import os
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,8 +22,24 @@ from django.utils import timezone  # noqa: E402
 
 from core.models import ApiClient, Program  # noqa: E402
 from loyalty.models import Account  # noqa: E402
+from loyalty.rule_services import earning_rule_create  # noqa: E402
 from members.models import Member  # noqa: E402
 from members.numbers import new_member_number  # noqa: E402
+
+
+def _rule(n: int) -> dict:
+    """Active earning rules of every kind, most of which a bench purchase meets (issue 3: the earn path with 20
+    active rules). One in four carries a per-member limit, one in five a budget, so claims run too."""
+    kinds = [
+        {"categories": [f"cat-{n % 5}"], "benefit": "multiplier", "value": Decimal(2)},
+        {"skus": [f"SKU-{n % 7}"], "benefit": "per_unit", "value": Decimal(3)},
+        {"min_basket": Decimal("50.00"), "benefit": "fixed", "value": Decimal(5)},
+        {"channels": ["pos"], "days_of_week": [1, 2, 3, 4, 5, 6, 7], "benefit": "fixed", "value": Decimal(1)},
+        {"stores": [f"store-{n % 3}"], "benefit": "multiplier", "value": Decimal("1.5")},
+    ]
+    limits = {"member_limit": 10_000} if n % 4 == 0 else {}
+    budget = {"budget": 10**12} if n % 5 == 0 else {}
+    return {"code": f"bench-{n}", "name": f"Bench rule {n}", "priority": n, **kinds[n % len(kinds)], **limits, **budget}
 
 
 def main(out_dir: Path, count: int) -> None:
@@ -53,6 +70,9 @@ def main(out_dir: Path, count: int) -> None:
         )
         # Accounts are opened on first use; opening them here keeps the first purchase of each member ordinary.
         Account.objects.bulk_create([Account(member=m) for m in members], batch_size=2000)
+    rules = int(os.environ.get("BENCH_RULES", "0"))
+    for n in range(rules):
+        earning_rule_create(program=program, **_rule(n))
     (out_dir / "key").write_text(raw_key)
     (out_dir / "members").write_text("".join(f"{m.member_number}\n" for m in members))
     (out_dir / "member_ids").write_text("".join(f"{m.pk}\n" for m in members))
