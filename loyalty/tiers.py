@@ -2,7 +2,8 @@
 
 Definitions are changed by loyalty.tier_setup and reviewed by loyalty.tier_review (re-exported here). The earn path
 calls `tier_on_transaction` only when the programme has tiers (Program.has_tiers, loaded with the API client), so a
-programme without tiers pays nothing; with tiers it costs one upsert and one read unless the tier changes."""
+programme without tiers pays nothing; with tiers it costs a row lock, one upsert and one read unless the tier
+changes."""
 
 import time
 from dataclasses import dataclass
@@ -128,6 +129,12 @@ def _count(txn: Transaction, member: Member, program: Program) -> None:
         )
 
 
+def _lock_status(member: Member) -> None:
+    """Lock the member's status row, if they have one, until the transaction ends."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT 1 FROM {TierStatus._meta.db_table} WHERE member_id = %s FOR NO KEY UPDATE", [member.pk])
+
+
 def _status_and_measure(program: Program, member: Member, now: datetime) -> tuple[bool, int | None, datetime, int]:
     """(has a status row, its tier id, its manual end, the measure in the current window) in one read."""
     column = MEASURE_COLUMN[program.tier_measure]
@@ -200,6 +207,12 @@ def tier_on_transaction(*, transaction: Transaction, now: datetime) -> TierChang
     program, member = transaction.program, transaction.member
     if member is None:
         return None
+    # Why: the review job decides on the counters it can see. Holding the member's status row from before the count
+    # until commit makes the review skip them (SKIP LOCKED) while this activity is uncommitted, or makes this wait
+    # for a review that got there first and then read the counters and the reviewed tier afresh (a new statement,
+    # a new snapshot). Exclusive, not shared: two of the member's transactions that share-locked the row could
+    # each wait for the other to upgrade it. Locked before the counter, like every path that takes both.
+    _lock_status(member)
     _count(transaction, member, program)
     is_return = transaction.kind == Transaction.Kind.RETURN
     if is_return and program.tier_return_policy != Program.TierReturnPolicy.REEVALUATE:

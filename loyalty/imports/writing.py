@@ -116,6 +116,8 @@ def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip
         inserted = _purchases_insert(program, purchases, now)
     report.already_present += len(purchases) - len(inserted)
     report.imported += len(inserted)
+    if chunk.returns:
+        _lock_for_returns(program, chunk.returns, members, purchases)
     credits = []
     for member_id, row, points, _, available_from, expires_at in purchases:
         txn_id = inserted.get((row.store, row.external_id))
@@ -261,6 +263,26 @@ def _purchases_insert(program: Program, purchases: list, now: datetime) -> dict:
         inserted = {(store, external_id): pk for store, external_id, pk in cursor.fetchall()}
         cursor.execute(f"DROP TABLE {_TEMP}")
     return inserted
+
+
+def _lock_for_returns(program: Program, returns: list[Row], members: dict, purchases: list) -> None:
+    """Take the locks the chunk's returns need before any account lock, in the global order (loyalty.ledger): the
+    purchases they return, then every account the chunk writes, each in primary-key order. Why: the returns run one
+    by one after the purchases' credits, each locking its purchase and then its account; taken there, a purchase
+    row after an account (a till's return of it does the reverse) and accounts out of key order (the expiry job,
+    a referral) would deadlock."""
+    originals = list(
+        Transaction.objects.select_for_update()
+        .filter(
+            program=program, kind=Transaction.Kind.PURCHASE, external_id__in={r.original_external_id for r in returns}
+        )
+        .order_by("pk")
+        .values_list("member_id", flat=True)
+    )
+    account_ids = {member_id for member_id in originals if member_id is not None}
+    account_ids.update(p[0] for p in purchases if p[0] is not None)
+    account_ids.update(pk for pk, _ in (members.get(row.member, (None, None)) for row in returns) if pk is not None)
+    ledger.ledger_lock_many(member_ids=account_ids)
 
 
 def _returns_record(program, returns: list[Row], members: dict, report: ImportReport, skip_invalid, now) -> None:

@@ -11,9 +11,22 @@ Rules every function here keeps:
     points already spent, and then every matured lot is empty)
     lot.remaining == lot.amount - sum(draw.points)
   `loyalty.verify` checks them all.
+
+Lock order. Every path takes the rows it locks in this global order, and where it takes several of one kind, in
+primary-key order; a path may skip steps but never goes back to an earlier one (tests/test_lock_order.py):
+  1. a single row claimed by compare-and-set (a hold, a voucher), or a new purchase's unique (store, external_id);
+  2. purchase rows a return locks (FOR UPDATE; an import chunk's returns: all of them first, in key order);
+  3. accounts: ledger_lock or any ledger write; two or more strictly in key order (referrals, the jobs, imports
+     through ledger_lock_many and ledger_credit_many);
+  4. shared counters: budgeted earning rules (key order), then a reward's stock;
+  5. the member's tier status row (locked before the count, so the review job, which skips locked rows, never
+     decides on a window missing uncommitted activity), then their tier counter row.
+Unique keys inserted later (a return's own row, an event's external_id) can only make a path wait for a repeat of
+the same key, whose holder waits for nothing this path holds. Member and programme rows are only key-share locked,
+by inserts that reference them; their services lock them for update but never wait for a row above while they do.
 """
 
-from loyalty.ledger.bulk import ledger_credit_many
+from loyalty.ledger.bulk import ledger_credit_many, ledger_lock_many
 from loyalty.ledger.core import (
     EARNED_KINDS,
     Balance,
@@ -45,6 +58,7 @@ __all__ = [
     "ledger_expire_due",
     "ledger_hold",
     "ledger_lock",
+    "ledger_lock_many",
     "ledger_mature_due",
     "ledger_refund",
     "ledger_reverse",

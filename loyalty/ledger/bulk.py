@@ -5,10 +5,41 @@ from datetime import datetime
 from django.db import connection, transaction
 from django.utils import timezone
 
-from loyalty.ledger.core import EARNED_KINDS, ledger_credit
+from loyalty.ledger.core import EARNED_KINDS, ledger_credit, ledger_lock
 from loyalty.models import Account, Draw, Entry, Lot
 
 _CREDIT_FIELDS = frozenset({"transaction_id", "api_client_id", "staff_user_id", "reason"})
+
+
+def _open(cursor, account_ids: list[int], stamp) -> None:
+    """Open the missing accounts, in primary-key order: waiting for a racing first insert of an account is a wait on
+    its key, so opening keeps the same order as locking."""
+    cursor.execute(
+        f"INSERT INTO {Account._meta.db_table} (member_id, available, pending, lifetime_earned, updated_at) "
+        "SELECT id, 0, 0, 0, %s FROM unnest(%s::bigint[]) AS id ORDER BY id ON CONFLICT DO NOTHING",
+        [stamp, "{" + ",".join(map(str, account_ids)) + "}"],
+    )
+
+
+@transaction.atomic(savepoint=False)
+def ledger_lock_many(*, member_ids) -> None:
+    """Lock the accounts of `member_ids` (opened on first use) in primary-key order until the transaction ends. For
+    work that goes on to write several accounts one at a time in an order of its own (an import chunk's returns):
+    holding them all first, in key order, it cannot deadlock with the jobs or with a referral's two accounts."""
+    account_ids = sorted(set(member_ids))
+    if not account_ids:
+        return
+    if connection.vendor != "postgresql":
+        for member_id in account_ids:  # SQLite serialises writers; this only opens the accounts
+            ledger_lock(member_id)
+        return
+    with connection.cursor() as cursor:
+        _open(cursor, account_ids, timezone.now())
+        cursor.execute(
+            f"SELECT member_id FROM {Account._meta.db_table} WHERE member_id = ANY(%s::bigint[]) "
+            "ORDER BY member_id FOR UPDATE",
+            ["{" + ",".join(map(str, account_ids)) + "}"],
+        )
 
 
 @transaction.atomic(savepoint=False)
@@ -39,11 +70,7 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
     with connection.cursor() as cursor:
         # Opening in key order, then locking in key order: the same order as every other many-account job, so two
         # imports, or an import and ledger_mature_due, wait for each other instead of deadlocking.
-        cursor.execute(
-            f"INSERT INTO {a} (member_id, available, pending, lifetime_earned, updated_at) "
-            "SELECT id, 0, 0, 0, %s FROM unnest(%s::bigint[]) AS id ORDER BY id ON CONFLICT DO NOTHING",
-            [stamp, array(account_ids)],
-        )
+        _open(cursor, account_ids, stamp)
         cursor.execute(
             f"SELECT member_id, available, pending, lifetime_earned FROM {a} "
             "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",

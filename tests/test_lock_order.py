@@ -1,0 +1,217 @@
+"""Lock order across paths, on real threads and real PostgreSQL connections: two paths that lock the same rows must
+lock them in the same order (loyalty.ledger's "Lock order"), or PostgreSQL's deadlock detector kills one of them.
+
+Each test forces the dangerous interleaving: one path stops, holding its first locks, until the other has started
+and is waiting; a deadlock then surfaces as an error within deadlock_timeout (1 s), which the tests assert away."""
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+
+from loyalty import ledger, tiers
+from loyalty.imports import transactions_import
+from loyalty.models import Account, Entry, Transaction
+from loyalty.tier_models import TierChange, TierStatus
+from loyalty.tier_setup import program_settings_update, tier_create
+from loyalty.tiers import tiers_review_due
+from loyalty.transactions import TransactionInput, transaction_record
+from loyalty.verify import ledger_verify
+from tests.factories import MemberFactory
+
+AT = datetime(2025, 5, 1, 12, tzinfo=UTC)
+# Long enough for the other thread to take its first lock and queue for the next one.
+HEAD_START = 0.5
+
+
+def _threads(*works):
+    """Run each work on its own thread, released together; returns what each raised (None if nothing)."""
+    barrier = threading.Barrier(len(works))
+    errors: list = [None] * len(works)
+
+    def run(i, work):
+        try:
+            barrier.wait(timeout=10)
+            work()
+        except Exception as exc:  # reported to the test, which asserts on it
+            errors[i] = exc
+        finally:
+            connection.close()  # each thread has its own connection; leave none open behind the test
+
+    threads = [threading.Thread(target=run, args=(i, work)) for i, work in enumerate(works)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not any(thread.is_alive() for thread in threads), "a thread is stuck"
+    return errors
+
+
+def _purchase(member, external_id, total):
+    return transaction_record(
+        program=member.program,
+        data=TransactionInput(
+            store="S1",
+            external_id=external_id,
+            channel="pos",
+            kind="purchase",
+            occurred_at=AT,
+            currency="SEK",
+            total=Decimal(total),
+            member=member,
+        ),
+        now=AT + timedelta(days=1),
+    )
+
+
+def _row(line, external_id, member, total, **extra):
+    row = {
+        "store": "S1",
+        "external_id": external_id,
+        "channel": "pos",
+        "member": member.member_number,
+        "type": "purchase",
+        "original_external_id": "",
+        "occurred_at": (AT + timedelta(hours=line)).isoformat(),
+        "currency": "SEK",
+        "total": str(total),
+    }
+    row.update(extra)
+    return line, row
+
+
+@pytest.fixture
+def pause_after_import_credits(monkeypatch):
+    """Stop an import chunk right after its purchases' credits (their accounts locked), until `gate` opens and the
+    other thread has had its head start; `gate` is a Barrier the other thread passes too."""
+    gate = threading.Barrier(2)
+    credit_many = ledger.ledger_credit_many
+
+    def credit_then_wait(**kwargs):
+        entry_ids = credit_many(**kwargs)
+        gate.wait(timeout=10)
+        time.sleep(HEAD_START)
+        return entry_ids
+
+    monkeypatch.setattr(ledger, "ledger_credit_many", credit_then_wait)
+    return gate
+
+
+def test_an_import_chunk_with_a_return_and_the_expiry_job_do_not_deadlock(
+    transactional_db, program, pause_after_import_credits
+):
+    # given a member with a purchase the file returns, and a second member (higher key) the file credits; both
+    # have points the expiry job will expire, so it locks both accounts, lower key first
+    first, second = MemberFactory(program=program), MemberFactory(program=program)
+    assert first.pk < second.pk
+    _purchase(first, "P1", 300)
+    _purchase(second, "P2", 200)
+    rows = [_row(1, "I1", second, 100), _row(2, "R1", first, 100, type="return", original_external_id="P1")]
+
+    def run_import():
+        transactions_import(program=program, rows=rows)
+
+    def run_expiry():
+        pause_after_import_credits.wait(timeout=10)  # the chunk holds the second account now
+        ledger.ledger_expire_due(now=AT + timedelta(days=3650))
+
+    # when
+    errors = _threads(run_import, run_expiry)
+    # then neither was chosen as a deadlock victim, and both did their work
+    assert errors == [None, None]
+    assert Transaction.objects.filter(external_id__in=["I1", "R1"]).count() == 2
+    assert Account.objects.filter(pk__in=[first.pk, second.pk], available=0, pending=0).count() == 2
+    assert ledger_verify() == []
+
+
+def test_an_import_chunk_returning_a_purchase_and_a_live_return_of_it_do_not_deadlock(
+    transactional_db, program, pause_after_import_credits
+):
+    # given a purchase of 300 that the file returns in part, in a chunk that also credits the same member, while a
+    # till returns another part of it
+    member = MemberFactory(program=program)
+    _purchase(member, "P1", 300)
+    rows = [_row(1, "I1", member, 100), _row(2, "R1", member, 100, type="return", original_external_id="P1")]
+
+    def run_import():
+        transactions_import(program=program, rows=rows)
+
+    def run_live_return():
+        pause_after_import_credits.wait(timeout=10)  # the chunk holds the member's account now
+        transaction_record(
+            program=program,
+            data=TransactionInput(
+                store="S1",
+                external_id="R2",
+                channel="pos",
+                kind="return",
+                occurred_at=AT + timedelta(hours=3),
+                currency="SEK",
+                total=Decimal(100),
+                original_external_id="P1",
+            ),
+            now=AT + timedelta(days=1),
+        )
+
+    # when
+    errors = _threads(run_import, run_live_return)
+    # then both returns are recorded, each reversing its share once
+    assert errors == [None, None]
+    purchase = Transaction.objects.get(external_id="P1")
+    assert (purchase.returned_total, purchase.points_reversed) == (Decimal(200), 200)
+    assert Entry.objects.filter(account_id=member.pk, kind=Entry.Kind.REVERSAL).count() == 2
+    assert ledger_verify() == []
+
+
+def test_a_late_purchase_in_the_grace_days_racing_the_review_keeps_the_tier(transactional_db, program, monkeypatch):
+    # given a Gold member due for review, whose window alone no longer supports Gold; a till sends a purchase made in
+    # the grace days (which count for the review) just as the review runs
+    program_settings_update(program=program, tier_grace_days=14)
+    tier_create(program=program, code="silver", name_en="Silver", rank=1, threshold=Decimal(1000))
+    gold = tier_create(program=program, code="gold", name_en="Gold", rank=2, threshold=Decimal(5000))
+    member = MemberFactory(program=program, enrolled_at=AT - timedelta(days=400))
+    _purchase(member, "P1", 5000)
+    review_at = TierStatus.objects.get(member=member).review_at
+    review_now = review_at + timedelta(days=14)
+    gate = threading.Barrier(2)
+    on_transaction = tiers.tier_on_transaction
+
+    def count_then_wait(**kwargs):
+        change = on_transaction(**kwargs)
+        gate.wait(timeout=10)  # the purchase's counter is written, not yet committed
+        time.sleep(HEAD_START)
+        return change
+
+    monkeypatch.setattr(tiers, "tier_on_transaction", count_then_wait)
+
+    def run_purchase():
+        transaction_record(
+            program=program,
+            data=TransactionInput(
+                store="S1",
+                external_id="P2",
+                channel="pos",
+                kind="purchase",
+                occurred_at=review_at + timedelta(days=3),
+                currency="SEK",
+                total=Decimal(5000),
+                member=member,
+            ),
+            now=review_now,
+        )
+
+    def run_review():
+        gate.wait(timeout=10)
+        tiers_review_due(now=review_now)
+
+    # when
+    errors = _threads(run_purchase, run_review)
+    # then the review did not decide on a window missing the purchase: Gold is kept, now and at a rerun
+    assert errors == [None, None]
+    assert TierStatus.objects.get(member=member).tier_id == gold.pk
+    tiers_review_due(now=review_now)
+    assert TierStatus.objects.get(member=member).tier_id == gold.pk
+    assert not TierChange.objects.filter(member=member, reason=TierChange.Reason.DOWNGRADE).exists()
