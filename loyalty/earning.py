@@ -29,8 +29,9 @@ class Earning:
 
 
 def earning_for_purchase(*, program: Program, total: Decimal, occurred_at: datetime) -> Earning:
-    """Points a purchase of `total` earns, when they become spendable and when they expire (both counted from
-    the purchase, so a late-arriving purchase is not given a longer life)."""
+    """Points a purchase of `total` earns at the base rate, when they become spendable and when they expire (both
+    counted from the purchase, so a late-arriving purchase is not given a longer life). Bonus rules and tier
+    multipliers are loyalty.rules'; the bulk import of history earns the base rate only."""
     base = points_for_amount(program=program, amount=total)
     expires_at = occurred_at + relativedelta(months=program.expiry_months) if program.expiry_months else None
     return Earning(
