@@ -2,6 +2,8 @@
 
 from drf_spectacular import openapi
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import inline_serializer
+from rest_framework import serializers
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):
@@ -23,3 +25,16 @@ class AutoSchema(openapi.AutoSchema):
 
     def get_serializer_name(self, serializer, direction):
         return type(serializer).__qualname__.replace(".", "")
+
+
+def listing(item_serializer, *, name: str, paginated: bool = True):
+    """The documented body of a list endpoint: `{next, previous, results}` (or just `{results}` when unpaginated),
+    since views that paginate by hand are otherwise described as a bare array a generated client would trip on."""
+    fields = {"results": item_serializer(many=True)}
+    if paginated:
+        fields = {
+            "next": serializers.URLField(allow_null=True),
+            "previous": serializers.URLField(allow_null=True),
+            **fields,
+        }
+    return inline_serializer(name=name, fields=fields)

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 from core.errors import ApplicationError, MemberNotFound, Unprocessable, problem_for
 from core.money import CURRENCIES
 from core.pagination import CursorPagination
+from core.schema import listing
 from core.validation import validate
 from loyalty.models import Entry, Transaction
 from loyalty.points import points_adjust
@@ -355,7 +356,8 @@ class ActivityApi(APIView):
             OpenApiParameter("since", str),
             OpenApiParameter("until", str),
         ],
-        responses=OutputSerializer(many=True),
+        operation_id="v1_members_activity_list",
+        responses=listing(OutputSerializer, name="ActivityList"),
     )
     def get(self, request, member_number: str):
         member = member_get(program=request.auth.program, member_number=member_number)

@@ -8,6 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.errors import MemberNotFound, NotFound, Unprocessable
+from core.schema import listing
 from loyalty.api import AwareDateTimeField
 from loyalty.event_models import EventType, MemberEvent
 from loyalty.event_services import event_type_create, event_type_retire, event_type_update
@@ -123,7 +124,9 @@ class EventTypeListApi(APIView):
     scopes = {"GET": "program:manage", "POST": "program:manage"}
 
     @extend_schema(
-        operation_id="event_types_list", summary="The programme's event types", responses=EventTypeSerializer(many=True)
+        operation_id="event_types_list",
+        summary="The programme's event types",
+        responses=listing(EventTypeSerializer, name="EventTypeList", paginated=False),
     )
     def get(self, request):
         event_types = EventType.objects.filter(program=request.auth.program)

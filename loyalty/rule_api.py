@@ -6,6 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.errors import NotFound
+from core.schema import listing
 from loyalty.rule_models import EarningRule
 from loyalty.rule_services import earning_rule_create, earning_rule_retire, earning_rule_update
 
@@ -56,7 +57,10 @@ def _rule(request, code: str) -> EarningRule:
 class EarningRuleListApi(APIView):
     scopes = {"GET": "program:manage", "POST": "program:manage"}
 
-    @extend_schema(responses=RuleSerializer(many=True))
+    @extend_schema(
+        operation_id="v1_earning_rules_list",
+        responses=listing(RuleSerializer, name="EarningRuleList", paginated=False),
+    )
     def get(self, request):
         rules = EarningRule.objects.filter(program=request.auth.program)
         return Response({"results": RuleSerializer(rules, many=True).data})
@@ -83,6 +87,8 @@ class EarningRuleDetailApi(APIView):
         serializer.is_valid(raise_exception=True)
         return Response(RuleSerializer(earning_rule_update(rule=rule, **serializer.validated_data)).data)
 
-    @extend_schema(responses=RuleSerializer, description="Retires the rule; it is kept for the purchases it gave.")
+    @extend_schema(
+        responses={200: RuleSerializer}, description="Retires the rule; it is kept for the purchases it gave."
+    )
     def delete(self, request, code: str):
         return Response(RuleSerializer(earning_rule_retire(rule=_rule(request, code))).data)

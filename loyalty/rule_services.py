@@ -19,6 +19,11 @@ EDITABLE = [
 def _check(rule: EarningRule) -> None:
     """Refuse definitions that cannot work, field by field, before the database sees them."""
     errors: dict[str, list[str]] = {}
+    if rule.benefit not in EarningRule.Benefit.values:
+        errors["benefit"] = [f"One of {', '.join(EarningRule.Benefit.values)}."]
+    if rule.value is None:
+        errors["value"] = ["This field is required."]
+        raise InvalidInput("The earning rule is not valid.", errors=errors)
     if rule.benefit == EarningRule.Benefit.MULTIPLIER and rule.value <= 1:
         errors.setdefault("value", []).append("A multiplier must be greater than 1 (2 doubles the points).")
     if rule.benefit in (EarningRule.Benefit.FIXED, EarningRule.Benefit.PER_UNIT) and rule.value <= 0:

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.db import connection
 
+from core.errors import InvalidInput
 from loyalty.models import Account, EarningRule, RuleUsage, Transaction
 from loyalty.rule_services import earning_rule_create, earning_rule_update
 from loyalty.transactions import TransactionInput, transaction_preview, transaction_record
@@ -356,4 +357,13 @@ def test_a_key_without_program_manage_cannot_change_rules(make_client):
     )
     # then
     assert response.status_code == 403
+    assert not EarningRule.objects.exists()
+
+
+def test_a_rule_without_a_value_is_refused_by_the_service_too(program):
+    # when
+    with pytest.raises(InvalidInput) as refused:
+        earning_rule_create(program=program, code="novalue", name="No value", benefit="multiplier")
+    # then
+    assert "value" in refused.value.errors
     assert not EarningRule.objects.exists()

@@ -8,6 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.pagination import CursorPagination
+from core.schema import listing
 from loyalty.api import AwareDateTimeField
 from rewards.api.common import member_from_body
 from rewards.models import LANGUAGES, Reward
@@ -135,7 +136,8 @@ class RewardListApi(APIView):
             OpenApiParameter("affordable_for", str, description="A member number (needs members:read)."),
             OpenApiParameter("include_retired", bool, description="Also retired and unavailable (program:manage)."),
         ],
-        responses=RewardOutputSerializer(many=True),
+        operation_id="v1_rewards_list",
+        responses=listing(RewardOutputSerializer, name="RewardList"),
     )
     def get(self, request):
         filters = self.FilterSerializer(data=request.query_params)
@@ -180,7 +182,7 @@ class RewardDetailApi(APIView):
         serializer.is_valid(raise_exception=True)
         return _reward_response(reward_update(reward=reward, **serializer.validated_data))
 
-    @extend_schema(responses=RewardOutputSerializer, description="Retire the reward: it stays for history.")
+    @extend_schema(responses={200: RewardOutputSerializer}, description="Retire the reward: it stays for history.")
     def delete(self, request, code: str):
         return _reward_response(reward_retire(reward=reward_get(program=request.auth.program, code=code)))
 
