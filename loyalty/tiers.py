@@ -131,6 +131,8 @@ def _count(txn: Transaction, member: Member, program: Program) -> None:
 
 def _lock_status(member: Member) -> None:
     """Lock the member's status row, if they have one, until the transaction ends."""
+    if connection.vendor != "postgresql":  # SQLite has no row locks: its IMMEDIATE transaction holds the database's
+        return
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT 1 FROM {TierStatus._meta.db_table} WHERE member_id = %s FOR NO KEY UPDATE", [member.pk])
 
