@@ -144,6 +144,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "core.schema.add_problem_responses",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "MemberStatusEnum": "members.models.Member.Status",
         "MemberLocaleEnum": "members.models.Member.Locale",

@@ -38,3 +38,44 @@ def listing(item_serializer, *, name: str, paginated: bool = True):
             **fields,
         }
     return inline_serializer(name=name, fields=fields)
+
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "description": "RFC 9457 problem details; `code` is stable and machine-readable.",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string", "example": "validation_error"},
+        "errors": {
+            "type": "object",
+            "description": "Field path -> messages, for validation problems.",
+            "additionalProperties": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "required": ["type", "title", "status", "detail", "code"],
+}
+_PROBLEMS = {
+    "400": "The request is not valid (`errors` says where).",
+    "401": "No API key, or an unknown or revoked one.",
+    "403": "The API key lacks the scope this operation needs.",
+    "404": "No such resource in the key's programme.",
+    "409": "Conflicts with the current state (e.g. `insufficient_points`, `member_exists`, `voucher_used`).",
+    "422": "Understood but refused by the programme's rules (e.g. `unknown_member`, `idempotency_key_reused`).",
+}
+
+
+def add_problem_responses(result, generator, request, public):
+    """Postprocessing hook: every operation under /api/v1/ documents the problem documents it may answer with."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    content = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in result.get("paths", {}).items():
+        if not path.startswith("/api/v1/"):
+            continue
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, description in _PROBLEMS.items():
+                responses.setdefault(status, {"description": description}).setdefault("content", content)
+    return result
