@@ -3,7 +3,7 @@ points their event type sets, at most a number of times per member and period.""
 
 import zoneinfo
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime
 from decimal import Decimal
 
 from dateutil.relativedelta import relativedelta
@@ -17,7 +17,7 @@ from loyalty.earning import earning_for_purchase
 from loyalty.event_models import EventType, MemberEvent
 from loyalty.models import Account, Entry
 from loyalty.rule_models import Period
-from loyalty.rules import period_start
+from loyalty.rules import period_start_at
 from loyalty.transactions import CLOCK_SKEW
 from members.models import Member
 
@@ -47,11 +47,8 @@ class EventMismatch(Conflict):
 def event_window(*, program: Program, period: str, occurred_at: datetime) -> tuple[datetime | None, datetime | None]:
     """The [start, end) of the limit period that holds `occurred_at`, in the programme's time zone; (None, None) for
     a limit over the member's whole life."""
-    if period == Period.EVER:
-        return None, None
-    tz = zoneinfo.ZoneInfo(program.timezone)
-    start = datetime.combine(period_start(period, occurred_at.astimezone(tz)), time(0), tzinfo=tz)
-    return start, start + _PERIOD_LENGTH[period]
+    start = period_start_at(period, occurred_at, zoneinfo.ZoneInfo(program.timezone))
+    return (None, None) if start is None else (start, start + _PERIOD_LENGTH[period])
 
 
 def event_record(

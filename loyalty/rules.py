@@ -176,6 +176,7 @@ def earning_evaluate(*, basket: Basket) -> list[Award]:
 
 
 def period_start(period: str, local: datetime) -> date:
+    """The first day of the limit period (day, week from Monday, month, year, ever) holding the local time."""
     day = local.date()
     return {
         Period.DAY: day,
@@ -184,6 +185,13 @@ def period_start(period: str, local: datetime) -> date:
         Period.YEAR: day.replace(month=1, day=1),
         Period.EVER: date(1970, 1, 1),
     }[period]
+
+
+def period_start_at(period: str, at: datetime, tz: ZoneInfo) -> datetime | None:
+    """Local midnight in `tz` that starts the limit period holding `at`; None for a limit over all time."""
+    if period == Period.EVER:
+        return None
+    return datetime.combine(period_start(period, at.astimezone(tz)), datetime.min.time(), tzinfo=tz)
 
 
 def awards_claim(*, awards: list[Award], member_id: int, program: Program, occurred_at: datetime) -> list[Award]:

@@ -1,7 +1,7 @@
 """Reads of the rewards capability: the catalogue, redemptions, vouchers, holds, and points spent."""
 
 import zoneinfo
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cache
 
 from django.db import connection
@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from core.models import Program
 from loyalty.ledger import ledger_balance
+from loyalty.rules import period_start_at
 from loyalty.tiers import tier_current_for
 from members.models import Member
 from rewards.codes import voucher_code_normalize
@@ -25,17 +26,9 @@ def member_tier_rank(*, member: Member) -> int | None:
 
 
 def period_start(*, period: str, now: datetime, tz: zoneinfo.ZoneInfo) -> datetime | None:
-    """Start of the current per-member limit period, in the member's own calendar; None for 'ever'."""
-    local = now.astimezone(tz).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == Reward.Period.DAY:
-        return local
-    if period == Reward.Period.WEEK:
-        return local - timedelta(days=local.weekday())
-    if period == Reward.Period.MONTH:
-        return local.replace(day=1)
-    if period == Reward.Period.YEAR:
-        return local.replace(month=1, day=1)
-    return None
+    """Start of the current per-member limit period, in the member's own calendar; None for 'ever'. The same
+    calendar as earning rules and events (Reward.Period has the same values as loyalty's Period)."""
+    return period_start_at(period, now, tz)
 
 
 def reward_get(*, program: Program, code: str) -> Reward:
