@@ -79,58 +79,34 @@ class Command(BaseCommand):
         late = member_update(member=late, source="smoke", referral_code=friend.referral_code, now=now)
         _expect(late.referred_by_id == friend.pk, "the referral code added after enrolment was not attached")
 
-        step("a purchase earns points")
-        purchase = transaction_record(
-            program=program,
-            data=TransactionInput(
+        def record(external_id, kind, total, who, channel, original_external_id=None):
+            data = TransactionInput(
                 store=store,
-                external_id="p1",
-                channel=Transaction.Channel.POS,
-                kind=Transaction.Kind.PURCHASE,
+                external_id=external_id,
+                channel=channel,
+                kind=kind,
                 occurred_at=now,
                 currency=program.currency,
-                total=Decimal("500.00"),
-                member=member,
-            ),
-            now=now,
-        )
+                total=total,
+                member=who,
+                original_store=store if original_external_id else None,
+                original_external_id=original_external_id,
+            )
+            return transaction_record(program=program, data=data, now=now)
+
+        step("a purchase earns points")
+        purchase = record("p1", Transaction.Kind.PURCHASE, Decimal("500.00"), member, Transaction.Channel.POS)
         _expect(purchase.created and purchase.points > 0, f"the purchase earned {purchase.points} points")
 
         step("the referred member's first purchase rewards the referral")
-        first = transaction_record(
-            program=program,
-            data=TransactionInput(
-                store=store,
-                external_id="f1",
-                channel=Transaction.Channel.WEB,
-                kind=Transaction.Kind.PURCHASE,
-                occurred_at=now,
-                currency=program.currency,
-                total=Decimal("500.00"),
-                member=friend,
-            ),
-            now=now,
-        )
+        first = record("f1", Transaction.Kind.PURCHASE, Decimal("500.00"), friend, Transaction.Channel.WEB)
         _expect(first.created, "the referred member's purchase was not recorded")
         if program.referral_referee_points and Decimal("500.00") >= program.referral_min_purchase:
             _expect(Referral.objects.filter(referee=friend).exists(), "the referral was not rewarded")
 
         step("a partial return takes some back")
-        returned = transaction_record(
-            program=program,
-            data=TransactionInput(
-                store=store,
-                external_id="r1",
-                channel=Transaction.Channel.POS,
-                kind=Transaction.Kind.RETURN,
-                occurred_at=now,
-                currency=program.currency,
-                total=Decimal("100.00"),
-                member=member,
-                original_store=store,
-                original_external_id="p1",
-            ),
-            now=now,
+        returned = record(
+            "r1", Transaction.Kind.RETURN, Decimal("100.00"), member, Transaction.Channel.POS, original_external_id="p1"
         )
         _expect(returned.points < 0, f"the return changed the points by {returned.points}")
 
