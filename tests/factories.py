@@ -36,3 +36,23 @@ class MemberFactory(factory.django.DjangoModelFactory):
         if status is not None:
             member = member_update(member=member, status=status, source=source)
         return member
+
+
+def record(program, member, total, *, external_id, kind="purchase", original=None, at, now=None, store="S1"):
+    """A till's purchase (or return of `original`) through the service, as most tests send one."""
+    from decimal import Decimal
+
+    from loyalty.transactions import TransactionInput, transaction_record
+
+    data = TransactionInput(
+        store=store,
+        external_id=external_id,
+        channel="pos",
+        kind=kind,
+        occurred_at=at,
+        currency="SEK",
+        total=Decimal(total),
+        member=member,
+        original_external_id=original,
+    )
+    return transaction_record(program=program, data=data, now=now or at)

@@ -1,16 +1,14 @@
 """The maturation and expiry jobs: they act exactly when a lot's time comes, once, and keep the ledger balanced."""
 
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 import pytest
 
 from core.models import Program
 from loyalty.ledger import ledger_debit, ledger_expire_due, ledger_mature_due
 from loyalty.models import Account, Draw, Entry, Lot
-from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
-from tests.factories import MemberFactory
+from tests.factories import MemberFactory, record
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 TWO_YEARS_LATER = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
@@ -26,21 +24,7 @@ def pending_program(program):
 
 
 def _txn(program, member, total, *, external_id, kind="purchase", original=None, at=NOW, now=None):
-    return transaction_record(
-        program=program,
-        data=TransactionInput(
-            store="S1",
-            external_id=external_id,
-            channel="pos",
-            kind=kind,
-            occurred_at=at,
-            currency="SEK",
-            total=Decimal(total),
-            member=member,
-            original_external_id=original,
-        ),
-        now=now or at,
-    )
+    return record(program, member, total, external_id=external_id, kind=kind, original=original, at=at, now=now)
 
 
 def _balance(member):

@@ -2,7 +2,6 @@
 and `manage.py verify_ledger`."""
 
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -11,28 +10,14 @@ from django.db import IntegrityError, connection, transaction
 from core.errors import InsufficientPoints
 from loyalty.ledger import ledger_credit, ledger_debit
 from loyalty.models import Account, Draw, Entry, Lot
-from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
-from tests.factories import MemberFactory
+from tests.factories import MemberFactory, record
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def _buy(program, member, total, *, external_id, now=NOW):
-    return transaction_record(
-        program=program,
-        data=TransactionInput(
-            store="S1",
-            external_id=external_id,
-            channel="pos",
-            kind="purchase",
-            occurred_at=now,
-            currency="SEK",
-            total=Decimal(total),
-            member=member,
-        ),
-        now=now,
-    )
+    return record(program, member, total, external_id=external_id, at=now)
 
 
 def _credit(member, points, *, expires_at, kind=Entry.Kind.ADJUST, now=NOW, **fields):

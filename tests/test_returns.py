@@ -9,9 +9,8 @@ from core.errors import Unprocessable
 from core.models import Program
 from loyalty.ledger import ledger_debit, ledger_mature_due
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
-from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
-from tests.factories import MemberFactory
+from tests.factories import MemberFactory, record
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -24,38 +23,11 @@ def available_only(program):
 
 
 def _buy(program, member, total, *, external_id, at=NOW):
-    return transaction_record(
-        program=program,
-        data=TransactionInput(
-            store="S1",
-            external_id=external_id,
-            channel="pos",
-            kind="purchase",
-            occurred_at=at,
-            currency="SEK",
-            total=Decimal(total),
-            member=member,
-        ),
-        now=at,
-    )
+    return record(program, member, total, external_id=external_id, at=at)
 
 
 def _return(program, total, *, external_id, original, member=None, at=NOW):
-    return transaction_record(
-        program=program,
-        data=TransactionInput(
-            store="S1",
-            external_id=external_id,
-            channel="pos",
-            kind="return",
-            occurred_at=at,
-            currency="SEK",
-            total=Decimal(total),
-            member=member,
-            original_external_id=original,
-        ),
-        now=at,
-    )
+    return record(program, member, total, external_id=external_id, kind="return", original=original, at=at)
 
 
 def _spend(member, points):

@@ -19,8 +19,7 @@ from loyalty.tier_setup import (
 )
 from loyalty.tier_windows import anniversary, current_window_start, first_review_at, period_of
 from loyalty.tiers import tier_multiplier_for, tier_progress_get, tier_set_manual, tiers_review_due
-from loyalty.transactions import TransactionInput, transaction_record
-from tests.factories import MemberFactory
+from tests.factories import MemberFactory, record
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -39,38 +38,11 @@ def _ladder(program, **settings):
 
 
 def _buy(program, member, total, *, key, at=NOW, now=None):
-    return transaction_record(
-        program=program,
-        data=TransactionInput(
-            store="S1",
-            external_id=key,
-            channel="pos",
-            kind="purchase",
-            occurred_at=at,
-            currency="SEK",
-            total=Decimal(total),
-            member=member,
-        ),
-        now=now or at,
-    )
+    return record(program, member, total, external_id=key, at=at, now=now)
 
 
 def _return(program, member, total, *, key, original, at=NOW):
-    return transaction_record(
-        program=program,
-        data=TransactionInput(
-            store="S1",
-            external_id=key,
-            channel="pos",
-            kind="return",
-            occurred_at=at,
-            currency="SEK",
-            total=Decimal(total),
-            member=member,
-            original_external_id=original,
-        ),
-        now=at,
-    )
+    return record(program, member, total, external_id=key, kind="return", original=original, at=at)
 
 
 def _tier(member):

@@ -10,27 +10,13 @@ from django.db import connection
 from loyalty.tier_models import TierChange, TierCounter, TierStatus
 from loyalty.tier_setup import tier_create
 from loyalty.tiers import tiers_review_due
-from loyalty.transactions import TransactionInput, transaction_record
-from tests.factories import MemberFactory
+from tests.factories import MemberFactory, record
 
 NOW = datetime(2025, 6, 20, 12, 0, tzinfo=UTC)
 
 
 def _buy(program, member, total, *, key, at):
-    return transaction_record(
-        program=program,
-        data=TransactionInput(
-            store="S1",
-            external_id=key,
-            channel="pos",
-            kind="purchase",
-            occurred_at=at,
-            currency="SEK",
-            total=Decimal(total),
-            member=member,
-        ),
-        now=NOW,
-    )
+    return record(program, member, total, external_id=key, at=at, now=NOW)
 
 
 def _at_once(count, work):
