@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from core import api as core_api
+from core.hotpath import HotRoute
 from loyalty import api as loyalty_api
 from loyalty import event_api, rule_api, tier_api
 from members import api as members_api
@@ -41,6 +42,13 @@ api_v1 = [
     path("events", event_api.EventApi.as_view()),
     path("event-types", event_api.EventTypeListApi.as_view()),
     path("event-types/<slug:code>", event_api.EventTypeDetailApi.as_view()),
+]
+
+# Served first, without the middleware chain and DRF's dispatch (core/hotpath.py); the DRF views above serve the
+# same paths for whatever a hot view declines.
+hot_routes = [
+    HotRoute("POST", "/api/v1/transactions", loyalty_api.TransactionApi, loyalty_api.transaction_post_hot),
+    HotRoute("GET", "/api/v1/members/([^/]+)/balance", loyalty_api.BalanceApi, loyalty_api.balance_get_hot),
 ]
 
 urlpatterns = [

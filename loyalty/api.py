@@ -5,12 +5,15 @@ from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.errors import ApplicationError, MemberNotFound, Unprocessable, problem_for
+from core.hotpath import hot_json_body, hot_response
+from core.models import ApiClient, Program
 from core.money import CURRENCIES
 from core.pagination import CursorPagination
 from core.schema import listing
@@ -166,10 +169,9 @@ class TransactionInputSerializer(serializers.Serializer):
         return attrs
 
 
-def _transaction_input(request, data) -> TransactionInput:
+def _transaction_input(program: Program, data) -> TransactionInput:
     """Validate one transaction body and resolve its member; raises ValidationError or an ApplicationError."""
     v = validate(TransactionInputSerializer, data)
-    program = request.auth.program
     member = None
     try:
         if v.get("member"):
@@ -194,14 +196,14 @@ def _transaction_input(request, data) -> TransactionInput:
     )
 
 
-def _record(request, data: TransactionInput) -> TransactionResult:
+def _record(client: ApiClient, data: TransactionInput) -> TransactionResult:
     """Record a transaction; a return that completes its purchase also gives back the purchase's vouchers when the
     programme says so. Both in one database transaction: the return and its vouchers succeed or fail together."""
-    program = request.auth.program
+    program = client.program
     if data.kind == Transaction.Kind.PURCHASE:
-        return transaction_record(program=program, data=data, api_client=request.auth)
+        return transaction_record(program=program, data=data, api_client=client)
     with transaction.atomic():
-        result = transaction_record(program=program, data=data, api_client=request.auth)
+        result = transaction_record(program=program, data=data, api_client=client)
         txn = result.transaction
         original = Transaction.objects.filter(pk=txn.original_id, returned_total=F("total")).first()
         if result.created and original is not None:
@@ -241,8 +243,14 @@ class TransactionApi(APIView):
 
     @extend_schema(request=TransactionInputSerializer, responses={201: dict, 200: dict})
     def post(self, request):
-        result = _record(request, _transaction_input(request, request.data))
+        result = _record(request.auth, _transaction_input(request.auth.program, request.data))
         return Response(_transaction_output(result), status=201 if result.created else 200)
+
+
+def transaction_post_hot(request, client: ApiClient) -> HttpResponse:
+    """TransactionApi.post on the hot path (core/hotpath.py): the same work, without the framework around it."""
+    result = _record(client, _transaction_input(client.program, hot_json_body(request)))
+    return hot_response(_transaction_output(result), status=201 if result.created else 200)
 
 
 class TransactionPreviewApi(APIView):
@@ -250,7 +258,9 @@ class TransactionPreviewApi(APIView):
 
     @extend_schema(request=TransactionInputSerializer, responses={200: dict})
     def post(self, request):
-        result = transaction_preview(program=request.auth.program, data=_transaction_input(request, request.data))
+        result = transaction_preview(
+            program=request.auth.program, data=_transaction_input(request.auth.program, request.data)
+        )
         return Response(_transaction_output(result, preview=True))
 
 
@@ -275,7 +285,7 @@ class TransactionBatchApi(APIView):
         for index, item in enumerate(serializer.validated_data["transactions"]):
             # Each item stands alone: one bad transaction is reported and does not undo the others.
             try:
-                result = _record(request, _transaction_input(request, item))
+                result = _record(request.auth, _transaction_input(request.auth.program, item))
                 results.append(
                     {"index": index, "status": 201 if result.created else 200, "body": _transaction_output(result)}
                 )
@@ -304,21 +314,26 @@ class BalanceApi(APIView):
 
     @extend_schema(responses=OutputSerializer)
     def get(self, request, member_number: str):
-        member = member_get(program=request.auth.program, member_number=member_number)
-        balance = balance_get(member=member)
-        return Response(
-            {
-                "member": member.member_number,
-                "available": balance.available,
-                "held": balance.held,
-                "pending": balance.pending,
-                "lifetime_earned": balance.lifetime_earned,
-                "expiring": [
-                    {"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring
-                ],
-                **tier_balance_fields(member=member, program=request.auth.program),
-            }
-        )
+        return Response(_balance_body(request.auth.program, member_number))
+
+
+def balance_get_hot(request, client: ApiClient, member_number: str) -> HttpResponse:
+    """BalanceApi.get on the hot path (core/hotpath.py)."""
+    return hot_response(_balance_body(client.program, member_number))
+
+
+def _balance_body(program: Program, member_number: str) -> dict:
+    member = member_get(program=program, member_number=member_number)
+    balance = balance_get(member=member)
+    return {
+        "member": member.member_number,
+        "available": balance.available,
+        "held": balance.held,
+        "pending": balance.pending,
+        "lifetime_earned": balance.lifetime_earned,
+        "expiring": [{"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring],
+        **tier_balance_fields(member=member, program=program),
+    }
 
 
 class ActivityPagination(CursorPagination):

@@ -41,8 +41,8 @@ def make_client(program):
 
 @pytest.fixture
 def api(make_client):
-    """A DRF test client authenticated with an all-scopes key of the DEFAULT programme."""
-    from rest_framework.test import APIClient
+    """An API client (tests/clients.py) authenticated with an all-scopes key of the DEFAULT programme."""
+    from tests.clients import APIClient
 
     _, raw = make_client()
     client = APIClient()

@@ -9,11 +9,11 @@ from django.contrib.auth import get_user_model
 from django.contrib.messages import get_messages
 from django.core.management import CommandError, call_command
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from core import auth
 from core.models import ApiClient
 from members.models import Member
+from tests.clients import APIClient
 from tests.factories import ProgramFactory
 
 URL = "/api/v1/members"

@@ -346,7 +346,7 @@ def test_rules_are_managed_over_the_api_and_retired_not_deleted(api, program, me
 
 def test_a_key_without_program_manage_cannot_change_rules(make_client):
     # given
-    from rest_framework.test import APIClient
+    from tests.clients import APIClient
 
     _, raw = make_client(scopes=["transactions:write"])
     client = APIClient()

@@ -243,7 +243,7 @@ def test_bad_event_input_is_a_problem_and_changes_nothing(api, program, member, 
 
 def test_post_events_needs_the_points_write_scope(make_client, program, member):
     # given
-    from rest_framework.test import APIClient
+    from tests.clients import APIClient
 
     event_type(program)
     _, raw = make_client(scopes=["members:read"])

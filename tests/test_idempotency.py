@@ -116,7 +116,7 @@ def test_a_refused_request_leaves_nothing_behind_but_its_record(api, program):
 
 def test_keys_belong_to_their_client(api, make_client):
     # given another client of the programme that used the same key
-    from rest_framework.test import APIClient
+    from tests.clients import APIClient
 
     post(api, BODY)
     _, raw = make_client(name="other-till")

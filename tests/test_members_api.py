@@ -241,7 +241,7 @@ def test_get_of_an_unknown_member_is_a_404_problem(api):
 
 def test_a_key_of_another_programme_cannot_see_or_change_the_member(program, make_client):
     # given
-    from rest_framework.test import APIClient
+    from tests.clients import APIClient
 
     member = enrol(program, email="anna@example.com", cards=["C1"])
     _, raw = make_client(for_program=ProgramFactory())

@@ -2,12 +2,12 @@
 to bad input that change nothing."""
 
 import pytest
-from rest_framework.test import APIClient
 
 from loyalty.models import Account, Entry
 from loyalty.points import points_adjust
 from rewards.models import Hold, Redemption, Reward, Voucher
 from rewards.services.catalogue import reward_create
+from tests.clients import APIClient
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ from decimal import Decimal
 
 import pytest
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from core.models import Program
 from loyalty.tier_models import Tier, TierChange
 from loyalty.tier_setup import tier_create
 from loyalty.transactions import TransactionInput, transaction_record
+from tests.clients import APIClient
 
 GOLD = {"code": "gold", "name": {"en": "Gold", "sv": "Guld"}, "rank": 2, "threshold": 5000, "earn_multiplier": "1.5"}
 

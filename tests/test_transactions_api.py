@@ -296,7 +296,7 @@ def test_an_idempotency_key_replays_the_first_answer(api, member):
 
 def test_a_key_without_the_transactions_scope_cannot_post(make_client, member):
     # given
-    from rest_framework.test import APIClient
+    from tests.clients import APIClient
 
     _, raw = make_client(scopes=["members:read"])
     client = APIClient()

@@ -1,0 +1,230 @@
+"""The hot paths (core/hotpath.py) answer exactly as the full stack does, and hand it everything else.
+
+Every API test already goes through them (tests/clients.py); these compare the two ways side by side and check the
+hand-over, including through the production WSGI entry point."""
+
+import io
+import json
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from core.models import IdempotencyRecord
+from loyalty.models import Account, Entry, Lot, Transaction
+from loyalty.verify import ledger_verify
+from tests.clients import APIClient
+
+URL = "/api/v1/transactions"
+
+
+def _purchase(member, **overrides):
+    return {
+        "external_id": "R-1",
+        "store": "S1",
+        "channel": "pos",
+        "member": member.member_number,
+        "type": "purchase",
+        "occurred_at": timezone.now().isoformat(),
+        "currency": "SEK",
+        "total": "120.50",
+        "lines": [{"sku": "A", "category": "c", "quantity": "1", "unit_price": "120.50", "amount": "120.50"}],
+        **overrides,
+    }
+
+
+def _post(api, body, **headers):
+    raw = body if isinstance(body, str) else json.dumps(body)
+    return api.post(URL, raw, content_type="application/json", **headers)
+
+
+def _headers(response):
+    return dict(response.items())
+
+
+def _snapshot():
+    return (Transaction.objects.count(), Entry.objects.count(), Lot.objects.count(), IdempotencyRecord.objects.count())
+
+
+def test_a_purchase_served_hot_reads_byte_for_byte_as_the_full_stack_replays_it(api, member, settings):
+    # when
+    hot = _post(api, _purchase(member))
+    settings.HOT_PATHS = False
+    full = _post(api, _purchase(member))
+    # then
+    assert (hot.status_code, full.status_code) == (201, 200)  # the second is the replay of the first
+    assert getattr(hot, "served_hot", False) and not getattr(full, "served_hot", False)
+    assert hot.content == full.content
+    assert _headers(hot) == _headers(full)
+    assert hot["Content-Type"] == "application/json"
+
+
+def test_the_full_stack_first_and_the_hot_replay_agree_too(api, member, settings):
+    # given
+    settings.HOT_PATHS = False
+    full = _post(api, _purchase(member))
+    settings.HOT_PATHS = True
+    # when
+    hot = _post(api, _purchase(member))
+    # then
+    assert (full.status_code, hot.status_code) == (201, 200)
+    assert hot.served_hot
+    assert hot.content == full.content
+    assert Transaction.objects.count() == 1
+
+
+def test_a_balance_served_hot_reads_as_the_full_stacks(api, member, settings):
+    # given
+    _post(api, _purchase(member))
+    url = f"/api/v1/members/{member.member_number}/balance"
+    # when
+    hot = api.get(url)
+    settings.HOT_PATHS = False
+    full = api.get(url)
+    # then
+    assert hot.status_code == full.status_code == 200
+    assert hot.served_hot
+    assert hot.content == full.content
+    assert hot.json()["available"] == 120
+    assert _headers(hot) == _headers(full)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_status"),
+    [
+        ("malformed_json", 400),
+        ("negative_total", 400),
+        ("lines_do_not_add_up", 422),
+        ("unknown_member", 422),
+        ("wrong_currency", 422),
+        ("nan_total", 400),
+        ("form_encoded", 415),
+        ("accepts_only_html", 406),
+        ("unknown_key", 401),
+        ("key_without_scope", 403),
+        ("host_not_allowed", 400),
+    ],
+)
+def test_what_the_hot_path_declines_the_full_stack_answers_and_nothing_is_written(
+    api, member, make_client, settings, case, expected_status
+):
+    # given
+    body, headers, content_type = _purchase(member), {}, "application/json"
+    if case == "malformed_json":
+        body = '{"external_id": "R-1",'
+    elif case == "negative_total":
+        body["total"] = "-1.00"
+    elif case == "lines_do_not_add_up":
+        body["total"] = "99.00"
+    elif case == "unknown_member":
+        body["member"] = "0000000000"
+    elif case == "wrong_currency":
+        body["currency"] = "EUR"
+    elif case == "nan_total":
+        body = json.dumps(body).replace('"120.50"', "NaN", 1)
+    elif case == "form_encoded":
+        content_type = "application/x-www-form-urlencoded"
+    elif case == "accepts_only_html":
+        headers["HTTP_ACCEPT"] = "text/html"
+    elif case == "unknown_key":
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION="Api-Key lk_nope")
+    elif case == "key_without_scope":
+        _, raw = make_client(scopes=["members:read"])
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
+    elif case == "host_not_allowed":
+        headers["HTTP_HOST"] = "evil.example"
+    raw = body if isinstance(body, str) else json.dumps(body)
+    before = _snapshot()
+    # when
+    hot = api.post(URL, raw, content_type=content_type, **headers)
+    settings.HOT_PATHS = False
+    full = api.post(URL, raw, content_type=content_type, **headers)
+    # then
+    assert hot.status_code == full.status_code == expected_status
+    assert not getattr(hot, "served_hot", False)
+    assert hot.content == full.content
+    assert _snapshot() == before
+
+
+def test_a_request_with_an_idempotency_key_goes_the_full_way_and_is_recorded(api, member):
+    # when
+    response = _post(api, _purchase(member), HTTP_IDEMPOTENCY_KEY="k-1")
+    # then
+    assert response.status_code == 201
+    assert not getattr(response, "served_hot", False)
+    assert IdempotencyRecord.objects.filter(key="k-1", status_code=201).count() == 1
+
+
+def test_a_hot_attempt_that_fails_midway_leaves_nothing_and_the_full_stack_records_the_purchase_once(
+    api, member, monkeypatch
+):
+    # given: the first credit of the ledger fails, as a dropped connection would; the second succeeds
+    from loyalty.ledger import core
+
+    real, calls = core._insert_entry_and_lot, []
+
+    def failing_once(entry, lot):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("connection lost")
+        return real(entry, lot)
+
+    monkeypatch.setattr(core, "_insert_entry_and_lot", failing_once)
+    # when
+    response = _post(api, _purchase(member))
+    # then
+    assert response.status_code == 201
+    assert not getattr(response, "served_hot", False)
+    assert len(calls) == 2
+    assert Transaction.objects.count() == 1 and Entry.objects.count() == 1
+    assert Account.objects.get(pk=member.pk).available == 120
+    assert ledger_verify() == []
+
+
+def _wsgi(method, path, body=b"", **environ):
+    from config.wsgi import application
+
+    env = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "HTTP_HOST": "127.0.0.1",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": io.StringIO(),
+        "CONTENT_LENGTH": str(len(body)),
+        "CONTENT_TYPE": "application/json",
+        **environ,
+    }
+    started = []
+    result = application(env, lambda status, headers, exc_info=None: started.append((status, dict(headers))))
+    try:
+        content = b"".join(result)
+    finally:
+        result.close()
+    return started[0][0], started[0][1], content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_production_entry_point_serves_hot_routes_and_hands_the_rest_to_django(member, make_client):
+    # given
+    assert settings.HOT_PATHS
+    _, raw = make_client()
+    auth = {"HTTP_AUTHORIZATION": f"Api-Key {raw}"}
+    # when
+    created = _wsgi("POST", URL, json.dumps(_purchase(member)).encode(), **auth)
+    balance = _wsgi("GET", f"/api/v1/members/{member.member_number}/balance", **auth)
+    refused = _wsgi("POST", URL, json.dumps(_purchase(member, total="1.00")).encode())
+    # then
+    assert created[0] == "201 Created"
+    assert json.loads(created[2])["points"]["earned"] == 120
+    assert created[1]["X-Content-Type-Options"] == "nosniff" and created[1]["X-Frame-Options"] == "DENY"
+    assert balance[0] == "200 OK" and json.loads(balance[2])["available"] == 120
+    assert refused[0] == "401 Unauthorized"
+    assert refused[1]["Content-Type"] == "application/problem+json"
+    assert Transaction.objects.count() == 1
