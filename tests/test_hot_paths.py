@@ -160,7 +160,8 @@ def test_a_request_with_an_idempotency_key_goes_the_full_way_and_is_recorded(api
 def test_a_hot_attempt_that_fails_midway_leaves_nothing_and_the_full_stack_records_the_purchase_once(
     api, member, monkeypatch
 ):
-    # given: the first credit of the ledger fails, as a dropped connection would; the second succeeds
+    # given: the member's first purchase, which opens their account and so goes the general way, step by step; the
+    # first credit of the ledger fails, as a dropped connection would, the second succeeds
     from loyalty.ledger import core
 
     real, calls = core._insert_entry_and_lot, []
@@ -180,6 +181,21 @@ def test_a_hot_attempt_that_fails_midway_leaves_nothing_and_the_full_stack_recor
     assert len(calls) == 2
     assert Transaction.objects.count() == 1 and Entry.objects.count() == 1
     assert Account.objects.get(pk=member.pk).available == 120
+    assert ledger_verify() == []
+
+
+def test_a_plain_purchase_is_two_statements_the_member_and_one_that_writes_it_all(
+    api, member, django_assert_num_queries
+):
+    # given: the member's first purchase has opened their account, and the key is known
+    assert _post(api, _purchase(member)).status_code == 201
+    # when
+    with django_assert_num_queries(2):
+        response = _post(api, _purchase(member, external_id="R-2", total="10.00", lines=[]))
+    # then
+    assert response.status_code == 201 and response.served_hot
+    assert response.json()["balance"] == {"available": 130, "pending": 0}
+    assert Entry.objects.filter(transaction__external_id="R-2").get().lot.remaining == 10
     assert ledger_verify() == []
 
 

@@ -3,10 +3,15 @@
 import json
 from datetime import timedelta
 
+import hypothesis
 import pytest
 from django.utils import timezone
+from hypothesis import strategies as st
+from rest_framework import serializers
 
 from core.models import IdempotencyRecord
+from core.validation import validate
+from loyalty.api import TransactionInputSerializer, _plain_purchase
 from loyalty.models import Account, Entry, Lot, Transaction
 from loyalty.verify import ledger_verify
 
@@ -354,3 +359,84 @@ def test_a_member_of_another_programme_is_not_found(api, program):
     response = api.get(f"/api/v1/members/{stranger.member_number}/balance")
     # then
     assert response.status_code == 404
+
+
+# Values a field of a purchase body may be sent with: good ones, and every kind of bad or borderline one.
+_ODD_VALUES = {
+    "external_id": ["R-1", " R-1", "R-1 ", "", "x" * 128, "x" * 129, "Ö-1", "R\t1", 12, 1.5, True, None, ["R"]],
+    "store": ["S1", "S 1", "", "x" * 64, "x" * 65, 7, None, "Ö"],
+    "channel": ["pos", "web", "app", "POS", "", 1, None],
+    "member": ["1234567890", "12345678901", "", " 123", None, 123, "abc"],
+    "type": ["purchase", "return", "PURCHASE", None],
+    "occurred_at": [
+        "2026-11-22T10:00:00+00:00",
+        "2026-11-22T10:00:00Z",
+        "2026-11-22T10:00:00.123456+01:00",
+        "2026-11-22T10:00:00",
+        "2026-11-22",
+        "2026-02-30T10:00:00+00:00",
+        "yesterday",
+        "",
+        20261122,
+        None,
+    ],
+    "currency": ["SEK", "NOK", "sek", "SEKK", "XXQ", "", 752, None],
+    "total": ["129.90", "0", "0.5", "129.9", "129.901", "-1.00", "1e3", "NaN", " 1.00", "99999999999", 129.9, 130],
+    "lines": [
+        [{"sku": "A", "quantity": "1", "unit_price": "129.90", "amount": "129.90"}],
+        [{"sku": "A", "category": "c", "quantity": "1.5", "unit_price": "2", "amount": "3.00"}],
+        [],
+        [{"sku": "", "quantity": "1", "unit_price": "1", "amount": "1"}],
+        [{"quantity": "1", "unit_price": "1", "amount": "1"}],
+        "nope",
+        None,
+    ],
+    "paid_with_points": ["10.00"],
+    "original_external_id": ["R-0"],
+    "member_lookup": [{"email": "a@example.com"}],
+    "unknown": ["x"],
+}
+
+
+_ANY_VALUE = [v for values in _ODD_VALUES.values() for v in values]
+_PLAIN_BODY = {
+    "external_id": "R-1",
+    "store": "S1",
+    "channel": "pos",
+    "member": "1234567890",
+    "type": "purchase",
+    "occurred_at": "2026-11-22T10:00:00+01:00",
+    "currency": "SEK",
+    "total": "129.90",
+    "lines": [{"sku": "A", "quantity": "1", "unit_price": "129.90", "amount": "129.90"}],
+}
+
+
+@hypothesis.settings(max_examples=1500, derandomize=True, database=None, deadline=None)
+@hypothesis.given(
+    changes=st.lists(
+        st.sampled_from(sorted(_ODD_VALUES)).flatmap(
+            lambda k: st.tuples(st.just(k), st.sampled_from(_ODD_VALUES[k]) | st.sampled_from(_ANY_VALUE))
+        ),
+        max_size=4,
+    ),
+    drop=st.sets(st.sampled_from(sorted(_PLAIN_BODY)), max_size=2),
+)
+def test_the_quick_check_of_a_plain_purchase_agrees_with_the_serializer_on_any_body(changes, drop):
+    """loyalty.api._plain_purchase stands in for TransactionInputSerializer on plain purchases: whatever it accepts,
+    the serializer accepts with the same validated data; anything else it leaves to the serializer."""
+    body = {k: v for k, v in {**_PLAIN_BODY, **dict(changes)}.items() if k not in drop}
+    quick = _plain_purchase(body)
+    if quick is None:
+        return
+    try:
+        full = validate(TransactionInputSerializer, body)
+    except serializers.ValidationError as exc:
+        raise AssertionError(f"the quick check took {body}, the serializer refuses it: {exc.detail}") from exc
+    assert quick == full
+    assert {k: str(v) for k, v in quick.items()} == {k: str(v) for k, v in full.items()}
+
+
+def test_the_quick_check_takes_a_plain_purchase():
+    assert _plain_purchase(_PLAIN_BODY) == validate(TransactionInputSerializer, _PLAIN_BODY)
+    assert _plain_purchase({**_PLAIN_BODY, "member": None}) is not None  # anonymous

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Model
 from django.utils import timezone
 
 from core.db import insert_params, insert_plan
@@ -176,6 +176,97 @@ def ledger_credit(
     _insert_entry_and_lot(entry, lot)
     if settle:
         Draw.objects.create(entry=entry, lot=lot, points=settle)
+    return entry
+
+
+def ledger_credit_new_transaction(
+    *,
+    txn: Model,
+    member_id: int,
+    kind: str,
+    points: int,
+    occurred_at: datetime,
+    available_from: datetime,
+    expires_at: datetime | None,
+    now: datetime,
+    **fields,
+) -> Entry | None:
+    """INSERT the unsaved transaction `txn` (a purchase) and credit `points` for it as ledger_credit does, in a single
+    statement: the transaction, the account's balances (row-locked), the entry, its lot and the draw that settles a
+    negative balance. One round trip that needs no database transaction around it, where the general path takes
+    six. The INSERT is `ON CONFLICT DO NOTHING`; when it inserts nothing, or the member has no account yet, nothing
+    at all is written and None is returned: the caller takes the general path. PostgreSQL only (data-modifying
+    WITH). Sets `txn.pk`."""
+    assert points > 0 and connection.vendor == "postgresql"
+    matured = available_from <= now
+    added = (points, 0) if matured else (0, points)
+    lifetime = points if kind in EARNED_KINDS or kind == Entry.Kind.ADJUST else 0
+    entry = Entry(account_id=member_id, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
+    r_plan, r_columns = insert_plan(type(txn))
+    e_plan, e_columns = insert_plan(Entry)
+    # The entry's balances and its link to the transaction come from the statement itself.
+    from_statement = {"available_after": "a.available", "pending_after": "a.pending", "transaction_id": "r.id"}
+    e_values = [from_statement.get(f.attname, "%s") for f, _ in e_plan]
+    e_params = [
+        p for (f, _), p in zip(e_plan, insert_params(entry, e_plan), strict=True) if f.attname not in from_statement
+    ]
+    accounts, entries, lots, draws = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
+    sql = (
+        f"WITH r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
+        f"SELECT {', '.join(['%s'] * len(r_plan))} WHERE EXISTS (SELECT 1 FROM {accounts} WHERE member_id = %s) "
+        "ON CONFLICT DO NOTHING RETURNING id), "
+        f"a AS (UPDATE {accounts} SET available = available + %s, pending = pending + %s, "
+        "lifetime_earned = lifetime_earned + %s, updated_at = %s "
+        "WHERE member_id = %s AND EXISTS (SELECT 1 FROM r) RETURNING available, pending), "
+        f"e AS (INSERT INTO {entries} ({e_columns}) SELECT {', '.join(e_values)} FROM r, a "
+        "RETURNING id, available_after, pending_after), "
+        # What the balance owed before this credit is paid from the new lot, as in ledger_credit.
+        f"l AS (INSERT INTO {lots} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
+        "SELECT %s, e.id, %s, %s - CASE WHEN %s THEN LEAST(%s, GREATEST(0, %s - e.available_after)) ELSE 0 END, "
+        "%s, %s, %s FROM e RETURNING id, entry_id, remaining), "
+        f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, %s - remaining FROM l "
+        "WHERE remaining < %s) "
+        "SELECT r.id, e.id, e.available_after, e.pending_after, l.id, l.remaining FROM r, e, l"
+    )
+    params = [
+        *insert_params(txn, r_plan),
+        member_id,
+        *added,
+        lifetime,
+        now,
+        member_id,
+        *e_params,
+        member_id,
+        points,
+        points,
+        matured,
+        points,
+        points,
+        available_from,
+        expires_at,
+        matured,
+        points,
+        points,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        found = cursor.fetchone()
+    if found is None:
+        return None
+    txn.pk, entry.pk, entry.available_after, entry.pending_after, lot_id, remaining = found
+    txn._state.adding = entry._state.adding = False
+    entry.transaction = txn
+    lot = Lot(
+        pk=lot_id,
+        account_id=member_id,
+        entry=entry,
+        amount=points,
+        remaining=remaining,
+        available_from=available_from,
+        expires_at=expires_at,
+        matured=matured,
+    )
+    lot._state.adding = False
     return entry
 
 
