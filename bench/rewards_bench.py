@@ -1,12 +1,13 @@
 """Benchmark: redemptions and paying with points (hold, then capture or release) with 32 concurrent clients on 10
-members, over HTTP against gunicorn (gunicorn.conf.py); afterwards it checks that nothing was overdrawn and that
-the ledger verifies.
+members, over HTTP against the production server (scripts/serve); afterwards it checks that nothing was overdrawn
+and that the ledger verifies.
 
 Run (on a migrated PostgreSQL database that may hold other data; it adds its own programme-wide API client, members
 and reward):
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/loyalty_bench .venv/bin/python bench/rewards_bench.py \
         [--seconds 20] [--warmup 5] [--clients 32] [--members 10] [--url http://127.0.0.1:8000]
-Without --url it starts gunicorn itself on a free local port and stops it afterwards. Exit status 1 if a check fails.
+Without --url it starts scripts/serve itself on a free local port and stops it afterwards. Exit status 1 if a check
+fails.
 """
 
 import argparse
@@ -139,7 +140,7 @@ def _cpu_seconds(pids) -> float:
 
 
 def server_pids(server) -> list[int]:
-    """gunicorn's master and workers (the server this script started; none for --url)."""
+    """The server's main process and its workers (the server this script started; none for --url)."""
     if server is None:
         return []
     try:
@@ -199,13 +200,11 @@ def main() -> int:
     port = free_port()
     url = args.url or f"http://127.0.0.1:{port}"
     if args.url is None:
-        env = {**os.environ, "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_LOGLEVEL": "warning"}
-        server = subprocess.Popen(
-            [str(ROOT / ".venv/bin/gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")], cwd=ROOT, env=env
-        )
+        env = {**os.environ, "WEB_HOST": "127.0.0.1", "WEB_PORT": str(port), "WEB_LOG_LEVEL": "warning"}
+        server = subprocess.Popen([str(ROOT / "scripts/serve")], cwd=ROOT, env=env)
     try:
         wait_for(url)
-        # Warm-up, not reported: every gunicorn worker imports and connects on its first requests.
+        # Warm-up, not reported: every server worker imports and connects on its first requests.
         warm, warm_lat, lock = Counter(), [], threading.Lock()
         warm_deadline = time.monotonic() + args.warmup
         warmers = [
