@@ -44,11 +44,15 @@ api_v1 = [
     path("event-types/<slug:code>", event_api.EventTypeDetailApi.as_view()),
 ]
 
-# Served first, without the middleware chain and DRF's dispatch (core/hotpath.py); the DRF views above serve the
-# same paths for whatever a hot view declines.
+# The till's hottest calls: their views' handlers are called without the middleware chain and DRF's dispatch
+# (core/hotpath.py); the routes above serve whatever the short way declines.
 hot_routes = [
-    HotRoute("POST", "/api/v1/transactions", loyalty_api.TransactionApi, loyalty_api.transaction_post_hot),
-    HotRoute("GET", "/api/v1/members/([^/]+)/balance", loyalty_api.BalanceApi, loyalty_api.balance_get_hot),
+    HotRoute("POST", "api/v1/transactions", loyalty_api.TransactionApi),
+    HotRoute("GET", "api/v1/members/<str:member_number>/balance", loyalty_api.BalanceApi),
+    HotRoute("POST", "api/v1/redemptions", rewards_redemptions.RedemptionApi),
+    HotRoute("POST", "api/v1/points/holds", rewards_holds.HoldApi),
+    HotRoute("POST", "api/v1/points/holds/<int:hold_id>/capture", rewards_holds.HoldCaptureApi),
+    HotRoute("POST", "api/v1/points/holds/<int:hold_id>/release", rewards_holds.HoldReleaseApi),
 ]
 
 urlpatterns = [

@@ -14,8 +14,6 @@ The routes are `hot_routes` in config/urls.py; `config/wsgi.py` wraps the Django
 import io
 import json
 import logging
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -27,6 +25,7 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.locale import LocaleMiddleware
 from django.middleware.security import SecurityMiddleware
+from django.urls.resolvers import RoutePattern
 from rest_framework.exceptions import ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
@@ -48,13 +47,22 @@ _renderer = JSONRenderer()
 
 @dataclass(frozen=True)
 class HotRoute:
-    """`view(request, client, *path groups)` serves `method` on `path` for a key with the scope that `api_view` (the
-    DRF view of the same path) asks, and answers with `api_view`'s Allow header."""
+    """`api_view`'s handler of `method` serves `path` (a route as in config/urls.py, from /api/) here, for a key with
+    the scope the view asks. The handler must read nothing of its request but `auth` (the API client) and
+    `data` (the parsed JSON body), and answer with a DRF Response; tests/test_hot_paths.py checks each route's
+    answers against the full stack's."""
 
     method: str
     path: str
     api_view: type[APIView]
-    view: Callable[..., HttpResponse]
+
+
+@dataclass(frozen=True)
+class _ApiRequest:
+    """What a hot route's DRF handler reads of its request."""
+
+    auth: ApiClient
+    data: object
 
 
 class HotPaths:
@@ -62,7 +70,9 @@ class HotPaths:
 
     def __init__(self, django_app, routes: list[HotRoute]):
         self.django_app = django_app
-        self.routes = [(route, re.compile(route.path), _allow_header(route.api_view)) for route in routes]
+        self.routes = [
+            (route, RoutePattern("/" + route.path, is_endpoint=True), _allow_header(route.api_view)) for route in routes
+        ]
         self.middleware = [m(lambda r: None) for m in _MIDDLEWARE]
         missing = {m.__module__ + "." + m.__name__ for m in _MIDDLEWARE} - set(settings.MIDDLEWARE)
         assert not missing, f"hot paths run middleware the full stack does not: {missing}"
@@ -81,26 +91,30 @@ class HotPaths:
         start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
         return response  # the server calls close(), which sends request_finished
 
-    def route(self, environ) -> tuple[HotRoute, str, tuple] | None:
-        """The hot route for this request, its Allow header and its path groups; None if there is none."""
+    def route(self, environ) -> tuple[HotRoute, str, dict] | None:
+        """The hot route for this request, its Allow header and its path's arguments; None if there is none."""
         if environ.get("HTTP_IDEMPOTENCY_KEY") is not None or environ.get("HTTP_ACCEPT", "").strip() not in _ACCEPTED:
             return None
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         for route, pattern, allow in self.routes:
-            match = pattern.fullmatch(path) if route.method == method else None
+            match = pattern.match(path) if route.method == method else None
             if match is not None:
-                return route, allow, match.groups()
+                return route, allow, match[2]
         return None
 
-    def respond(self, environ, matched: tuple[HotRoute, str, tuple]) -> HttpResponse | None:
+    def respond(self, environ, matched: tuple[HotRoute, str, dict]) -> HttpResponse | None:
         """The hot view's response, or None when the full stack is to answer; then the body it read is given back."""
-        route, allow, args = matched
+        route, allow, kwargs = matched
         request = WSGIRequest(environ)
         try:
             for middleware in self.middleware:
                 if hasattr(middleware, "process_request") and middleware.process_request(request) is not None:
                     raise Decline  # a redirect to HTTPS or to a trailing slash: the full stack's to give
-            response = route.view(request, _client(request, route.api_view.scopes[route.method]), *args)
+            client = _client(request, route.api_view.scopes[route.method])
+            handler = getattr(route.api_view(), route.method.lower())
+            answer = handler(_ApiRequest(client, _json_body(request)), **kwargs)
+            response = HttpResponse(_renderer.render(answer.data), status=answer.status_code, headers=answer.headers)
+            response["Content-Type"] = "application/json"
         except (Decline, DisallowedHost, ValidationError, ApplicationError):
             response = None  # the full stack answers with its problem
         except Exception:
@@ -136,8 +150,10 @@ def _client(request: WSGIRequest, scope: str) -> ApiClient:
     return client
 
 
-def hot_json_body(request: WSGIRequest):
-    """The request's JSON body, as DRF's JSONParser reads it; declined when it is not JSON."""
+def _json_body(request: WSGIRequest):
+    """The request's JSON body as DRF's JSONParser reads it ({} when there is none); declined when it is not JSON."""
+    if not request.META.get("CONTENT_LENGTH") or request.META["CONTENT_LENGTH"] == "0":
+        return {}
     if request.META.get("CONTENT_TYPE", "").replace(" ", "").lower() not in _JSON_TYPES:
         raise Decline
     try:
@@ -148,8 +164,3 @@ def hot_json_body(request: WSGIRequest):
 
 def _refuse_constant(name: str):
     raise ValueError(f"Out of range float value {name}")  # NaN and Infinity, as DRF's JSONParser refuses them
-
-
-def hot_response(data, status: int = 200) -> HttpResponse:
-    """`data` rendered as DRF's JSONRenderer renders it for the full stack."""
-    return HttpResponse(_renderer.render(data), status=status, content_type="application/json")

@@ -6,14 +6,12 @@ from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
-from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.errors import ApplicationError, MemberNotFound, Unprocessable, problem_for
-from core.hotpath import hot_json_body, hot_response
 from core.models import ApiClient, Program
 from core.money import CURRENCIES
 from core.pagination import CursorPagination
@@ -300,12 +298,6 @@ class TransactionApi(APIView):
         return Response(_transaction_output(result), status=201 if result.created else 200)
 
 
-def transaction_post_hot(request, client: ApiClient) -> HttpResponse:
-    """TransactionApi.post on the hot path (core/hotpath.py): the same work, without the framework around it."""
-    result = _record(client, _transaction_input(client.program, hot_json_body(request)))
-    return hot_response(_transaction_output(result), status=201 if result.created else 200)
-
-
 class TransactionPreviewApi(APIView):
     scopes = {"POST": "transactions:write"}
 
@@ -367,26 +359,22 @@ class BalanceApi(APIView):
 
     @extend_schema(responses=OutputSerializer)
     def get(self, request, member_number: str):
-        return Response(_balance_body(request.auth.program, member_number))
-
-
-def balance_get_hot(request, client: ApiClient, member_number: str) -> HttpResponse:
-    """BalanceApi.get on the hot path (core/hotpath.py)."""
-    return hot_response(_balance_body(client.program, member_number))
-
-
-def _balance_body(program: Program, member_number: str) -> dict:
-    member = member_get(program=program, member_number=member_number)
-    balance = balance_get(member=member)
-    return {
-        "member": member.member_number,
-        "available": balance.available,
-        "held": balance.held,
-        "pending": balance.pending,
-        "lifetime_earned": balance.lifetime_earned,
-        "expiring": [{"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring],
-        **tier_balance_fields(member=member, program=program),
-    }
+        program = request.auth.program
+        member = member_get(program=program, member_number=member_number)
+        balance = balance_get(member=member)
+        return Response(
+            {
+                "member": member.member_number,
+                "available": balance.available,
+                "held": balance.held,
+                "pending": balance.pending,
+                "lifetime_earned": balance.lifetime_earned,
+                "expiring": [
+                    {"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring
+                ],
+                **tier_balance_fields(member=member, program=program),
+            }
+        )
 
 
 class ActivityPagination(CursorPagination):

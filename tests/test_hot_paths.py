@@ -8,11 +8,14 @@ import json
 
 import pytest
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from core.models import IdempotencyRecord
 from loyalty.models import Account, Entry, Lot, Transaction
+from loyalty.points import points_adjust
 from loyalty.verify import ledger_verify
+from rewards.services.catalogue import reward_create
 from tests.clients import APIClient
 
 URL = "/api/v1/transactions"
@@ -196,6 +199,59 @@ def test_a_plain_purchase_is_two_statements_the_member_and_one_that_writes_it_al
     assert response.status_code == 201 and response.served_hot
     assert response.json()["balance"] == {"available": 130, "pending": 0}
     assert Entry.objects.filter(transaction__external_id="R-2").get().lot.remaining == 10
+    assert ledger_verify() == []
+
+
+# Values that differ between two runs of the same request: new ids, random codes, the clock.
+_RUN_SPECIFIC = {"id", "hold_id", "code", "created_at", "expires_at", "closed_at"}
+
+
+def _same_answer(hot, full):
+    def normal(value):
+        if isinstance(value, dict):
+            return {k: "…" if k in _RUN_SPECIFIC else normal(v) for k, v in value.items()}
+        return value
+
+    assert hot.status_code == full.status_code
+    assert getattr(hot, "served_hot", False) and not getattr(full, "served_hot", False)
+    assert normal(hot.json()) == normal(full.json())
+    assert {**_headers(hot), "Content-Length": "…"} == {**_headers(full), "Content-Length": "…"}
+
+
+def _both_ways(settings, request):
+    """`request()` served hot, then, with the database rolled back to before it, by the full stack."""
+    with transaction.atomic():
+        before = transaction.savepoint()
+        hot = request()
+        transaction.savepoint_rollback(before)
+        settings.HOT_PATHS = False
+        full = request()
+        settings.HOT_PATHS = True
+    return hot, full
+
+
+def test_redemptions_and_holds_served_hot_answer_as_the_full_stack(api, member, program, settings):
+    # given
+    points_adjust(member=member, points=1000, reason="seed")
+    reward_create(program=program, code="coffee", kind="product", points_cost=120, name_en="Coffee")
+    number = member.member_number
+    hold = api.post("/api/v1/points/holds", {"member": number, "points": 200, "store": "S1"}, format="json").json()
+    hold_url = f"/api/v1/points/holds/{hold['hold_id']}"
+    # when / then
+    for request in (
+        lambda: api.post("/api/v1/redemptions", {"member": number, "reward": "coffee"}, format="json"),
+        lambda: api.post("/api/v1/points/holds", {"member": number, "points": 50, "store": "S2"}, format="json"),
+        lambda: api.post(f"{hold_url}/capture", {"external_id": "R-9", "points": 150}, format="json"),
+        lambda: api.post(f"{hold_url}/release"),
+        # declined: the full stack answers both times
+        lambda: api.post("/api/v1/redemptions", {"member": number, "reward": "nope"}, format="json"),
+        lambda: api.post(f"{hold_url}x/release"),
+    ):
+        hot, full = _both_ways(settings, request)
+        if hot.status_code < 400:
+            _same_answer(hot, full)
+        else:
+            assert not getattr(hot, "served_hot", False) and hot.content == full.content
     assert ledger_verify() == []
 
 
