@@ -1,5 +1,7 @@
 """Plain-cursor reads for hot paths: compiling an ORM query costs several times the query itself there."""
 
+from datetime import datetime
+from decimal import Decimal
 from functools import cache
 
 from django.db import connection, models
@@ -22,24 +24,41 @@ def fetch_instance(model: type[Model], where: str, params: list):
     return None if row is None else model.from_db(connection.alias, columns, row)
 
 
-# Field types whose Python value the driver takes as it is; every other field is prepared by Django.
+# Field types whose Python value the driver takes as it is; every other field is prepared by Django, but for
+# aware datetimes and Decimals on PostgreSQL, which Django's preparation hands to psycopg unchanged anyway.
 _PLAIN = (models.CharField, models.TextField, models.IntegerField, models.BooleanField, models.ForeignKey)
+_AS_IS, _NATIVE_ON_POSTGRESQL, _PREPARE = "as is", "native on postgresql", "prepare"
 
 
 @cache
 def insert_plan(model: type[Model], omit: frozenset[str] = frozenset()) -> tuple[list, str]:
-    """The fields an INSERT writes (all but the primary key and `omit`) and their quoted column list."""
+    """The fields an INSERT writes (all but the primary key and `omit`), how each value is prepared, and their
+    quoted column list."""
     fields = [f for f in model._meta.concrete_fields if not f.primary_key and f.name not in omit]
-    plan = [
-        (f, isinstance(f, _PLAIN) and not getattr(f, "auto_now", False) and not getattr(f, "auto_now_add", False))
-        for f in fields
-    ]
-    return plan, ", ".join(connection.ops.quote_name(f.column) for f in fields)
+
+    def how(f) -> str:
+        if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
+            return _PREPARE
+        if isinstance(f, _PLAIN):
+            return _AS_IS
+        if isinstance(f, models.DateTimeField | models.DecimalField) and connection.vendor == "postgresql":
+            return _NATIVE_ON_POSTGRESQL
+        return _PREPARE
+
+    return [(f, how(f)) for f in fields], ", ".join(connection.ops.quote_name(f.column) for f in fields)
 
 
 def insert_params(instance: Model, plan: list) -> list:
     """The values of `instance` for an INSERT of the planned fields, as Django's own INSERT would send them."""
-    return [
-        getattr(instance, f.attname) if plain else f.get_db_prep_save(f.pre_save(instance, add=True), connection)
-        for f, plain in plan
-    ]
+    params = []
+    for f, how in plan:
+        value = getattr(instance, f.attname)
+        if how is _AS_IS or (how is _NATIVE_ON_POSTGRESQL and _native(value)):
+            params.append(value)
+        else:
+            params.append(f.get_db_prep_save(f.pre_save(instance, add=True), connection))
+    return params
+
+
+def _native(value) -> bool:
+    return value is None or isinstance(value, Decimal) or (isinstance(value, datetime) and value.tzinfo is not None)
