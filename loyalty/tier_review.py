@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from django.db import connection, transaction
 
+from core.db import batch_statements
 from core.models import Program
 from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
 from loyalty.tier_windows import current_window_start, first_review_at, next_review_at, review_window
@@ -30,6 +31,7 @@ class ReviewResult:
         )
 
 
+@batch_statements()
 def tiers_review_due(*, now: datetime, batch_size: int = 10_000, set_based: bool | None = None) -> ReviewResult:
     """Review every member whose review (plus grace) is due at `now`, and end manual tiers past their end date.
     Safe to run twice or concurrently; each batch commits on its own."""

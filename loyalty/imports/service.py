@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from django.utils import timezone
 
+from core.db import batch_statements
 from core.models import Program
 from loyalty.imports.report import ImportReport
 from loyalty.imports.rows import Row, RowInvalid, RowParser
@@ -15,6 +16,7 @@ from loyalty.models import Transaction
 from members.models import Member
 
 
+@batch_statements()
 def transactions_import(
     *,
     program: Program,

@@ -4,6 +4,7 @@ from datetime import datetime
 
 from django.db import transaction
 
+from core.db import batch_statements
 from loyalty.models import Account, Draw, Entry, Lot
 
 
@@ -15,6 +16,7 @@ def _due_accounts(lots_due) -> list[int]:
     )
 
 
+@batch_statements()
 def ledger_mature_due(*, now: datetime, batch_size: int = 1000) -> int:
     """Make pending lots whose time has come available; settles negative balances from them. Returns how many
     lots matured. Works in batches of `batch_size` lots, each its own transaction; safe to run twice or
@@ -46,6 +48,7 @@ def ledger_mature_due(*, now: datetime, batch_size: int = 1000) -> int:
             done += len(lots)
 
 
+@batch_statements()
 def ledger_expire_due(*, now: datetime, batch_size: int = 1000) -> int:
     """Expire what is left of lots whose expiry has passed, one expire entry per lot. Returns how many lots
     expired. Batched and safe to run twice or concurrently, like ledger_mature_due."""

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from django.db import connection, transaction
 from django.utils import timezone
 
+from core.db import batch_statements
 from core.errors import InvalidInput, MemberNotActive
 from core.models import ApiClient
 from loyalty import ledger
@@ -156,6 +157,7 @@ def hold_release(*, hold: Hold, now: datetime | None = None) -> HoldResult:
     return HoldResult(hold, ledger.ledger_balance(member_id=hold.member_id))
 
 
+@batch_statements()
 def holds_lapse_due(*, now: datetime, batch_size: int = 1000) -> int:
     """Lapse open holds past their time, giving their points back. Returns how many lapsed. Each hold is claimed by
     compare-and-set in its own short transaction, so the job is safe to run twice or concurrently, and a till
