@@ -456,3 +456,19 @@ def test_command_with_bad_rows_fails_unless_skip_invalid(program, tmp_path, caps
     assert not Transaction.objects.exists()
     call_command("import_transactions", str(path), "--no-progress", "--skip-invalid")
     assert Transaction.objects.count() == 2
+
+
+def test_batch_work_binds_client_side_and_prepares_nothing_then_restores_the_connection(db):
+    """Imports and jobs run their statements many times with arrays of very different sizes: prepared, PostgreSQL
+    may plan them for a guessed size (core.db.batch_statements)."""
+    from django.db import connection
+
+    from core.db import batch_statements
+
+    connection.ensure_connection()
+    factory, threshold = connection.connection.cursor_factory, connection.connection.prepare_threshold
+    with batch_statements(), connection.cursor() as cursor:
+        assert type(cursor.cursor).__name__ == "Cursor"  # Django's client-side binding cursor
+        assert connection.connection.prepare_threshold is None
+    assert (connection.connection.cursor_factory, connection.connection.prepare_threshold) == (factory, threshold)
+    assert threshold == 5  # the hot paths' statements are prepared
