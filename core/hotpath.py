@@ -1,15 +1,17 @@
 """The till's hottest calls served without Django's middleware chain and DRF's dispatch.
 
 Going through nine middlewares, URL resolution, DRF's request wrapping, content negotiation and rendering costs about
-1 ms of CPU per request on a 2-core machine, more than the database work of a purchase. A hot route's view is a plain
-function that runs the same service code as its DRF view and answers only the plain success case: a known key with
-the scope, a JSON body that validates, no `Idempotency-Key`. Anything else it declines (raises Decline, or any
-error), and the request goes to the full Django stack unchanged, its body given back. So every error, 4xx and 5xx,
-comes from one place and reads the same whichever way the request came in. A view's writes run in one database
-transaction, so a declined attempt leaves nothing behind; the full stack then runs the request from the start.
+1 ms of CPU per request on a 2-core machine, more than the database work of a purchase. For a hot route, its DRF
+view's handler is called directly with the API client and the parsed JSON body, inside the middlewares whose work
+shows in the answer (Idempotency-Key handling among them). Only the plain success case is answered here: a known key
+with the scope, a JSON body, a handler that succeeds. Anything else is declined (Decline, or any error) and the
+request goes to the full Django stack unchanged, its body given back, so every error, 4xx and 5xx, comes from one
+place and reads the same whichever way the request came in. A handler's writes are one statement or one database
+transaction, so a declined attempt leaves nothing behind, and its Idempotency-Key claim is given back; the full stack
+then runs the request from the start.
 
 The routes are `hot_routes` in config/urls.py; `config/wsgi.py` wraps the Django application in `HotPaths` unless
-`HOT_PATHS=false`. The tests' API client goes through them too (tests/conftest.py)."""
+`HOT_PATHS=false`. The tests' API client goes through them too (tests/clients.py)."""
 
 import io
 import json
@@ -32,16 +34,19 @@ from rest_framework.views import APIView
 
 from core.auth import api_client_for_key, raw_key_from_header
 from core.errors import ApplicationError
+from core.idempotency import IdempotencyMiddleware
 from core.models import ApiClient
 
 logger = logging.getLogger(__name__)
 
 _ACCEPTED = frozenset(["", "*/*", "application/json"])
 _JSON_TYPES = frozenset(["application/json", "application/json;charset=utf-8"])
-# The middlewares of settings.MIDDLEWARE whose work shows in an API answer, run here as in the full stack: security
-# headers, Content-Language, ALLOWED_HOSTS and Content-Length, X-Frame-Options. The others do nothing for these
-# requests: no session, user, message or CSRF token is used, and one with an Idempotency-Key is not taken.
-_MIDDLEWARE = (SecurityMiddleware, LocaleMiddleware, CommonMiddleware, XFrameOptionsMiddleware)
+# The middlewares of settings.MIDDLEWARE whose work shows in an API answer, run here in the same order as in the full
+# stack: security headers, Content-Language, ALLOWED_HOSTS and Content-Length; then Idempotency-Key handling around
+# the view; then X-Frame-Options. The others do nothing for these requests: no session, user, message or CSRF token
+# is used.
+_OUTER = (SecurityMiddleware, LocaleMiddleware, CommonMiddleware)
+_INNER = (XFrameOptionsMiddleware,)
 _renderer = JSONRenderer()
 
 
@@ -73,9 +78,11 @@ class HotPaths:
         self.routes = [
             (route, RoutePattern("/" + route.path, is_endpoint=True), _allow_header(route.api_view)) for route in routes
         ]
-        self.middleware = [m(lambda r: None) for m in _MIDDLEWARE]
-        missing = {m.__module__ + "." + m.__name__ for m in _MIDDLEWARE} - set(settings.MIDDLEWARE)
-        assert not missing, f"hot paths run middleware the full stack does not: {missing}"
+        self.outer = [m(lambda r: None) for m in _OUTER]
+        self.inner = [m(lambda r: None) for m in _INNER]
+        order = [f"{m.__module__}.{m.__name__}" for m in (*_OUTER, IdempotencyMiddleware, *_INNER)]
+        positions = [settings.MIDDLEWARE.index(name) for name in order if name in settings.MIDDLEWARE]
+        assert len(positions) == len(order) and positions == sorted(positions), "hot paths run other middleware"
 
     def __call__(self, environ, start_response):
         route = self.route(environ)
@@ -93,7 +100,7 @@ class HotPaths:
 
     def route(self, environ) -> tuple[HotRoute, str, dict] | None:
         """The hot route for this request, its Allow header and its path's arguments; None if there is none."""
-        if environ.get("HTTP_IDEMPOTENCY_KEY") is not None or environ.get("HTTP_ACCEPT", "").strip() not in _ACCEPTED:
+        if environ.get("HTTP_ACCEPT", "").strip() not in _ACCEPTED:
             return None
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         for route, pattern, allow in self.routes:
@@ -106,15 +113,23 @@ class HotPaths:
         """The hot view's response, or None when the full stack is to answer; then the body it read is given back."""
         route, allow, kwargs = matched
         request = WSGIRequest(environ)
-        try:
-            for middleware in self.middleware:
-                if hasattr(middleware, "process_request") and middleware.process_request(request) is not None:
-                    raise Decline  # a redirect to HTTPS or to a trailing slash: the full stack's to give
+
+        def view(request) -> HttpResponse:
             client = _client(request, route.api_view.scopes[route.method])
             handler = getattr(route.api_view(), route.method.lower())
             answer = handler(_ApiRequest(client, _json_body(request)), **kwargs)
             response = HttpResponse(_renderer.render(answer.data), status=answer.status_code, headers=answer.headers)
-            response["Content-Type"] = "application/json"
+            response["Content-Type"], response["Allow"] = "application/json", allow
+            for middleware in reversed(self.inner):
+                response = middleware.process_response(request, response)
+            return response
+
+        try:
+            for middleware in self.outer:
+                if middleware.process_request(request) is not None:
+                    raise Decline  # a redirect to HTTPS or to a trailing slash: the full stack's to give
+            # A declined view raises through it, which gives the key's claim back for the full stack to take.
+            response = IdempotencyMiddleware(view)(request)
         except (Decline, DisallowedHost, ValidationError, ApplicationError):
             response = None  # the full stack answers with its problem
         except Exception:
@@ -124,8 +139,7 @@ class HotPaths:
             if request._read_started:
                 environ["wsgi.input"] = io.BytesIO(request.body)
             return None
-        response["Allow"] = allow
-        for middleware in reversed(self.middleware):
+        for middleware in reversed(self.outer):
             response = middleware.process_response(request, response)
         response.wsgi_request = request  # as Django's test client handler does, for tests
         return response

@@ -151,13 +151,34 @@ def test_what_the_hot_path_declines_the_full_stack_answers_and_nothing_is_writte
     assert _snapshot() == before
 
 
-def test_a_request_with_an_idempotency_key_goes_the_full_way_and_is_recorded(api, member):
-    # when
-    response = _post(api, _purchase(member), HTTP_IDEMPOTENCY_KEY="k-1")
+def test_an_idempotency_key_is_honoured_on_the_hot_path_and_its_replay_reads_as_the_full_stacks(api, member, settings):
+    # given
+    body = _purchase(member)
+    # when: the first request served hot, its repeat both ways, and a reuse of the key with another body
+    hot = _post(api, body, HTTP_IDEMPOTENCY_KEY="k-1")
+    hot_replay = _post(api, body, HTTP_IDEMPOTENCY_KEY="k-1")
+    settings.HOT_PATHS = False
+    full_replay = _post(api, body, HTTP_IDEMPOTENCY_KEY="k-1")
+    settings.HOT_PATHS = True
+    reused = _post(api, {**body, "total": "1.00", "lines": []}, HTTP_IDEMPOTENCY_KEY="k-1")
     # then
-    assert response.status_code == 201
-    assert not getattr(response, "served_hot", False)
+    assert hot.status_code == hot_replay.status_code == full_replay.status_code == 201
+    assert hot.served_hot and hot_replay.served_hot
+    assert hot.content == hot_replay.content == full_replay.content
+    assert hot_replay["Idempotent-Replayed"] == "true"
+    assert _headers(hot_replay) == _headers(full_replay)
+    assert reused.status_code == 422 and reused.json()["code"] == "idempotency_key_reused"
     assert IdempotencyRecord.objects.filter(key="k-1", status_code=201).count() == 1
+    assert Transaction.objects.count() == 1
+
+
+def test_a_declined_request_gives_its_idempotency_key_back_for_the_full_stack(api, member):
+    # when: the hot path declines (unknown member) after the key was claimed
+    response = _post(api, {**_purchase(member), "member": "0000000000"}, HTTP_IDEMPOTENCY_KEY="k-2")
+    # then: the full stack claimed it anew and stored its 422
+    assert response.status_code == 422 and not getattr(response, "served_hot", False)
+    assert IdempotencyRecord.objects.filter(key="k-2", status_code=422).count() == 1
+    assert Transaction.objects.count() == 0
 
 
 def test_a_hot_attempt_that_fails_midway_leaves_nothing_and_the_full_stack_records_the_purchase_once(
