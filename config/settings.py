@@ -174,7 +174,8 @@ API_CLIENT_CACHE_SECONDS = env.int("API_CLIENT_CACHE_SECONDS", default=5)
 LEDGER_BATCH_SIZE = env.int("LEDGER_BATCH_SIZE", default=1000)
 TIER_REVIEW_BATCH_SIZE = env.int("TIER_REVIEW_BATCH_SIZE", default=10000)
 TRANSACTION_BATCH_MAX = 1000
-# Serve the till's hottest calls (purchase, balance) without the middleware chain and DRF dispatch: core/hotpath.py.
+# Serve the till's hottest calls (hot_routes in config/urls.py) without the middleware chain and DRF dispatch:
+# core/hotpath.py.
 HOT_PATHS = env.bool("HOT_PATHS", default=True)
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")

@@ -71,7 +71,7 @@ class _ApiRequest:
 
 
 class HotPaths:
-    """WSGI application: requests matching a hot route go to its view; all others, and those it declines, to Django."""
+    """WSGI application: requests matching a hot route are answered here; all others, and those declined, by Django."""
 
     def __init__(self, django_app, routes: list[HotRoute]):
         self.django_app = django_app
@@ -152,7 +152,7 @@ def _allow_header(api_view: type[APIView]) -> str:
 
 
 class Decline(Exception):
-    """Raised by a hot view: the full stack is to answer this request."""
+    """The full stack is to answer this request."""
 
 
 def _client(request: WSGIRequest, scope: str) -> ApiClient:
