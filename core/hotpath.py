@@ -14,7 +14,6 @@ The routes are `hot_routes` in config/urls.py; `config/wsgi.py` wraps the Django
 `HOT_PATHS=false`. The tests' API client goes through them too (tests/clients.py)."""
 
 import io
-import json
 import logging
 from dataclasses import dataclass
 
@@ -28,7 +27,8 @@ from django.middleware.common import CommonMiddleware
 from django.middleware.locale import LocaleMiddleware
 from django.middleware.security import SecurityMiddleware
 from django.urls.resolvers import RoutePattern
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import ParseError, ValidationError
+from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
@@ -47,7 +47,7 @@ _JSON_TYPES = frozenset(["application/json", "application/json;charset=utf-8"])
 # is used.
 _OUTER = (SecurityMiddleware, LocaleMiddleware, CommonMiddleware)
 _INNER = (XFrameOptionsMiddleware,)
-_renderer = JSONRenderer()
+_parser, _renderer = JSONParser(), JSONRenderer()
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,6 @@ def _json_body(request: WSGIRequest):
     if request.META.get("CONTENT_TYPE", "").replace(" ", "").lower() not in _JSON_TYPES:
         raise Decline
     try:
-        return json.loads(request.body.decode(), parse_constant=_refuse_constant)
-    except ValueError:
+        return _parser.parse(io.BytesIO(request.body))
+    except ParseError:
         raise Decline from None
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"Out of range float value {name}")  # NaN and Infinity, as DRF's JSONParser refuses them

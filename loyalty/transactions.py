@@ -134,6 +134,16 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
     txn = _new_transaction(
         program, data, api_client, now, member=member, points=points, breakdown=[a.as_line() for a in awards]
     )
+    # What the purchase's credit is, whichever way it is written.
+    credit = {
+        "member_id": member.pk if member else None,
+        "kind": Entry.Kind.EARN,
+        "occurred_at": data.occurred_at,
+        "available_from": earning.available_from,
+        "expires_at": earning.expires_at,
+        "now": now,
+        "api_client": api_client,
+    }
     if (
         points
         and connection.vendor == "postgresql"
@@ -142,24 +152,14 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
         and not program.has_tiers
     ):
         # The common purchase, which touches nothing but the transaction and the ledger: one statement.
-        entry = ledger.ledger_credit_new_transaction(
-            txn=txn,
-            member_id=member.pk,
-            kind=Entry.Kind.EARN,
-            points=points,
-            occurred_at=data.occurred_at,
-            available_from=earning.available_from,
-            expires_at=earning.expires_at,
-            now=now,
-            api_client=api_client,
-        )
+        entry = ledger.ledger_credit_new_transaction(txn=txn, points=points, **credit)
         if entry is not None:
             return _result(txn, created=True, entry=entry)
-    return _record_purchase_in_steps(program, data, txn, awards, earning, api_client, now)
+    return _record_purchase_in_steps(program, data, txn, awards, credit, now)
 
 
 @transaction.atomic
-def _record_purchase_in_steps(program, data, txn, awards, earning, api_client, now) -> TransactionResult:
+def _record_purchase_in_steps(program, data, txn, awards, credit: dict, now) -> TransactionResult:
     member, points = data.member, txn.points
     txn.pk = _insert_ignoring_conflict(txn)
     if txn.pk is None:
@@ -176,17 +176,7 @@ def _record_purchase_in_steps(program, data, txn, awards, earning, api_client, n
             points = txn.points
     entry = None
     if points:
-        entry = ledger.ledger_credit(
-            member_id=member.pk,
-            kind=Entry.Kind.EARN,
-            points=points,
-            occurred_at=data.occurred_at,
-            available_from=earning.available_from,
-            expires_at=earning.expires_at,
-            now=now,
-            transaction=txn,
-            api_client=api_client,
-        )
+        entry = ledger.ledger_credit(points=points, transaction=txn, **credit)
     if member is not None and program.has_tiers:
         tiers.tier_on_transaction(transaction=txn, now=now)
     return _result(txn, created=True, entry=entry)

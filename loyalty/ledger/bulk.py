@@ -5,7 +5,7 @@ from datetime import datetime
 from django.db import connection, transaction
 from django.utils import timezone
 
-from loyalty.ledger.core import EARNED_KINDS, ledger_credit, ledger_lock
+from loyalty.ledger.core import LIFETIME_KINDS, ledger_credit, ledger_lock
 from loyalty.models import Account, Draw, Entry, Lot
 
 _CREDIT_FIELDS = frozenset({"transaction_id", "api_client_id", "staff_user_id", "reason"})
@@ -101,7 +101,7 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
                 balance[1] += points
             earned = kinds.get(kind)
             if earned is None:
-                earned = kinds[kind] = (str(kind), kind in EARNED_KINDS or kind == Entry.Kind.ADJUST)
+                earned = kinds[kind] = (str(kind), kind in LIFETIME_KINDS)
             if earned[1]:
                 balance[2] += points
             settle = min(points, max(0, points - balance[0])) if matured else 0

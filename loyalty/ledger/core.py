@@ -11,8 +11,10 @@ from core.db import insert_params, insert_plan
 from core.errors import InsufficientPoints
 from loyalty.models import Account, Draw, Entry, Lot
 
-# What lifetime_earned counts, plus positive adjustments. Bonus points (events, referrals) are earned too.
+# Points earned; bonus points (events, referrals) are earned too.
 EARNED_KINDS = (Entry.Kind.EARN, Entry.Kind.REVERSAL, Entry.Kind.BONUS)
+# Credits of these kinds add to lifetime_earned: what is earned, and positive adjustments.
+LIFETIME_KINDS = (*EARNED_KINDS, Entry.Kind.ADJUST)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def ledger_credit(
         member_id,
         available=points if matured else 0,
         pending=0 if matured else points,
-        lifetime=points if kind in EARNED_KINDS or kind == Entry.Kind.ADJUST else 0,
+        lifetime=points if kind in LIFETIME_KINDS else 0,
     )
     entry = Entry(
         account_id=member_id,
@@ -200,7 +202,7 @@ def ledger_credit_new_transaction(
     assert points > 0 and connection.vendor == "postgresql"
     matured = available_from <= now
     added = (points, 0) if matured else (0, points)
-    lifetime = points if kind in EARNED_KINDS or kind == Entry.Kind.ADJUST else 0
+    lifetime = points if kind in LIFETIME_KINDS else 0
     entry = Entry(account_id=member_id, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     r_plan, r_columns = insert_plan(type(txn))
     e_plan, e_columns = insert_plan(Entry)
