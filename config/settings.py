@@ -173,6 +173,7 @@ API_KEY_HASH_SECRET = env.str("API_KEY_HASH_SECRET", default=SECRET_KEY)
 API_CLIENT_CACHE_SECONDS = env.int("API_CLIENT_CACHE_SECONDS", default=5)
 LEDGER_BATCH_SIZE = env.int("LEDGER_BATCH_SIZE", default=1000)
 TIER_REVIEW_BATCH_SIZE = env.int("TIER_REVIEW_BATCH_SIZE", default=10000)
+TIER_REVIEW_WORKERS = env.int("TIER_REVIEW_WORKERS", default=2)
 TRANSACTION_BATCH_MAX = 1000
 # Serve the till's hottest calls (hot_routes in config/urls.py) without the middleware chain and DRF dispatch:
 # core/hotpath.py.

@@ -5,11 +5,15 @@ manual tiers past their end fall back to what the window supports.
 Set-based on PostgreSQL: one statement per batch claims the due rows in primary-key order (FOR UPDATE SKIP LOCKED),
 sums their counters over each member's own window, decides, updates and writes the history rows. A reviewed member's
 review date moves a period on, so a second run finds nothing to do, and concurrent runs skip each other's rows.
+The members are split into `workers` ranges of member ids reviewed at once, each in its own thread and database
+connection (settings.TIER_REVIEW_WORKERS): one statement keeps one PostgreSQL core busy.
 Other databases (the embedded SQLite default) run the same rules row by row through loyalty.tier_windows."""
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import connection, transaction
 
 from core.db import batch_statements
@@ -32,24 +36,65 @@ class ReviewResult:
 
 
 @batch_statements()
-def tiers_review_due(*, now: datetime, batch_size: int = 10_000, set_based: bool | None = None) -> ReviewResult:
+def tiers_review_due(
+    *, now: datetime, batch_size: int = 10_000, set_based: bool | None = None, workers: int | None = None
+) -> ReviewResult:
     """Review every member whose review (plus grace) is due at `now`, and end manual tiers past their end date.
-    Safe to run twice or concurrently; each batch commits on its own."""
+    Safe to run twice or concurrently; each batch commits on its own. Inside a database transaction (or with one
+    worker, or row by row) the ranges are reviewed one after another in this connection: other connections would
+    not see the transaction's rows."""
     if set_based is None:
         set_based = connection.vendor == "postgresql"
+    workers = settings.TIER_REVIEW_WORKERS if workers is None else workers
+    parallel = set_based and workers > 1 and not connection.in_atomic_block
     result = ReviewResult()
     for program in Program.objects.order_by("pk"):
         result += _expire_manual(program, now, batch_size)
-        review = _review_batch_sql if set_based else _review_batch_rows
-        after = 0
-        while True:
-            with transaction.atomic():
-                reviewed, changed, last = review(program, now, batch_size, after)
-            result += ReviewResult(reviewed=reviewed, changed=changed)
-            if last is None:
-                break
-            after = last
+        ranges = _id_ranges(workers if parallel else 1)
+        if len(ranges) == 1:
+            result += _review_range(program, now, batch_size, set_based, ranges[0])
+            continue
+        with ThreadPoolExecutor(len(ranges), thread_name_prefix="tier-review") as pool:
+            parts = [pool.submit(_review_range_in_thread, program, now, batch_size, ids) for ids in ranges]
+            for part in parts:
+                result += part.result()
     return result
+
+
+def _id_ranges(count: int) -> list[tuple[int, int | None]]:
+    """`count` ranges (after, up to) of member ids that together hold every tier status; (0, None) for one.
+    Split by the ids' span (two index probes), not by what is due: due reviews spread over all ids."""
+    if count > 1:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT min(member_id), max(member_id) FROM {TierStatus._meta.db_table}")
+            low, high = cursor.fetchone()
+        if low is not None and high - low >= count:
+            bounds = [low - 1 + (high - low + 1) * k // count for k in range(count)] + [high]
+            return list(zip(bounds, bounds[1:], strict=False))
+    return [(0, None)]
+
+
+def _review_range(program: Program, now: datetime, batch_size: int, set_based: bool, ids) -> ReviewResult:
+    """Review the due members with ids in `ids` (after, up to; None: no end), batch by batch."""
+    review = _review_batch_sql if set_based else _review_batch_rows
+    after, upto = ids
+    result = ReviewResult()
+    while True:
+        with transaction.atomic():
+            reviewed, changed, last = review(program, now, batch_size, after, upto)
+        result += ReviewResult(reviewed=reviewed, changed=changed)
+        if last is None:
+            return result
+        after = last
+
+
+def _review_range_in_thread(program: Program, now: datetime, batch_size: int, ids) -> ReviewResult:
+    """_review_range on this thread's own database connection, closed when done."""
+    try:
+        with batch_statements():
+            return _review_range(program, now, batch_size, True, ids)
+    finally:
+        connection.close()
 
 
 def _measure_sql(program: Program) -> tuple[str, int]:
@@ -79,7 +124,9 @@ def _window_sql(program: Program) -> tuple[str, str]:
     )
 
 
-def _review_batch_sql(program: Program, now: datetime, batch_size: int, after: int) -> tuple[int, int, int | None]:
+def _review_batch_sql(
+    program: Program, now: datetime, batch_size: int, after: int, upto: int | None
+) -> tuple[int, int, int | None]:
     column, scale = _measure_sql(program)
     window_start, next_review = _window_sql(program)
     status, member, tier = TierStatus._meta.db_table, Member._meta.db_table, Tier._meta.db_table
@@ -92,7 +139,7 @@ WITH due AS (
            (m.enrolled_at AT TIME ZONE m.timezone)::date AS enrolled
     FROM {status} s JOIN {member} m ON m.id = s.member_id
     WHERE s.program_id = %(program)s AND s.review_at <= %(cutoff)s AND s.manual_until IS NULL
-      AND s.member_id > %(after)s
+      AND s.member_id > %(after)s AND (%(upto)s::bigint IS NULL OR s.member_id <= %(upto)s::bigint)
     ORDER BY s.member_id
     LIMIT %(batch)s
     FOR UPDATE OF s SKIP LOCKED
@@ -153,6 +200,7 @@ SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM hist), (SELECT max(memb
         "program": program.pk,
         "cutoff": now - timedelta(days=program.tier_grace_days),
         "after": after,
+        "upto": upto,
         "batch": batch_size,
         "grace": program.tier_grace_days,
         "scale": scale,
@@ -167,7 +215,9 @@ SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM hist), (SELECT max(memb
     return reviewed, changed, last
 
 
-def _review_batch_rows(program: Program, now: datetime, batch_size: int, after: int) -> tuple[int, int, int | None]:
+def _review_batch_rows(
+    program: Program, now: datetime, batch_size: int, after: int, upto: int | None
+) -> tuple[int, int, int | None]:
     """The same review, row by row: for databases without the SQL above, and as its reference in the tests."""
     from loyalty.tiers import _rank, _supported, measure_in_window, threshold_units, tier_info_list
 
@@ -180,6 +230,7 @@ def _review_batch_rows(program: Program, now: datetime, batch_size: int, after: 
             review_at__lte=now - timedelta(days=program.tier_grace_days),
             manual_until__isnull=True,
             member_id__gt=after,
+            **({"member_id__lte": upto} if upto is not None else {}),
         )
         .order_by("member_id")[:batch_size]
     )

@@ -77,3 +77,37 @@ def test_concurrent_reviews_review_each_member_once(program):
     assert sum(r.changed for r in results) == 40
     assert TierChange.objects.filter(reason="downgrade").count() == 40
     assert not TierStatus.objects.exclude(tier=None).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_review_in_parallel_ranges_does_what_one_connection_does(program):
+    # given: 30 members due for review, half of whom keep Gold; members with ids spread so that ranges split them
+    gold = tier_create(program=program, code="gold", name_en="Gold", rank=1, threshold=Decimal(1000))
+    members = [MemberFactory(program=program, enrolled_at=NOW - timedelta(days=400)) for _ in range(30)]
+    for i, m in enumerate(members):
+        _buy(program, m, "1000", key=f"p{i}", at=NOW)
+        if i % 2:
+            record(program, m, "1000", external_id=f"q{i}", at=NOW + timedelta(days=300))
+    due = TierStatus.objects.first().review_at + timedelta(hours=1)
+
+    def state():
+        statuses = TierStatus.objects.order_by("member_id").values_list("member_id", "tier_id", "review_at", "since")
+        history = TierChange.objects.order_by("member_id", "id").values_list("member_id", "from_tier_id", "to_tier_id")
+        return list(statuses), list(history)
+
+    before = state()
+    serial = tiers_review_due(now=due, batch_size=4, workers=1)
+    after_serial = state()
+    # put everything back as it was before the review
+    TierChange.objects.filter(reason="downgrade").delete()
+    for member_id, tier_id, review_at, since in before[0]:
+        TierStatus.objects.filter(member_id=member_id).update(tier_id=tier_id, review_at=review_at, since=since)
+    assert state() == before
+    # when
+    parallel = tiers_review_due(now=due, batch_size=4, workers=3)
+    # then: each member reviewed once, with the same outcome; no connection is left open by the workers
+    assert parallel == serial
+    assert (serial.reviewed, serial.changed) == (30, 15)
+    assert state() == after_serial
+    assert TierStatus.objects.filter(tier=gold).count() == 15
+    assert tiers_review_due(now=due, workers=3).reviewed == 0
