@@ -44,6 +44,7 @@ class EntryInline(admin.TabularInline):
         "points",
         "available_after",
         "pending_after",
+        "held_after",
         "reason",
         "transaction",
         "staff_user",

@@ -17,6 +17,7 @@ from core.money import CURRENCIES
 from core.pagination import CursorPagination
 from core.schema import listing
 from core.validation import validate
+from loyalty.ledger import Balance
 from loyalty.models import Entry, Transaction
 from loyalty.points import points_adjust
 from loyalty.selectors import balance_get, entry_list
@@ -264,6 +265,11 @@ def _record(client: ApiClient, data: TransactionInput) -> TransactionResult:
     return result
 
 
+def balance_output(balance: Balance) -> dict:
+    """A member's balances in an answer, as the balance endpoint counts them: held points are not available."""
+    return {"available": balance.spendable, "held": balance.held, "pending": balance.pending}
+
+
 def _transaction_output(result: TransactionResult, *, preview: bool = False) -> dict:
     txn = result.transaction
     points = {
@@ -281,9 +287,7 @@ def _transaction_output(result: TransactionResult, *, preview: bool = False) -> 
             "type": txn.kind,
             "member": txn.member.member_number if txn.member_id else None,
             "points": points,
-            "balance": {"available": result.balance.available, "pending": result.balance.pending}
-            if result.balance
-            else None,
+            "balance": balance_output(result.balance) if result.balance else None,
         }
     )
     return body
@@ -445,7 +449,7 @@ class AdjustmentApi(APIView):
                 "points": entry.points,
                 "reason": entry.reason,
                 "occurred_at": entry.occurred_at,
-                "balance": {"available": entry.available_after, "pending": entry.pending_after},
+                "balance": balance_output(Balance.after(entry)),
             },
             status=201,
         )

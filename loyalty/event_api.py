@@ -9,7 +9,7 @@ from rest_framework.views import APIView
 
 from core.errors import MemberNotFound, NotFound, Unprocessable
 from core.schema import listing
-from loyalty.api import AwareDateTimeField
+from loyalty.api import AwareDateTimeField, balance_output
 from loyalty.event_models import EventType, MemberEvent
 from loyalty.event_services import event_type_create, event_type_retire, event_type_update
 from loyalty.events import EventResult, event_record
@@ -43,7 +43,7 @@ class EventOutputSerializer(serializers.Serializer):
         return _OUTCOME_REASONS[result.event.outcome]
 
     def get_balance(self, result: EventResult) -> dict:
-        return {"available": result.balance.available, "pending": result.balance.pending}
+        return balance_output(result.balance)
 
 
 class EventApi(APIView):

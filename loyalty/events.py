@@ -15,7 +15,7 @@ from core.models import ApiClient, Program
 from loyalty import ledger
 from loyalty.earning import earning_for_purchase
 from loyalty.event_models import EventType, MemberEvent
-from loyalty.models import Account, Entry
+from loyalty.models import Entry
 from loyalty.rule_models import Period
 from loyalty.rules import period_start_at
 from loyalty.transactions import CLOCK_SKEW
@@ -135,7 +135,7 @@ def _record(program, member, event_type, external_id, occurred_at, attributes, a
             reason=f"Event: {event_type.name}"[:500],
         )
         MemberEvent.objects.filter(pk=event.pk).update(entry=event.entry)
-        balance = ledger.Balance(event.entry.available_after, event.entry.pending_after)
+        balance = ledger.Balance.after(event.entry)
     return EventResult(event=event, created=True, balance=balance)
 
 
@@ -158,8 +158,7 @@ def _replay(existing: MemberEvent, *, member, event_code, occurred_at, attribute
     if not same:
         raise EventMismatch(f"Event {existing.external_id} was already sent, with other content.")
     if existing.entry is not None:
-        balance = ledger.Balance(existing.entry.available_after, existing.entry.pending_after)
+        balance = ledger.Balance.after(existing.entry)
     else:
-        row = Account.objects.filter(pk=existing.member_id).values_list("available", "pending").first()
-        balance = ledger.Balance(*(row or (0, 0)))
+        balance = ledger.ledger_balance(member_id=existing.member_id)
     return EventResult(event=existing, created=False, balance=balance)

@@ -118,9 +118,11 @@ class Entry(models.Model):
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries", db_index=False)
     kind = models.CharField(max_length=10, choices=Kind.choices)
     points = models.BigIntegerField()
-    # Balances right after this entry, for statements and replayed responses.
+    # Balances right after this entry, for statements and replayed responses. Points held for a till (rewards:
+    # paying with points) are set aside, not moved: available_after counts them in, held_after says how many.
     available_after = models.BigIntegerField()
     pending_after = models.BigIntegerField()
+    held_after = models.BigIntegerField(default=0, db_default=0)
     occurred_at = models.DateTimeField()
     created_at = models.DateTimeField()
     transaction = models.ForeignKey(Transaction, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
@@ -149,6 +151,7 @@ class Entry(models.Model):
                 name="refund_names_its_spend",
             ),
             models.CheckConstraint(condition=Q(pending_after__gte=0), name="entry_pending_after_gte_0"),
+            models.CheckConstraint(condition=Q(held_after__gte=0), name="entry_held_after_gte_0"),
             models.CheckConstraint(condition=~Q(kind="adjust") | ~Q(reason=""), name="adjustment_has_reason"),
         ]
         indexes = [models.Index(fields=["account", "-occurred_at", "-id"])]

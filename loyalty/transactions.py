@@ -12,7 +12,7 @@ from core.errors import Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
 from loyalty import ledger, referrals, rules, tiers
 from loyalty.earning import earning_for_purchase, reversal_for_return
-from loyalty.models import Account, Entry, Transaction
+from loyalty.models import Entry, Transaction
 from members.models import Member
 
 # A till's clock may run a little ahead; beyond this a transaction "in the future" is refused.
@@ -327,13 +327,12 @@ def _replay(program: Program, data: TransactionInput) -> TransactionResult:
 def _result(txn: Transaction, *, created: bool, entry: Entry | None, forgiven: int = 0) -> TransactionResult:
     pending, available_at, balance = 0, None, None
     if entry is not None:
-        balance = ledger.Balance(entry.available_after, entry.pending_after)
+        balance = ledger.Balance.after(entry)
         lot = getattr(entry, "lot", None) if entry.kind == Entry.Kind.EARN else None
         if lot is not None and lot.available_from > entry.created_at:
             pending, available_at = entry.points, lot.available_from
     elif txn.member_id:
-        account = Account.objects.filter(pk=txn.member_id).values_list("available", "pending").first()
-        balance = ledger.Balance(*(account or (0, 0)))
+        balance = ledger.ledger_balance(member_id=txn.member_id)
     return TransactionResult(
         transaction=txn,
         created=created,

@@ -197,7 +197,7 @@ def test_post_events_answers_201_then_200_with_the_same_body(api, program, membe
     # then
     assert first.status_code == 201, first.content
     assert first.json()["points"] == 25
-    assert first.json()["balance"] == {"available": 25, "pending": 0}
+    assert first.json()["balance"] == {"available": 25, "held": 0, "pending": 0}
     assert first.json()["reason"] is None
     assert again.status_code == 200
     assert again.json() == first.json()

@@ -218,7 +218,7 @@ def test_a_plain_purchase_is_two_statements_the_member_and_one_that_writes_it_al
         response = _post(api, _purchase(member, external_id="R-2", total="10.00", lines=[]))
     # then
     assert response.status_code == 201 and response.served_hot
-    assert response.json()["balance"] == {"available": 130, "pending": 0}
+    assert response.json()["balance"] == {"available": 130, "held": 0, "pending": 0}
     assert Entry.objects.filter(transaction__external_id="R-2").get().lot.remaining == 10
     assert ledger_verify() == []
 

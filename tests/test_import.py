@@ -15,6 +15,7 @@ from core.models import Program
 from loyalty import ledger
 from loyalty.imports import FIELDS, TransactionFile, transactions_import
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
+from loyalty.points import points_adjust
 from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory
@@ -90,6 +91,7 @@ def _ledger_state():
                 e.points,
                 e.available_after,
                 e.pending_after,
+                e.held_after,
                 e.occurred_at,
                 key.get(e.transaction_id),
             )
@@ -151,6 +153,22 @@ def test_import_makes_the_same_ledger_as_the_per_row_path(program, tmp_path):
     assert report.read == report.imported == 60
     assert report.points_credited == sum(e[2] for e in expected["entries"])
     assert ledger_verify() == []
+
+
+def test_points_held_for_a_till_are_recorded_on_imported_entries_as_the_per_row_path_records_them(program, tmp_path):
+    # given: one member has 120 of 300 points held for a till
+    members = [MemberFactory() for _ in range(2)]
+    points_adjust(member=members[0], points=300, reason="seed")
+    ledger.ledger_hold(member_id=members[0].pk, points=120)
+    rows = _purchases(members, 10, datetime(2025, 3, 1, tzinfo=UTC))
+    expected = _per_row_state(program, rows, members)
+    # when
+    _import(program, _csv(tmp_path, rows), batch_size=4)
+    # then
+    assert _ledger_state() == expected
+    assert set(Entry.objects.filter(account_id=members[0].pk, kind="earn").values_list("held_after", flat=True)) == {
+        120
+    }
 
 
 def test_rerun_imports_nothing(program, tmp_path):

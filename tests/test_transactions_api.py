@@ -13,6 +13,7 @@ from core.models import IdempotencyRecord
 from core.validation import validate
 from loyalty.api import TransactionInputSerializer, _plain_purchase
 from loyalty.models import Account, Entry, Lot, Transaction
+from loyalty.points import points_adjust
 from loyalty.verify import ledger_verify
 
 URL = "/api/v1/transactions"
@@ -62,8 +63,35 @@ def test_a_purchase_earns_one_point_per_whole_krona(api, member):
         "available_at": None,
         "breakdown": [{"rule": "base", "points": 129}],
     }
-    assert body["balance"] == {"available": 129, "pending": 0}
+    assert body["balance"] == {"available": 129, "held": 0, "pending": 0}
     assert ledger_verify() == []
+
+
+@pytest.mark.parametrize("tiers", [False, True], ids=["one statement", "in steps"])
+def test_points_held_for_a_till_are_not_answered_as_available(api, member, program, tiers):
+    # given: 500 points, 200 of them held to pay at a till; with tiers the purchase takes the step-by-step path
+    if tiers:
+        from loyalty.tier_setup import tier_create
+
+        tier_create(program=program, code="member", name_en="Member", rank=0, threshold=0)
+    points_adjust(member=member, points=500, reason="seed")
+    hold = post(api, "/api/v1/points/holds", {"member": member.member_number, "points": 200, "store": "S1"})
+    assert hold.status_code == 201
+    # when: the purchase the hold pays for, earning 129, and the same purchase again
+    first = post(api, URL, purchase(member))
+    again = post(api, URL, purchase(member))
+    adjusted = post(api, f"/api/v1/members/{member.member_number}/adjustments", {"points": 10, "reason": "goodwill"})
+    # then: every answer counts the held points out of what is available, as the balance endpoint does
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["balance"] == again.json()["balance"] == {"available": 429, "held": 200, "pending": 0}
+    assert adjusted.json()["balance"] == {"available": 439, "held": 200, "pending": 0}
+    balance = api.get(f"/api/v1/members/{member.member_number}/balance").json()
+    assert (balance["available"], balance["held"]) == (439, 200)
+    assert list(Entry.objects.order_by("pk").values_list("available_after", "held_after")) == [
+        (500, 0),
+        (629, 200),
+        (639, 200),
+    ]
 
 
 def test_the_same_purchase_sent_again_returns_the_first_result_and_awards_nothing(api, member):
@@ -129,7 +157,7 @@ def test_pending_points_become_available_later(api, member, program):
     points = response.json()["points"]
     assert points["pending"] == 129
     assert points["available_at"] is not None
-    assert response.json()["balance"] == {"available": 0, "pending": 129}
+    assert response.json()["balance"] == {"available": 0, "held": 0, "pending": 129}
 
 
 def test_a_purchase_sent_late_expires_counted_from_its_own_date(api, member):
@@ -325,7 +353,7 @@ def test_adjustments_need_a_reason_and_enough_points(api, member):
     assert overdraft.status_code == 409
     assert overdraft.json()["code"] == "insufficient_points"
     assert credit.status_code == 201
-    assert credit.json()["balance"] == {"available": 25, "pending": 0}
+    assert credit.json()["balance"] == {"available": 25, "held": 0, "pending": 0}
     entry = Entry.objects.get()
     assert (entry.kind, entry.points, entry.reason) == ("adjust", 25, "goodwill: broken bag")
     assert entry.api_client is not None

@@ -30,7 +30,6 @@ from loyalty.ledger.bulk import ledger_credit_many, ledger_lock_many
 from loyalty.ledger.core import (
     EARNED_KINDS,
     Balance,
-    HeldBalance,
     ledger_credit,
     ledger_credit_new_transaction,
     ledger_debit,
@@ -50,7 +49,6 @@ from loyalty.ledger.jobs import ledger_expire_due, ledger_mature_due
 __all__ = [
     "EARNED_KINDS",
     "Balance",
-    "HeldBalance",
     "ledger_balance",
     "ledger_capture",
     "ledger_credit",

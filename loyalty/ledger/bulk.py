@@ -72,11 +72,11 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
         # imports, or an import and ledger_mature_due, wait for each other instead of deadlocking.
         _open(cursor, account_ids, stamp)
         cursor.execute(
-            f"SELECT member_id, available, pending, lifetime_earned FROM {a} "
+            f"SELECT member_id, available, pending, lifetime_earned, held FROM {a} "
             "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",
             [array(account_ids)],
         )
-        balances = {pk: [available, pending, lifetime] for pk, available, pending, lifetime in cursor.fetchall()}
+        balances = {pk: [available, pending, lifetime, held] for pk, available, pending, lifetime, held in cursor}
         # Ids drawn from the table's own sequence up front, so lots and draws can name their entries without a
         # round trip per row; sorted, so entry ids rise in list order as they would one call at a time. The
         # sequence is named as a constant: pg_get_serial_sequence in the query would run once per row, at ten
@@ -108,7 +108,7 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
             transaction_id, api_client_id = credit.get("transaction_id"), credit.get("api_client_id")
             staff_user_id, reason = credit.get("staff_user_id"), credit.get("reason", "")
             entries.append(
-                f"{entry_id}\t{member_id}\t{earned[0]}\t{points}\t{balance[0]}\t{balance[1]}\t"
+                f"{entry_id}\t{member_id}\t{earned[0]}\t{points}\t{balance[0]}\t{balance[1]}\t{balance[3]}\t"
                 f"{credit['occurred_at']}\t{now_text}\t{null if transaction_id is None else transaction_id}\t"
                 f"{null if api_client_id is None else api_client_id}\t"
                 f"{null if staff_user_id is None else staff_user_id}\t{reason.translate(escape) if reason else ''}\n"
@@ -120,8 +120,8 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
             if settle:
                 draws.append((entry_id, settle))
         with cursor.copy(
-            f"COPY {e} (id, account_id, kind, points, available_after, pending_after, occurred_at, created_at, "
-            "transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
+            f"COPY {e} (id, account_id, kind, points, available_after, pending_after, held_after, occurred_at, "
+            "created_at, transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
         ) as copy:
             copy.write("".join(entries))
         with cursor.copy(

@@ -19,19 +19,21 @@ LIFETIME_KINDS = (*EARNED_KINDS, Entry.Kind.ADJUST)
 
 @dataclass(frozen=True)
 class Balance:
+    """A member's balances. `available` counts in the points open holds set aside; `spendable` does not, and is
+    what answers call available (API.md: Points)."""
+
     available: int
     pending: int
-
-
-@dataclass(frozen=True)
-class HeldBalance:
-    available: int
-    pending: int
-    held: int
+    held: int = 0
 
     @property
     def spendable(self) -> int:
         return max(self.available - self.held, 0)
+
+    @classmethod
+    def after(cls, entry: Entry) -> "Balance":
+        """The balances right after `entry`."""
+        return cls(entry.available_after, entry.pending_after, entry.held_after)
 
 
 def _add_to_account(member_id: int, *, available=0, pending=0, lifetime=0, held=0) -> tuple[int, int, int]:
@@ -54,17 +56,14 @@ def _add_to_account(member_id: int, *, available=0, pending=0, lifetime=0, held=
     return row
 
 
-def _lock_and_spend(member_id: int, *, points: int, unhold: int) -> HeldBalance:
+def _lock_and_spend(member_id: int, *, points: int, unhold: int) -> Balance:
     """Take `points` from available and `unhold` from held under the account lock; the balances after."""
-    return HeldBalance(*_add_to_account(member_id, available=-points, held=-unhold))
+    return Balance(*_add_to_account(member_id, available=-points, held=-unhold))
 
 
 def _lock_and_add(member_id: int, *, available: int = 0, pending: int = 0, lifetime: int = 0) -> Balance:
     """Add to the account's balances under its lock; the balances after."""
-    after_available, after_pending, _ = _add_to_account(
-        member_id, available=available, pending=pending, lifetime=lifetime
-    )
-    return Balance(after_available, after_pending)
+    return Balance(*_add_to_account(member_id, available=available, pending=pending, lifetime=lifetime))
 
 
 def ledger_lock(member_id: int) -> Balance:
@@ -80,6 +79,7 @@ def _entry(member_id: int, kind: str, points: int, after: Balance, *, occurred_a
         points=points,
         available_after=after.available,
         pending_after=after.pending,
+        held_after=after.held,
         occurred_at=occurred_at,
         created_at=now,
         **fields,
@@ -160,6 +160,7 @@ def ledger_credit(
         points=points,
         available_after=after.available,
         pending_after=after.pending,
+        held_after=after.held,
         occurred_at=occurred_at,
         created_at=now,
         **fields,
@@ -207,7 +208,12 @@ def ledger_credit_new_transaction(
     r_plan, r_columns = insert_plan(type(txn))
     e_plan, e_columns = insert_plan(Entry)
     # The entry's balances and its link to the transaction come from the statement itself.
-    from_statement = {"available_after": "a.available", "pending_after": "a.pending", "transaction_id": "r.id"}
+    from_statement = {
+        "available_after": "a.available",
+        "pending_after": "a.pending",
+        "held_after": "a.held",
+        "transaction_id": "r.id",
+    }
     e_values = [from_statement.get(f.attname, "%s") for f, _ in e_plan]
     e_params = [
         p for (f, _), p in zip(e_plan, insert_params(entry, e_plan), strict=True) if f.attname not in from_statement
@@ -219,16 +225,16 @@ def ledger_credit_new_transaction(
         "ON CONFLICT DO NOTHING RETURNING id), "
         f"a AS (UPDATE {accounts} SET available = available + %s, pending = pending + %s, "
         "lifetime_earned = lifetime_earned + %s, updated_at = %s "
-        "WHERE member_id = %s AND EXISTS (SELECT 1 FROM r) RETURNING available, pending), "
+        "WHERE member_id = %s AND EXISTS (SELECT 1 FROM r) RETURNING available, pending, held), "
         f"e AS (INSERT INTO {entries} ({e_columns}) SELECT {', '.join(e_values)} FROM r, a "
-        "RETURNING id, available_after, pending_after), "
+        "RETURNING id, available_after, pending_after, held_after), "
         # What the balance owed before this credit is paid from the new lot, as in ledger_credit.
         f"l AS (INSERT INTO {lots} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
         "SELECT %s, e.id, %s, %s - CASE WHEN %s THEN LEAST(%s, GREATEST(0, %s - e.available_after)) ELSE 0 END, "
         "%s, %s, %s FROM e RETURNING id, entry_id, remaining), "
         f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, %s - remaining FROM l "
         "WHERE remaining < %s) "
-        "SELECT r.id, e.id, e.available_after, e.pending_after, l.id, l.remaining FROM r, e, l"
+        "SELECT r.id, e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining FROM r, e, l"
     )
     params = [
         *insert_params(txn, r_plan),
@@ -255,7 +261,7 @@ def ledger_credit_new_transaction(
         found = cursor.fetchone()
     if found is None:
         return None
-    txn.pk, entry.pk, entry.available_after, entry.pending_after, lot_id, remaining = found
+    txn.pk, entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, remaining = found
     txn._state.adding = entry._state.adding = False
     entry.transaction = txn
     lot = Lot(

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from core.db import insert_params, insert_plan
 from core.errors import InsufficientPoints
-from loyalty.ledger.core import HeldBalance, _draw, _entry, _lock_and_add, _lock_and_spend
+from loyalty.ledger.core import Balance, _draw, _entry, _lock_and_add, _lock_and_spend
 from loyalty.models import Account, Draw, Entry, Lot
 
 # Holds and refunds (rewards: paying with points, cancelled redemptions). A hold is a reservation, not a ledger
@@ -26,7 +26,7 @@ _AVAILABLE = "available >= %s"  # a capture: the hold's own points, set aside fo
 
 def _spend_if(
     member_id: int, *, points: int, unhold: int, condition: str, need: int, record: Model | None = None
-) -> HeldBalance | None:
+) -> Balance | None:
     """Compare-and-set: lock the account and take `points` from available and `unhold` from held if `condition`
     holds for `need` on the row as locked; returns the balances after, or None (nothing written) if it does not, or
     if the account was never opened (an unopened account has no points to spend or hold). `record`, an unsaved model
@@ -59,7 +59,7 @@ def _spend_if(
     if record is not None:
         record.pk, row = row[3], row[:3]
         record._state.adding = False
-    return HeldBalance(*row)
+    return Balance(*row)
 
 
 def _insufficient(member_id: int, points: int, *, of_held: bool = False) -> InsufficientPoints:
@@ -82,7 +82,7 @@ def _insert_spend(
     member_id: int,
     kind: str,
     points: int,
-    after: HeldBalance,
+    after: Balance,
     *,
     link: Model | None = None,
     chain: tuple[tuple[Model, str], ...] = (),
@@ -100,6 +100,7 @@ def _insert_spend(
         points=-points,
         available_after=after.available,
         pending_after=after.pending,
+        held_after=after.held,
         **fields,
     )
     if connection.vendor != "postgresql":
@@ -163,14 +164,14 @@ def _insert_spend(
     return entry
 
 
-def ledger_balance(*, member_id: int) -> HeldBalance:
+def ledger_balance(*, member_id: int) -> Balance:
     """The member's balances as they are now, without locking (for answers, not decisions)."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT available, pending, held FROM {Account._meta.db_table} WHERE member_id = %s", [member_id]
         )
         row = cursor.fetchone()
-    return HeldBalance(*(row or (0, 0, 0)))
+    return Balance(*(row or (0, 0, 0)))
 
 
 def ledger_spend(
@@ -182,7 +183,7 @@ def ledger_spend(
     now: datetime,
     chain: tuple[tuple[Model, str], ...] = (),
     **fields,
-) -> tuple[Entry, HeldBalance]:
+) -> tuple[Entry, Balance]:
     """ledger_debit for hot paths: spend available points not held, soonest-to-expire lots first, in two statements
     and no savepoint. Refuses with InsufficientPoints, changing nothing. Returns the entry and the balances right
     after it. Locks the account row (until the caller's transaction ends: a later refusal of the caller rolls the
@@ -201,7 +202,7 @@ def ledger_spend(
     return entry, after
 
 
-def ledger_hold(*, member_id: int, points: int, record: Model | None = None) -> HeldBalance:
+def ledger_hold(*, member_id: int, points: int, record: Model | None = None) -> Balance:
     """Set `points` aside from what the member may spend. Refuses with InsufficientPoints, changing nothing, when
     fewer are spendable (available less already held). Locks the account row. `record`, an unsaved model instance
     (the hold's own row), is INSERTed in the same statement if the points were set aside, and its pk set: one
@@ -215,7 +216,7 @@ def ledger_hold(*, member_id: int, points: int, record: Model | None = None) -> 
     return after
 
 
-def ledger_unhold(*, member_id: int, points: int, claim: tuple[str, list] | None = None) -> HeldBalance | None:
+def ledger_unhold(*, member_id: int, points: int, claim: tuple[str, list] | None = None) -> Balance | None:
     """Give back points a hold set aside (release or lapse): they become spendable again. Locks the account row.
     The caller must have claimed the hold first, so its points are given back once; or passes `claim`, its
     compare-and-set UPDATE (SQL without RETURNING, and params), which the same statement runs first: the points are
@@ -238,7 +239,7 @@ def ledger_unhold(*, member_id: int, points: int, claim: tuple[str, list] | None
             [*claim_params, points, timezone.now(), member_id],
         )
         row = cursor.fetchone()
-    return None if row is None else HeldBalance(*row)
+    return None if row is None else Balance(*row)
 
 
 def ledger_capture(
@@ -251,7 +252,7 @@ def ledger_capture(
     now: datetime,
     link: Model | None = None,
     **fields,
-) -> tuple[Entry, HeldBalance]:
+) -> tuple[Entry, Balance]:
     """Spend `points` (at most `held`) that a hold set aside, as an entry of `kind`, and give the hold's `held` points
     back from the held total, in one statement. Refuses with InsufficientPoints, changing nothing here, when the
     points are no longer available (they expired or a return took them back while held). Returns the entry and the

@@ -75,6 +75,7 @@ def ledger_expire_due(*, now: datetime, batch_size: int = 1000) -> int:
                         points=-lot.remaining,
                         available_after=account.available,
                         pending_after=account.pending,
+                        held_after=account.held,
                         occurred_at=lot.expires_at,
                         created_at=now,
                     )

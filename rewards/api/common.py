@@ -1,7 +1,8 @@
 """What the rewards endpoints share: resolving members named in requests, and the shapes of answers."""
 
 from core.errors import MemberNotFound, Unprocessable
-from loyalty.ledger import HeldBalance, ledger_balance
+from loyalty.api import balance_output as _balance_output
+from loyalty.ledger import Balance, ledger_balance
 from members.models import Member
 from members.selectors import member_get
 from rewards.codes import voucher_code_display
@@ -16,9 +17,9 @@ def member_from_body(request, member_number: str, *, field: str = "member") -> M
         raise Unprocessable(exc.detail, code="unknown_member", errors={field: [exc.detail]}) from exc
 
 
-def balance_output(balance: HeldBalance | None = None, *, member_id: int | None = None) -> dict:
-    balance = balance or ledger_balance(member_id=member_id)
-    return {"available": balance.spendable, "held": balance.held, "pending": balance.pending}
+def balance_output(balance: Balance | None = None, *, member_id: int | None = None) -> dict:
+    """The balances given, or the member's balances now."""
+    return _balance_output(balance or ledger_balance(member_id=member_id))
 
 
 def reward_summary(reward: Reward) -> dict:

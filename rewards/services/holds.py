@@ -26,7 +26,7 @@ MAX_HOLD_POINTS = 10_000_000
 @dataclass(frozen=True)
 class HoldResult:
     hold: Hold
-    balance: ledger.HeldBalance
+    balance: ledger.Balance
 
 
 def _closed(hold: Hold) -> HoldClosed:
