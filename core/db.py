@@ -65,6 +65,19 @@ def _native(value) -> bool:
     return value is None or isinstance(value, Decimal) or (isinstance(value, datetime) and value.tzinfo is not None)
 
 
+def ids_reserve(model: type[Model], count: int) -> list[int]:
+    """`count` new primary keys of `model` drawn from its table's sequence, rising (PostgreSQL): bulk writes name
+    rows before inserting them, and give them ids in the order one INSERT at a time would."""
+    with connection.cursor() as cursor:
+        # The sequence is named as a constant: pg_get_serial_sequence in the query would run once per row, at ten
+        # times the cost of nextval itself.
+        cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [model._meta.db_table])
+        cursor.execute(
+            "SELECT array_agg(nextval(%s::regclass)) FROM generate_series(1, %s)", [cursor.fetchone()[0], count]
+        )
+        return sorted(cursor.fetchone()[0])
+
+
 class batch_statements(ContextDecorator):
     """Statements bound client-side and never prepared within: for batch work (imports, periodic jobs, the tier
     review), which runs a few statements many times with arrays and bounds of very different sizes. Prepared,

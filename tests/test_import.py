@@ -2,13 +2,15 @@
 
 import csv
 import json
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from core.models import Program
@@ -490,3 +492,56 @@ def test_batch_work_binds_client_side_and_prepares_nothing_then_restores_the_con
         assert connection.connection.prepare_threshold is None
     assert (connection.connection.cursor_factory, connection.connection.prepare_threshold) == (factory, threshold)
     assert threshold == 5  # the hot paths' statements are prepared
+
+
+@pytest.mark.django_db(transaction=True)
+def test_imports_of_overlapping_files_wait_for_each_other_instead_of_deadlocking(program, tmp_path):
+    # given: another import of the same three purchases has written K1 and not committed yet
+    member = MemberFactory()
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [_row(f"K{i}", member, "10.00", at) for i in (1, 2, 3)]
+    other = connection.get_new_connection(connection.get_connection_params())
+
+    def other_writes(key):
+        other.execute(
+            "INSERT INTO loyalty_transaction (program_id, store, external_id, channel, member_id, kind, occurred_at, "
+            "currency, total, lines, points, breakdown, returned_total, points_reversed, paid_with_points, created_at) "
+            "VALUES (%s, 'S1', %s, 'pos', %s, 'purchase', %s, 'SEK', 10, '[]', 0, '[]', 0, 0, 0, now())",
+            [program.pk, key, member.pk, at],
+        )
+
+    other_writes("K1")
+    outcome = {}
+
+    def import_reversed():
+        try:
+            outcome["report"] = _import(program, _csv(tmp_path, rows[::-1]), batch_size=10)
+        except Exception as exc:  # asserted below
+            outcome["error"] = exc
+        finally:
+            connection.close()
+
+    # when: this import of the file in the opposite order starts, waits on K1, and the other import goes on
+    worker = threading.Thread(target=import_reversed)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not _waiting_on_a_lock() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _waiting_on_a_lock(), "the import did not wait for the uncommitted K1"
+    other_writes("K3")  # in file order the import would hold K3 by now, and this would deadlock
+    other_writes("K2")
+    other.commit()
+    other.close()
+    worker.join(timeout=30)
+    # then: no deadlock; each purchase recorded once, by the import that came first
+    assert "error" not in outcome, outcome.get("error")
+    assert (outcome["report"].imported, outcome["report"].already_present) == (0, 3)
+    assert sorted(Transaction.objects.values_list("external_id", flat=True)) == ["K1", "K2", "K3"]
+
+
+def _waiting_on_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0] > 0

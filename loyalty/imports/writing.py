@@ -10,6 +10,7 @@ import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from core.db import ids_reserve
 from core.errors import ApplicationError
 from core.models import Program
 from loyalty import ledger
@@ -175,6 +176,13 @@ def copy_text(value: str) -> str:
     return value if value.isalnum() else value.translate(_ESCAPE)
 
 
+def _in_key_order(purchases: list, ids: list[int]) -> list[tuple[int, tuple]]:
+    """The purchases with their ids (given in file order), in (store, external_id) order: every import writes a
+    chunk's purchases in this one order, so two imports of overlapping files wait for each other's uncommitted
+    rows instead of deadlocking (the lock order in loyalty/ledger/__init__.py)."""
+    return sorted(zip(ids, purchases, strict=True), key=lambda item: (item[1][1].store, item[1][1].external_id))
+
+
 def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | None:
     """COPY the purchases straight into the table, with ids drawn from its sequence up front; returns
     {(store, external_id): id}. About 40% less work for the database than INSERT ... ON CONFLICT through a
@@ -184,14 +192,8 @@ def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | 
     if not purchases:
         return {}
     table = Transaction._meta.db_table
+    ids = ids_reserve(Transaction, len(purchases))  # rising in file order, as one INSERT at a time would give them
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [table])
-        # A constant sequence name: pg_get_serial_sequence inside the query would run once per row.
-        cursor.execute(
-            "SELECT array_agg(nextval(%s::regclass)) FROM generate_series(1, %s)",
-            [cursor.fetchone()[0], len(purchases)],
-        )
-        ids = sorted(cursor.fetchone()[0])  # rising in file order, as one INSERT at a time would give them
         # COPY text built by hand: psycopg's write_row adapts value by value, at several times the cost.
         # original_id and api_client_id are left out: COPY fills them with NULL.
         null, head, middle, tail = (
@@ -201,7 +203,7 @@ def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | 
             f"\tpurchase\t0\t0\t{now}\n",
         )
         lines_text = []
-        for pk, (member_id, row, points, breakdown, _, _) in zip(ids, purchases, strict=True):
+        for pk, (member_id, row, points, breakdown, _, _) in _in_key_order(purchases, ids):
             # Anonymous purchases are kept for analytics and earn nothing, as in transaction_record.
             lines_text.append(
                 f"{pk}{head}{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t"
@@ -229,34 +231,35 @@ def _purchases_insert(program: Program, purchases: list, now: datetime) -> dict:
     same file cannot record a purchase twice."""
     if not purchases:
         return {}
+    ids = ids_reserve(Transaction, len(purchases))  # rising in file order; those of repeats are left unused
     with connection.cursor() as cursor:
         # ON COMMIT DROP cleans up after a failed chunk; the explicit DROP lets the next chunk of the same
         # transaction (as in tests, where nothing commits) create it again.
         cursor.execute(
-            f"CREATE TEMP TABLE {_TEMP} (ord integer, store text, external_id text, channel text, member_id bigint, "
+            f"CREATE TEMP TABLE {_TEMP} (id bigint, store text, external_id text, channel text, member_id bigint, "
             "occurred_at timestamptz, total numeric, lines jsonb, points integer, breakdown jsonb) ON COMMIT DROP"
         )
         # COPY text built by hand: psycopg's write_row adapts value by value, at several times the cost.
         null, lines_text = "\\N", []
-        for i, (member_id, row, points, breakdown, _, _) in enumerate(purchases):
+        for pk, (member_id, row, points, breakdown, _, _) in _in_key_order(purchases, ids):
             # Anonymous purchases are kept for analytics and earn nothing, as in transaction_record.
             lines_text.append(
-                f"{i}\t{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t"
+                f"{pk}\t{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t"
                 f"{null if member_id is None else member_id}\t{row.occurred_at}\t{row.total}\t"
                 f"{copy_text(json.dumps(row.lines)) if row.lines else '[]'}\t"
                 f"{points if member_id else 0}\t{breakdown if member_id else '[]'}\n"
             )
         with cursor.copy(
-            f"COPY {_TEMP} (ord, store, external_id, channel, member_id, occurred_at, total, lines, points, breakdown) "
+            f"COPY {_TEMP} (id, store, external_id, channel, member_id, occurred_at, total, lines, points, breakdown) "
             "FROM STDIN"
         ) as copy:
             copy.write("".join(lines_text))
         cursor.execute(
-            f"INSERT INTO {Transaction._meta.db_table} (program_id, store, external_id, channel, member_id, kind, "
-            "original_id, occurred_at, currency, total, lines, points, breakdown, returned_total, points_reversed, "
-            "api_client_id, created_at) "
-            "SELECT %s, store, external_id, channel, member_id, 'purchase', NULL, occurred_at, %s, total, lines, "
-            f"points, breakdown, 0, 0, NULL, %s FROM {_TEMP} ORDER BY ord "
+            f"INSERT INTO {Transaction._meta.db_table} (id, program_id, store, external_id, channel, member_id, "
+            "kind, original_id, occurred_at, currency, total, lines, points, breakdown, returned_total, "
+            "points_reversed, api_client_id, created_at) "
+            "SELECT id, %s, store, external_id, channel, member_id, 'purchase', NULL, occurred_at, %s, total, lines, "
+            f'points, breakdown, 0, 0, NULL, %s FROM {_TEMP} ORDER BY store COLLATE "C", external_id COLLATE "C" '
             "ON CONFLICT DO NOTHING RETURNING store, external_id, id",
             [program.pk, program.currency, now],
         )

@@ -14,7 +14,8 @@ Rules every function here keeps:
 
 Lock order. Every path takes the rows it locks in this global order, and where it takes several of one kind, in
 primary-key order; a path may skip steps but never goes back to an earlier one (tests/test_lock_order.py):
-  1. a single row claimed by compare-and-set (a hold, a voucher), or a new purchase's unique (store, external_id);
+  1. a single row claimed by compare-and-set (a hold, a voucher), or a new purchase's unique (store, external_id)
+     (an import chunk's purchases: in (store, external_id) order);
   2. purchase rows a return locks (FOR UPDATE; an import chunk's returns: all of them first, in key order);
   3. accounts: ledger_lock or any ledger write; two or more strictly in key order (referrals, the jobs, imports
      through ledger_lock_many and ledger_credit_many);
