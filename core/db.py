@@ -16,13 +16,48 @@ def _select(model: type[Model]) -> tuple[list[str], str]:
     return columns, f"SELECT {quoted} FROM {model._meta.db_table} WHERE "
 
 
+@cache
+def columns(model: type[Model], alias: str) -> tuple[list[str], str]:
+    """The model's column attnames and their select list under a table alias, for instances built with from_db
+    from a plain query that reads other tables too."""
+    fields = model._meta.concrete_fields
+    quote = connection.ops.quote_name
+    return [f.attname for f in fields], ", ".join(f"{alias}.{quote(f.column)}" for f in fields)
+
+
 def fetch_instance(model: type[Model], where: str, params: list):
     """The first row matching the SQL condition `where`, as a model instance, or None."""
-    columns, select = _select(model)
+    _, select = _select(model)
     with connection.cursor() as cursor:
         cursor.execute(select + where + " LIMIT 1", params)
         row = cursor.fetchone()
-    return None if row is None else model.from_db(connection.alias, columns, row)
+    return None if row is None else instance_from_row(model, row)
+
+
+def instance_from_row(model: type[Model], row) -> Model:
+    """An instance of `model` from a plain cursor's values of all its columns (in `columns` order), converted as the
+    ORM's own reads convert them: SQLite hands back naive datetimes and text where PostgreSQL's driver hands back
+    the Python values."""
+    attnames = _select(model)[0]
+    if connection.vendor != "postgresql":
+        row = [
+            value if value is None else _convert(value, field, converters)
+            for value, (field, converters) in zip(row, _converters(model), strict=True)
+        ]
+    return model.from_db(connection.alias, attnames, row)
+
+
+@cache
+def _converters(model: type[Model]) -> list:
+    fields = model._meta.concrete_fields
+    return [(f, connection.ops.get_db_converters(f.get_col("")) + f.get_db_converters(connection)) for f in fields]
+
+
+def _convert(value, field, converters):
+    expression = field.get_col("")
+    for converter in converters:
+        value = converter(value, expression, connection)
+    return value
 
 
 # Field types whose Python value the driver takes as it is; every other field is prepared by Django, but for

@@ -364,8 +364,7 @@ class BalanceApi(APIView):
     @extend_schema(responses=OutputSerializer)
     def get(self, request, member_number: str):
         program = request.auth.program
-        member = member_get(program=program, member_number=member_number)
-        balance = balance_get(member=member)
+        member, balance = balance_get(program=program, member_number=member_number)
         return Response(
             {
                 "member": member.member_number,

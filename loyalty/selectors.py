@@ -1,11 +1,15 @@
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 
 from django.db import connection
 from django.db.models import QuerySet
 
+from core.db import columns, instance_from_row
+from core.models import Program
 from loyalty.models import Account, Entry, Lot
 from members.models import Member
+from members.selectors import member_not_found
 
 
 @dataclass(frozen=True)
@@ -17,34 +21,45 @@ class MemberBalance:
     held: int = 0  # set aside by open holds (rewards); already counted out of `available`
 
 
-def balance_get(*, member: Member, expiring_limit: int = 12) -> MemberBalance:
-    """The member's balances and the points that will expire, soonest first, grouped by expiry time. `available` is
-    what may be spent now: points set aside by open holds are counted out of it (API.md: Points)."""
-    # One plain statement: read on every till screen, where ORM compilation and a second round trip cost more than
-    # the reads. The first row is the account's (kind 0), the others the expiring points (kind 1), soonest first.
+def balance_get(*, program: Program, member_number: str, expiring_limit: int = 12) -> tuple[Member, MemberBalance]:
+    """The programme's member with this number (MemberNotFound if none), their balances and the points that will
+    expire, soonest first, grouped by expiry time. `available` is what may be spent now: points set aside by open
+    holds are counted out of it (API.md: Points)."""
+    # One plain statement: read on every till screen, where ORM compilation and more round trips cost more than
+    # the reads. The first row is the member's with their account's balances (kind 0), the others the expiring
+    # points (kind 1), soonest first.
+    _, m_select = columns(Member, "m")
+    member_table = Member._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT 0, available, pending, lifetime_earned, held, NULL "
-            f"FROM {Account._meta.db_table} WHERE member_id = %s "
+            f"SELECT 0, a.available, a.pending, a.lifetime_earned, a.held, NULL, {m_select} FROM {member_table} m "
+            f"LEFT JOIN {Account._meta.db_table} a ON a.member_id = m.id "
+            "WHERE m.member_number = %s AND m.program_id = %s "
             "UNION ALL SELECT * FROM ("
-            "SELECT 1, CAST(SUM(remaining) AS BIGINT), 0, 0, 0, expires_at "
-            f"FROM {Lot._meta.db_table} WHERE account_id = %s AND remaining > 0 AND expires_at IS NOT NULL "
+            f"SELECT 1, CAST(SUM(remaining) AS BIGINT), 0, 0, 0, expires_at, {_no_member()} "
+            f"FROM {Lot._meta.db_table} WHERE account_id = "
+            f"(SELECT id FROM {member_table} WHERE member_number = %s AND program_id = %s) "
+            "AND remaining > 0 AND expires_at IS NOT NULL "
             "GROUP BY expires_at ORDER BY expires_at LIMIT %s) AS expiring",
-            [member.pk, member.pk, expiring_limit],
+            [member_number, program.pk, member_number, program.pk, expiring_limit],
         )
         rows = cursor.fetchall()
-    available, pending, lifetime_earned, held = next((r[1:5] for r in rows if r[0] == 0), (0, 0, 0, 0))
+    first = next((r for r in rows if r[0] == 0), None)
+    if first is None:
+        raise member_not_found(member_number)
+    member = instance_from_row(Member, first[6:])
+    available, pending, lifetime_earned, held = (value or 0 for value in first[1:5])  # no account yet: all 0
     # SQLite hands back naive UTC datetimes (here as text) from a plain cursor; PostgreSQL aware ones.
     expiring = sorted(
         ({"points": r[1], "expires_at": _aware(r[5])} for r in rows if r[0] == 1), key=lambda e: e["expires_at"]
     )
-    return MemberBalance(
-        available - held,
-        pending,
-        lifetime_earned,
-        expiring=expiring,
-        held=held,
-    )
+    return member, MemberBalance(available - held, pending, lifetime_earned, expiring=expiring, held=held)
+
+
+@cache
+def _no_member() -> str:
+    """A member's columns as typed NULLs: in a UNION's subquery an untyped NULL is taken as text."""
+    return ", ".join(f"CAST(NULL AS {f.db_type(connection)})" for f in Member._meta.concrete_fields)
 
 
 def _aware(at) -> datetime:

@@ -12,8 +12,12 @@ def member_get(*, program: Program, member_number: str) -> Member:
     # The number is unique, so the programme condition only keeps other programmes' members out.
     member = fetch_instance(Member, "member_number = %s AND program_id = %s", [member_number, program.pk])
     if member is None:
-        raise MemberNotFound(f"No member {member_number} in this programme.")
+        raise member_not_found(member_number)
     return member
+
+
+def member_not_found(member_number: str) -> MemberNotFound:
+    return MemberNotFound(f"No member {member_number} in this programme.")
 
 
 def member_lookup(

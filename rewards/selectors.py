@@ -2,13 +2,13 @@
 
 import zoneinfo
 from datetime import datetime
-from functools import cache
 
 from django.db import connection
-from django.db.models import Count, Model, Q, QuerySet, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
+from core.db import columns, instance_from_row
 from core.models import Program
 from loyalty.ledger import ledger_balance
 from loyalty.rules import period_start_at
@@ -38,20 +38,12 @@ def reward_get(*, program: Program, code: str) -> Reward:
     return reward
 
 
-@cache
-def _columns(model: type[Model], alias: str) -> tuple[list[str], str]:
-    """The model's column attnames and their select list under a table alias, for instances built with from_db."""
-    fields = model._meta.concrete_fields
-    quote = connection.ops.quote_name
-    return [f.attname for f in fields], ", ".join(f"{alias}.{quote(f.column)}" for f in fields)
-
-
 def member_and_reward_get(*, program: Program, member_number: str, code: str) -> tuple[Member | None, Reward | None]:
     """The programme's member with this number and its reward with this code, either None when there is none, in
     one plain query (the redemption hot path). Rewards are read afresh on every redemption, not cached: retiring a
     reward or changing its price, window or limit takes effect at once."""
-    m_columns, m_select = _columns(Member, "m")
-    r_columns, r_select = _columns(Reward, "r")
+    m_columns, m_select = columns(Member, "m")
+    r_columns, r_select = columns(Reward, "r")
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {m_select}, {r_select} FROM (SELECT 1) AS one "
@@ -61,8 +53,8 @@ def member_and_reward_get(*, program: Program, member_number: str, code: str) ->
         )
         row = cursor.fetchone()
     split = len(m_columns)
-    member = Member.from_db(connection.alias, m_columns, row[:split]) if row[0] is not None else None
-    reward = Reward.from_db(connection.alias, r_columns, row[split:]) if row[split] is not None else None
+    member = instance_from_row(Member, row[:split]) if row[0] is not None else None
+    reward = instance_from_row(Reward, row[split:]) if row[split] is not None else None
     return member, reward
 
 
@@ -134,8 +126,8 @@ def hold_get(*, program: Program, hold_id: int) -> Hold:
     """The programme's hold with its member, in one plain query (a hot path: capture and release at tills)."""
     if not 0 < hold_id <= MAX_ID:
         raise HoldNotFound(f"No hold {hold_id} in this programme.")
-    h_columns, h_select = _columns(Hold, "h")
-    m_columns, m_select = _columns(Member, "m")
+    h_columns, h_select = columns(Hold, "h")
+    _, m_select = columns(Member, "m")
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {h_select}, {m_select} FROM {Hold._meta.db_table} h "
@@ -145,8 +137,8 @@ def hold_get(*, program: Program, hold_id: int) -> Hold:
         row = cursor.fetchone()
     if row is None:
         raise HoldNotFound(f"No hold {hold_id} in this programme.")
-    hold = Hold.from_db(connection.alias, h_columns, row[: len(h_columns)])
-    hold.member = Member.from_db(connection.alias, m_columns, row[len(h_columns) :])
+    hold = instance_from_row(Hold, row[: len(h_columns)])
+    hold.member = instance_from_row(Member, row[len(h_columns) :])
     return hold
 
 

@@ -92,6 +92,22 @@ def test_a_balance_served_hot_reads_as_the_full_stacks(api, member, settings):
     assert _headers(hot) == _headers(full)
 
 
+def test_a_balance_is_one_statement_and_an_unknown_member_none(api, member, django_assert_num_queries):
+    # given: points that expire, and the key known
+    _post(api, _purchase(member))
+    url = f"/api/v1/members/{member.member_number}/balance"
+    assert api.get(url).status_code == 200
+    # when
+    with django_assert_num_queries(1):
+        found = api.get(url)
+    unknown = api.get("/api/v1/members/0000000000/balance")
+    # then
+    assert found.status_code == 200 and found.served_hot
+    assert (found.json()["member"], found.json()["available"]) == (member.member_number, 120)
+    assert [e["points"] for e in found.json()["expiring"]] == [120]
+    assert unknown.status_code == 404 and unknown["Content-Type"] == "application/problem+json"
+
+
 @pytest.mark.parametrize(
     ("case", "expected_status"),
     [

@@ -20,6 +20,7 @@ from loyalty.events import event_record
 from loyalty.ledger import ledger_balance, ledger_credit, ledger_expire_due, ledger_mature_due
 from loyalty.models import Entry, Lot, Transaction
 from loyalty.points import points_adjust
+from loyalty.selectors import balance_get
 from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
 from members.services import member_enroll, member_update
@@ -195,4 +196,16 @@ class Command(BaseCommand):
         _expect(ledger_expire_due(now=now) >= 1, "the expiry job expired nothing")
         lot = Lot.objects.get(entry=credit)
         _expect(lot.matured and lot.remaining == 0, f"the lot is matured={lot.matured}, remaining={lot.remaining}")
+
+        step("the balance a till reads, with points held and points expiring")
+        held = hold_place(member=member, points=20, store=store, now=now)
+        found, balance = balance_get(program=program, member_number=member.member_number)
+        ledger = ledger_balance(member_id=member.pk)
+        _expect(found.pk == member.pk and found.enrolled_at == member.enrolled_at, "the balance read another member")
+        _expect(
+            (balance.available, balance.held, balance.pending) == (ledger.spendable, ledger.held, ledger.pending),
+            f"the balance reads {balance}, the ledger {ledger}",
+        )
+        _expect(balance.expiring and balance.expiring[0]["expires_at"].tzinfo, f"expiring: {balance.expiring}")
+        hold_release(hold=held.hold, now=now)
         return steps
