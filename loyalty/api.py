@@ -266,8 +266,9 @@ def _record(client: ApiClient, data: TransactionInput) -> TransactionResult:
 
 
 def balance_output(balance: Balance) -> dict:
-    """A member's balances in an answer, as the balance endpoint counts them: held points are not available."""
-    return {"available": balance.spendable, "held": balance.held, "pending": balance.pending}
+    """A member's balances in an answer, counted as the balance endpoint counts them: held points are not
+    available, and a debt (a return of points already spent) shows as a negative balance."""
+    return {"available": balance.available - balance.held, "held": balance.held, "pending": balance.pending}
 
 
 def _transaction_output(result: TransactionResult, *, preview: bool = False) -> dict:
@@ -397,7 +398,17 @@ class ActivityApi(APIView):
 
         class Meta:
             model = Entry
-            fields = ["id", "kind", "points", "available_after", "pending_after", "occurred_at", "reason", "source"]
+            fields = [
+                "id",
+                "kind",
+                "points",
+                "available_after",
+                "pending_after",
+                "held_after",
+                "occurred_at",
+                "reason",
+                "source",
+            ]
 
         def get_source(self, entry) -> dict:
             if entry.transaction_id:

@@ -237,6 +237,20 @@ def test_a_return_of_more_than_was_bought_is_refused_and_changes_nothing(api, me
     assert ledger_snapshot() == before
 
 
+def test_a_return_of_spent_points_answers_the_debt_as_the_balance_endpoint_does(api, member):
+    # given: 129 points earned, 100 of them spent (the programme lets a return make the balance negative)
+    assert post(api, URL, purchase(member)).status_code == 201
+    points_adjust(member=member, points=-100, reason="spent")
+    # when: the whole purchase comes back
+    returned = post(
+        api, URL, purchase(member, external_id="RET-1", type="return", original_external_id="R-1001", lines=[])
+    )
+    # then
+    assert returned.status_code == 201
+    assert returned.json()["balance"] == {"available": -100, "held": 0, "pending": 0}
+    assert api.get(f"/api/v1/members/{member.member_number}/balance").json()["available"] == -100
+
+
 def test_a_full_return_reverses_exactly_what_was_earned(api, member):
     # given
     post(api, URL, purchase(member))

@@ -19,8 +19,8 @@ LIFETIME_KINDS = (*EARNED_KINDS, Entry.Kind.ADJUST)
 
 @dataclass(frozen=True)
 class Balance:
-    """A member's balances. `available` counts in the points open holds set aside; `spendable` does not, and is
-    what answers call available (API.md: Points)."""
+    """A member's balances. `available` counts in the points open holds set aside; answers call `available` what is
+    left without them (negative while a return's debt is unpaid), and `spendable` is what may be spent now."""
 
     available: int
     pending: int
