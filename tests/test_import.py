@@ -495,6 +495,39 @@ def test_batch_work_binds_client_side_and_prepares_nothing_then_restores_the_con
 
 
 @pytest.mark.django_db(transaction=True)
+def test_batch_work_in_several_threads_at_once_restores_each_threads_connection():
+    # given: a function run as batch work, entered by two threads at once
+    from core.db import batch_statements
+
+    barrier, seen = threading.Barrier(2), []
+
+    @batch_statements()
+    def batch_work():
+        barrier.wait(timeout=10)  # both inside at once
+        seen.append(connection.connection.prepare_threshold)
+        barrier.wait(timeout=10)
+
+    def run():
+        try:
+            connection.ensure_connection()
+            before = connection.connection.prepare_threshold
+            batch_work()
+            seen.append((before, connection.connection.prepare_threshold))
+        finally:
+            connection.close()
+
+    # when
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    # then: batch mode inside, and each thread's own connection restored afterwards
+    assert seen[:2] == [None, None]
+    assert seen[2:] == [(5, 5), (5, 5)]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_imports_of_overlapping_files_wait_for_each_other_instead_of_deadlocking(program, tmp_path):
     # given: another import of the same three purchases has written K1 and not committed yet
     member = MemberFactory()
