@@ -16,4 +16,6 @@ if settings.HOT_PATHS:
 # Everything loaded so far (modules, settings, URL patterns: ~100,000 objects) lives as long as the process. Frozen,
 # the garbage collector stops scanning it: a full collection held the interpreter lock for ~50 ms here, stalling
 # every request of the worker (the p99 of bench/run's fixed-rate phase); frozen, collections take under 1 ms.
+# Garbage left from loading is collected first, or it would be kept for good.
+gc.collect()
 gc.freeze()

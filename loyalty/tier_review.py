@@ -9,6 +9,7 @@ The members are split into `workers` ranges of member ids reviewed at once, each
 connection (settings.TIER_REVIEW_WORKERS): one statement keeps one PostgreSQL core busy.
 Other databases (the embedded SQLite default) run the same rules row by row through loyalty.tier_windows."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -54,45 +55,53 @@ def tiers_review_due(
         if len(ranges) == 1:
             result += _review_range(program, now, batch_size, set_based, ranges[0])
             continue
+        failed = threading.Event()  # set by a worker that fails: the others stop after their current batch
         with ThreadPoolExecutor(len(ranges), thread_name_prefix="tier-review") as pool:
-            parts = [pool.submit(_review_range_in_thread, program, now, batch_size, ids) for ids in ranges]
+            parts = [pool.submit(_review_range_in_thread, program, now, batch_size, ids, failed) for ids in ranges]
             for part in parts:
                 result += part.result()
     return result
 
 
 def _id_ranges(count: int) -> list[tuple[int, int | None]]:
-    """`count` ranges (after, up to) of member ids that together hold every tier status; (0, None) for one.
-    Split by the ids' span (two index probes), not by what is due: due reviews spread over all ids."""
+    """`count` ranges (after, up to) of member ids that together hold every tier status, the last without an end;
+    (0, None) for one. Split by the ids' span (two index probes), not by what is due: due reviews spread over all
+    ids."""
     if count > 1:
         with connection.cursor() as cursor:
             cursor.execute(f"SELECT min(member_id), max(member_id) FROM {TierStatus._meta.db_table}")
             low, high = cursor.fetchone()
         if low is not None and high - low >= count:
-            bounds = [low - 1 + (high - low + 1) * k // count for k in range(count)] + [high]
-            return list(zip(bounds, bounds[1:], strict=False))
+            bounds = [low - 1 + (high - low + 1) * k // count for k in range(count)]
+            return list(zip(bounds, [*bounds[1:], None], strict=True))
     return [(0, None)]
 
 
-def _review_range(program: Program, now: datetime, batch_size: int, set_based: bool, ids) -> ReviewResult:
-    """Review the due members with ids in `ids` (after, up to; None: no end), batch by batch."""
+def _review_range(
+    program: Program, now: datetime, batch_size: int, set_based: bool, ids, stop: threading.Event | None = None
+) -> ReviewResult:
+    """Review the due members with ids in `ids` (after, up to; None: no end), batch by batch, until done or `stop`."""
     review = _review_batch_sql if set_based else _review_batch_rows
     after, upto = ids
     result = ReviewResult()
-    while True:
+    while stop is None or not stop.is_set():
         with transaction.atomic():
             reviewed, changed, last = review(program, now, batch_size, after, upto)
         result += ReviewResult(reviewed=reviewed, changed=changed)
         if last is None:
-            return result
+            break
         after = last
+    return result
 
 
-def _review_range_in_thread(program: Program, now: datetime, batch_size: int, ids) -> ReviewResult:
-    """_review_range on this thread's own database connection, closed when done."""
+def _review_range_in_thread(program: Program, now: datetime, batch_size: int, ids, failed) -> ReviewResult:
+    """_review_range on this thread's own database connection, closed when done; a failure stops the others."""
     try:
         with batch_statements():
-            return _review_range(program, now, batch_size, True, ids)
+            return _review_range(program, now, batch_size, True, ids, failed)
+    except BaseException:
+        failed.set()
+        raise
     finally:
         connection.close()
 
