@@ -1,5 +1,6 @@
-"""Random sequences of purchases, returns, spends, adjustments, maturation and expiry against a plain Python model of
-the ledger: after every step the database must agree with the model and `ledger_verify()` must find nothing."""
+"""Random sequences of purchases, returns, spends, adjustments, holds (placed, captured, released), maturation and
+expiry against a plain Python model of the ledger: after every step the database must agree with the model and
+`ledger_verify()` must find nothing."""
 
 import os
 from dataclasses import dataclass, field
@@ -24,7 +25,15 @@ from hypothesis.stateful import (
 
 from core.errors import InsufficientPoints, Unprocessable
 from core.models import Program
-from loyalty.ledger import ledger_credit, ledger_debit, ledger_expire_due, ledger_mature_due
+from loyalty.ledger import (
+    ledger_capture,
+    ledger_credit,
+    ledger_debit,
+    ledger_expire_due,
+    ledger_hold,
+    ledger_mature_due,
+    ledger_unhold,
+)
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
 from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
@@ -58,12 +67,19 @@ class ModelPurchase:
 
 
 @dataclass
+class ModelHold:
+    member: int
+    points: int
+
+
+@dataclass
 class Model:
     """What the ledger should hold, computed from the rules in loyalty/ledger's docstring and API.md."""
 
     available: dict[int, int] = field(default_factory=dict)
     pending: dict[int, int] = field(default_factory=dict)
     lifetime: dict[int, int] = field(default_factory=dict)
+    held: dict[int, int] = field(default_factory=dict)
     lots: list[ModelLot] = field(default_factory=list)
 
     def credit(self, *, member, pk, points, available_from, expires_at, now) -> None:
@@ -85,11 +101,31 @@ class Model:
             points -= take
         assert points == 0, "the model drew more than the matured lots hold"
 
+    def free(self, member) -> int:
+        """What may be spent or held: available points no hold has set aside."""
+        return max(self.available[member] - self.held[member], 0)
+
     def debit(self, member, points) -> bool:
-        if self.available[member] < points:
+        if self.free(member) < points:
             return False
         self.available[member] -= points
         self.draw(member, points)
+        return True
+
+    def hold(self, member, points) -> bool:
+        if self.free(member) < points:
+            return False
+        self.held[member] += points
+        return True
+
+    def capture(self, hold: ModelHold, points: int) -> bool:
+        # The hold's own points were set aside for it: only they must still be available (expiry or a return may
+        # have taken them meanwhile).
+        if self.available[hold.member] < points:
+            return False
+        self.available[hold.member] -= points
+        self.held[hold.member] -= hold.points
+        self.draw(hold.member, points)
         return True
 
     def reverse(self, member, points, *, lot: ModelLot, allow_negative: bool) -> int:
@@ -151,7 +187,10 @@ class LedgerMachine(RuleBasedStateMachine):
             available=dict.fromkeys(self.members, 0),
             pending=dict.fromkeys(self.members, 0),
             lifetime=dict.fromkeys(self.members, 0),
+            held=dict.fromkeys(self.members, 0),
         )
+        self.holds: list[ModelHold] = []
+        self.entries_checked = 0  # entries up to this pk had their held_after checked
         self.now = START
         self.purchases: list[ModelPurchase] = []
         self.sent: list[tuple[TransactionInput, int]] = []  # every transaction recorded, with the points it moved
@@ -303,7 +342,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), member=members, affordable=st.booleans(), as_adjustment=st.booleans())
     def spend(self, data, member, affordable, as_adjustment):
         member_pk = self.members[member]
-        spendable = max(self.model.available[member_pk], 0)
+        spendable = self.model.free(member_pk)
         if affordable and spendable:
             points = data.draw(st.integers(min_value=1, max_value=spendable), label="points")
         else:
@@ -312,7 +351,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _spend(self, member_pk: int, points: int, kind: str) -> None:
         reason = "correction" if kind == Entry.Kind.ADJUST else ""
-        enough = self.model.available[member_pk] >= points
+        enough = self.model.free(member_pk) >= points
         rows = _rows()
 
         if not enough:
@@ -328,7 +367,73 @@ class LedgerMachine(RuleBasedStateMachine):
 
         assert self.model.debit(member_pk, points)
         assert entry.points == -points
-        assert entry.available_after == self.model.available[member_pk]
+        assert (entry.available_after, entry.held_after) == (
+            self.model.available[member_pk],
+            self.model.held[member_pk],
+        )
+
+    @rule(data=st.data(), member=members, affordable=st.booleans())
+    def hold(self, data, member, affordable):
+        member_pk = self.members[member]
+        free = self.model.free(member_pk)
+        if affordable and free:
+            points = data.draw(st.integers(min_value=1, max_value=free), label="points")
+        else:
+            points = data.draw(st.integers(min_value=free + 1, max_value=free + 100), label="points")
+        rows = _rows()
+
+        if not self.model.hold(member_pk, points):
+            with pytest.raises(InsufficientPoints):
+                ledger_hold(member_id=member_pk, points=points)
+            assert _rows() == rows
+            return
+        after = ledger_hold(member_id=member_pk, points=points)
+
+        self.holds.append(ModelHold(member_pk, points))
+        assert (after.available, after.held) == (self.model.available[member_pk], self.model.held[member_pk])
+        assert _rows() == rows  # a reservation, not a ledger movement
+
+    @precondition(lambda self: self.holds)
+    @rule(data=st.data(), whole=st.booleans())
+    def capture(self, data, whole):
+        hold = data.draw(st.sampled_from(self.holds), label="hold")
+        points = hold.points if whole else data.draw(st.integers(min_value=1, max_value=hold.points), label="points")
+        rows = _rows()
+
+        def capture():
+            return ledger_capture(
+                member_id=hold.member,
+                held=hold.points,
+                points=points,
+                kind=Entry.Kind.REDEEM,
+                occurred_at=self.now,
+                now=self.now,
+            )
+
+        if not self.model.capture(hold, points):
+            with pytest.raises(InsufficientPoints):
+                capture()
+            assert _rows() == rows  # the hold stays open: it can still be released
+            return
+        entry, after = capture()
+
+        self.holds.remove(hold)
+        assert entry.points == -points
+        assert (entry.available_after, entry.held_after) == (self.model.available[hold.member], after.held)
+        assert after.held == self.model.held[hold.member]
+
+    @precondition(lambda self: self.holds)
+    @rule(data=st.data())
+    def release(self, data):
+        hold = data.draw(st.sampled_from(self.holds), label="hold")
+        rows = _rows()
+
+        after = ledger_unhold(member_id=hold.member, points=hold.points)
+
+        self.holds.remove(hold)
+        self.model.held[hold.member] -= hold.points
+        assert (after.available, after.held) == (self.model.available[hold.member], self.model.held[hold.member])
+        assert _rows() == rows
 
     @rule(member=members, points=st.integers(min_value=1, max_value=200), expires=st.booleans())
     def adjust_up(self, member, points, expires):
@@ -354,6 +459,7 @@ class LedgerMachine(RuleBasedStateMachine):
             expires_at=expires_at,
             now=self.now,
         )
+        assert entry.held_after == self.model.held[member_pk]
 
     @rule(
         days=st.integers(min_value=0, max_value=PENDING_DAYS + 5),
@@ -389,14 +495,24 @@ class LedgerMachine(RuleBasedStateMachine):
     def ledger_matches_the_model(self):
         assert ledger_verify() == []
         balances = {
-            pk: (available, pending, lifetime)
-            for pk, available, pending, lifetime in Account.objects.filter(pk__in=self.members).values_list(
-                "pk", "available", "pending", "lifetime_earned"
+            pk: (available, pending, lifetime, held)
+            for pk, available, pending, lifetime, held in Account.objects.filter(pk__in=self.members).values_list(
+                "pk", "available", "pending", "lifetime_earned", "held"
             )
         }
         for pk in self.members:
-            expected = (self.model.available[pk], self.model.pending[pk], self.model.lifetime[pk])
-            assert balances.get(pk, (0, 0, 0)) == expected, f"member {pk}"
+            expected = (self.model.available[pk], self.model.pending[pk], self.model.lifetime[pk], self.model.held[pk])
+            assert balances.get(pk, (0, 0, 0, 0)) == expected, f"member {pk}"
+        # Every entry written by this step says how many points were held right after it: holds write no entries,
+        # and a step changes what is held at most once, with at most the one entry of a capture.
+        written = list(
+            Entry.objects.filter(pk__gt=self.entries_checked, account_id__in=self.members).values_list(
+                "pk", "account_id", "held_after"
+            )
+        )
+        for pk, member_pk, held_after in written:
+            assert held_after == self.model.held[member_pk], f"entry {pk}"
+        self.entries_checked = max([self.entries_checked, *(pk for pk, _, _ in written)])
         lots = dict(Lot.objects.values_list("pk", "remaining"))
         assert lots == {lot.pk: lot.remaining for lot in self.model.lots}
         assert set(Lot.objects.filter(matured=True).values_list("pk", flat=True)) == {
