@@ -10,26 +10,19 @@ from django.db.models import Model
 
 
 @cache
-def _select(model: type[Model]) -> tuple[list[str], str]:
-    columns = [f.attname for f in model._meta.concrete_fields]
-    quoted = ", ".join(connection.ops.quote_name(f.column) for f in model._meta.concrete_fields)
-    return columns, f"SELECT {quoted} FROM {model._meta.db_table} WHERE "
-
-
-@cache
-def columns(model: type[Model], alias: str) -> tuple[list[str], str]:
-    """The model's column attnames and their select list under a table alias, for instances built with from_db
-    from a plain query that reads other tables too."""
+def columns(model: type[Model], alias: str = "") -> tuple[list[str], str]:
+    """The model's column attnames and their select list, under a table alias when the query reads other tables
+    too, for instances built with instance_from_row."""
+    prefix, quote = f"{alias}." if alias else "", connection.ops.quote_name
     fields = model._meta.concrete_fields
-    quote = connection.ops.quote_name
-    return [f.attname for f in fields], ", ".join(f"{alias}.{quote(f.column)}" for f in fields)
+    return [f.attname for f in fields], ", ".join(f"{prefix}{quote(f.column)}" for f in fields)
 
 
 def fetch_instance(model: type[Model], where: str, params: list):
     """The first row matching the SQL condition `where`, as a model instance, or None."""
-    _, select = _select(model)
+    _, select = columns(model)
     with connection.cursor() as cursor:
-        cursor.execute(select + where + " LIMIT 1", params)
+        cursor.execute(f"SELECT {select} FROM {model._meta.db_table} WHERE {where} LIMIT 1", params)
         row = cursor.fetchone()
     return None if row is None else instance_from_row(model, row)
 
@@ -38,7 +31,7 @@ def instance_from_row(model: type[Model], row) -> Model:
     """An instance of `model` from a plain cursor's values of all its columns (in `columns` order), converted as the
     ORM's own reads convert them: SQLite hands back naive datetimes and text where PostgreSQL's driver hands back
     the Python values."""
-    attnames = _select(model)[0]
+    attnames = columns(model)[0]
     if connection.vendor != "postgresql":
         row = [
             value if value is None else _convert(value, field, converters)

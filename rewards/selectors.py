@@ -1,6 +1,5 @@
 """Reads of the rewards capability: the catalogue, redemptions, vouchers, holds, and points spent."""
 
-import zoneinfo
 from datetime import datetime
 
 from django.db import connection
@@ -11,7 +10,6 @@ from django.utils import timezone
 from core.db import columns, instance_from_row
 from core.models import Program
 from loyalty.ledger import ledger_balance
-from loyalty.rules import period_start_at
 from loyalty.tiers import tier_current_for
 from members.models import Member
 from rewards.codes import voucher_code_normalize
@@ -23,12 +21,6 @@ def member_tier_rank(*, member: Member) -> int | None:
     """The rank of the member's current tier, or None without one (then rewards with a minimum rank are refused)."""
     tier = tier_current_for(member=member)
     return tier.rank if tier else None
-
-
-def period_start(*, period: str, now: datetime, tz: zoneinfo.ZoneInfo) -> datetime | None:
-    """Start of the current per-member limit period, in the member's own calendar; None for 'ever'. The same
-    calendar as earning rules and events (Reward.Period has the same values as loyalty's Period)."""
-    return period_start_at(period, now, tz)
 
 
 def reward_get(*, program: Program, code: str) -> Reward:

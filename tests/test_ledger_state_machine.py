@@ -342,12 +342,16 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), member=members, affordable=st.booleans(), as_adjustment=st.booleans())
     def spend(self, data, member, affordable, as_adjustment):
         member_pk = self.members[member]
-        spendable = self.model.free(member_pk)
-        if affordable and spendable:
-            points = data.draw(st.integers(min_value=1, max_value=spendable), label="points")
-        else:
-            points = data.draw(st.integers(min_value=spendable + 1, max_value=spendable + 100), label="points")
+        points = self._points(data, member_pk, affordable)
         self._spend(member_pk, points, Entry.Kind.ADJUST if as_adjustment else Entry.Kind.REDEEM)
+
+    def _points(self, data, member_pk: int, affordable: bool) -> int:
+        """Points to spend or hold: within what the member has free, or (when not affordable, or nothing is free)
+        more than that."""
+        free = self.model.free(member_pk)
+        if affordable and free:
+            return data.draw(st.integers(min_value=1, max_value=free), label="points")
+        return data.draw(st.integers(min_value=free + 1, max_value=free + 100), label="points")
 
     def _spend(self, member_pk: int, points: int, kind: str) -> None:
         reason = "correction" if kind == Entry.Kind.ADJUST else ""
@@ -375,11 +379,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), member=members, affordable=st.booleans())
     def hold(self, data, member, affordable):
         member_pk = self.members[member]
-        free = self.model.free(member_pk)
-        if affordable and free:
-            points = data.draw(st.integers(min_value=1, max_value=free), label="points")
-        else:
-            points = data.draw(st.integers(min_value=free + 1, max_value=free + 100), label="points")
+        points = self._points(data, member_pk, affordable)
         rows = _rows()
 
         if not self.model.hold(member_pk, points):

@@ -9,16 +9,16 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from core.errors import Conflict, InvalidInput, Unprocessable
 from loyalty.event_models import Referral
 from loyalty.models import Account, Entry
-from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
 from members.models import Member
 from members.referrals import ALPHABET, REFERRAL_ATTACH_DAYS
 from members.services import member_update
-from tests.factories import MemberFactory
+from tests.factories import MemberFactory, record
 
 AT = datetime(2025, 11, 19, 14, 30, tzinfo=ZoneInfo("Europe/Stockholm"))
 
@@ -34,18 +34,17 @@ def referring(program):
 
 
 def buy(program, member, external_id, total, kind="purchase", original=None):
-    data = TransactionInput(
-        store="STHLM-01",
+    return record(
+        program,
+        member,
+        total,
         external_id=external_id,
-        channel="pos",
         kind=kind,
-        occurred_at=AT,
-        currency="SEK",
-        total=Decimal(total),
-        member=member,
-        original_external_id=original,
+        original=original,
+        at=AT,
+        now=timezone.now(),
+        store="STHLM-01",
     )
-    return transaction_record(program=program, data=data)
 
 
 def available(member) -> int:

@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 from django.db import connection
 
+from loyalty import tier_review
 from loyalty.tier_models import TierChange, TierCounter, TierStatus
 from loyalty.tier_setup import tier_create
 from loyalty.tiers import tiers_review_due
@@ -111,3 +112,35 @@ def test_the_review_in_parallel_ranges_does_what_one_connection_does(program):
     assert state() == after_serial
     assert TierStatus.objects.filter(tier=gold).count() == 15
     assert tiers_review_due(now=due, workers=3).reviewed == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_range_that_fails_leaves_whole_batches_and_a_second_run_finishes_the_review(program, monkeypatch):
+    # given: 30 members due; the last range's second batch fails (the database went away, say)
+    tier_create(program=program, code="gold", name_en="Gold", rank=1, threshold=Decimal(1000))
+    for i, m in enumerate(MemberFactory(program=program, enrolled_at=NOW - timedelta(days=400)) for _ in range(30)):
+        _buy(program, m, "1000", key=f"p{i}", at=NOW)
+    due = TierStatus.objects.first().review_at + timedelta(hours=1)
+    real, last_range_batches = tier_review._review_batch_sql, []
+
+    def failing(program, now, batch_size, after, upto):
+        if upto is None:
+            last_range_batches.append(after)
+            if len(last_range_batches) == 2:
+                raise RuntimeError("the database went away")
+        return real(program, now, batch_size, after, upto)
+
+    monkeypatch.setattr(tier_review, "_review_batch_sql", failing)
+    # when
+    with pytest.raises(RuntimeError):
+        tiers_review_due(now=due, batch_size=4, workers=3)
+    # then: every member moved has their history row, and no one else changed
+    moved = set(TierChange.objects.filter(reason="downgrade").values_list("member_id", flat=True))
+    assert 4 <= len(moved) < 30
+    assert set(TierStatus.objects.filter(tier=None).values_list("member_id", flat=True)) == moved
+    # when the job runs again
+    monkeypatch.undo()
+    rest = tiers_review_due(now=due, batch_size=4, workers=3)
+    # then: the others are reviewed, each member once
+    assert rest.changed == 30 - len(moved)
+    assert TierChange.objects.filter(reason="downgrade").count() == 30

@@ -11,6 +11,7 @@ from core.errors import MemberNotActive
 from core.models import ApiClient
 from loyalty import ledger
 from loyalty.models import Entry
+from loyalty.rules import period_start_at
 from members.models import Member
 from rewards.codes import voucher_code_new
 from rewards.errors import (
@@ -21,7 +22,7 @@ from rewards.errors import (
     TierNotEligible,
 )
 from rewards.models import Redemption, Reward, Voucher
-from rewards.selectors import member_tier_rank, period_start
+from rewards.selectors import member_tier_rank
 
 
 def _check_redeemable(reward: Reward, member: Member, now: datetime) -> None:
@@ -59,7 +60,8 @@ def _limit_and_stock(reward: Reward, member: Member, now: datetime) -> None:
     params: list = []
     used = "0"
     if reward.member_limit is not None:
-        since = period_start(period=reward.member_limit_period, now=now, tz=member.tz)
+        # In the member's own calendar, as earning rules and events count (Reward.Period has loyalty's Period values).
+        since = period_start_at(reward.member_limit_period, now, member.tz)
         used = (
             f"(SELECT COUNT(*) FROM {Redemption._meta.db_table} WHERE member_id = %s AND reward_id = %s "
             "AND status = %s" + (" AND created_at >= %s)" if since is not None else ")")
