@@ -16,17 +16,20 @@ The routes are `hot_routes` in config/urls.py; `config/wsgi.py` wraps the Django
 import io
 import logging
 from dataclasses import dataclass
+from http.client import responses
 
 from django.conf import settings
 from django.core import signals
-from django.core.exceptions import DisallowedHost
 from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.locale import LocaleMiddleware
 from django.middleware.security import SecurityMiddleware
+from django.test.signals import setting_changed
 from django.urls.resolvers import RoutePattern
+from django.utils import translation
+from django.utils.cache import patch_vary_headers
 from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
@@ -34,6 +37,7 @@ from rest_framework.views import APIView
 
 from core.auth import api_client_for_key, raw_key_from_header
 from core.errors import ApplicationError
+from core.idempotency import HEADER as IDEMPOTENCY_KEY
 from core.idempotency import IdempotencyMiddleware
 from core.models import ApiClient
 
@@ -41,12 +45,25 @@ logger = logging.getLogger(__name__)
 
 _ACCEPTED = frozenset(["", "*/*", "application/json"])
 _JSON_TYPES = frozenset(["application/json", "application/json;charset=utf-8"])
-# The middlewares of settings.MIDDLEWARE whose work shows in an API answer, run here in the same order as in the full
-# stack: security headers, Content-Language, ALLOWED_HOSTS and Content-Length; then Idempotency-Key handling around
-# the view; then X-Frame-Options. The others do nothing for these requests: no session, user, message or CSRF token
-# is used.
+# The middlewares of settings.MIDDLEWARE whose work shows in an API answer, in the same order as in the full stack:
+# security headers, Content-Language, ALLOWED_HOSTS and Content-Length; then Idempotency-Key handling around the
+# view; then X-Frame-Options. The others do nothing for these requests: no session, user, message or CSRF token is
+# used.
 _OUTER = (SecurityMiddleware, LocaleMiddleware, CommonMiddleware)
 _INNER = (XFrameOptionsMiddleware,)
+# Everything of a request that those middlewares read, but its path (see _Envelope).
+_ENVELOPE_KEYS = (
+    "wsgi.url_scheme",
+    "HTTP_HOST",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "HTTP_X_FORWARDED_HOST",
+    "HTTP_X_FORWARDED_PORT",
+    "HTTP_ACCEPT_LANGUAGE",
+    "HTTP_COOKIE",
+    "HTTP_USER_AGENT",
+)
+_ENVELOPES_KEPT = 1024  # distinct hosts, languages and user agents; beyond, envelopes are worked out per request
 _parser, _renderer = JSONParser(), JSONRenderer()
 
 
@@ -70,6 +87,60 @@ class _ApiRequest:
     data: object
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """What the middlewares do to every answer of a hot route to requests alike in `_ENVELOPE_KEYS`: the language
+    LocaleMiddleware activates, and the headers they add, those of the middlewares inside IdempotencyMiddleware
+    (`inner`) apart, as they do not see the answers it gives itself. Found by running the middlewares themselves on
+    such a request with an empty answer (`_envelope_probe`), so they stay the authority. They read nothing of a hot
+    route's path: it starts with api/, names no language and needs no trailing slash; only SECURE_REDIRECT_EXEMPT
+    could tell paths apart, and when it is set the path is part of the key."""
+
+    language: str
+    inner: tuple[tuple[str, str], ...]
+    outer: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A hot route's HTTP answer."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    content: bytes
+
+    @classmethod
+    def of(cls, response: HttpResponse) -> "Answer":
+        return cls(response.status_code, list(response.items()), response.content)
+
+    def as_response(self) -> HttpResponse:
+        response = HttpResponse(self.content, status=self.status)
+        for name, value in self.headers:
+            response[name] = value
+        return response
+
+    def with_headers(self, added: tuple[tuple[str, str], ...]) -> "Answer":
+        """This answer with the headers a middleware adds, as the middlewares add them: a header the answer already
+        has is kept, but for Vary, whose values are merged."""
+        have = {name.lower() for name, _ in self.headers}
+        if "vary" in have and any(name.lower() == "vary" for name, _ in added):
+            response = self.as_response()
+            for name, value in added:
+                if name.lower() == "vary":
+                    patch_vary_headers(response, [v.strip() for v in value.split(",")])
+                else:
+                    response.headers.setdefault(name, value)
+            return Answer.of(response)
+        return Answer(self.status, self.headers + [h for h in added if h[0].lower() not in have], self.content)
+
+
+class _Closing(list):
+    """A WSGI body whose close(), which the server calls once it is sent, ends the request as Django's does."""
+
+    def close(self):
+        signals.request_finished.send(sender=HotPaths)
+
+
 class HotPaths:
     """WSGI application: requests matching a hot route are answered here; all others, and those declined, by Django."""
 
@@ -78,11 +149,11 @@ class HotPaths:
         self.routes = [
             (route, RoutePattern("/" + route.path, is_endpoint=True), _allow_header(route.api_view)) for route in routes
         ]
-        self.outer = [m(lambda r: None) for m in _OUTER]
-        self.inner = [m(lambda r: None) for m in _INNER]
         order = [f"{m.__module__}.{m.__name__}" for m in (*_OUTER, IdempotencyMiddleware, *_INNER)]
         positions = [settings.MIDDLEWARE.index(name) for name in order if name in settings.MIDDLEWARE]
         assert len(positions) == len(order) and positions == sorted(positions), "hot paths run other middleware"
+        self.envelopes: dict[tuple, _Envelope | None] = {}
+        setting_changed.connect(self._forget_envelopes, weak=False)  # the middlewares read settings (tests change them)
 
     def __call__(self, environ, start_response):
         route = self.route(environ)
@@ -91,12 +162,12 @@ class HotPaths:
         # Django's handler sends these signals around each request; they close connections that are broken or
         # past CONN_MAX_AGE.
         signals.request_started.send(sender=self.__class__, environ=environ)
-        response = self.respond(environ, route)
-        if response is None:
+        answer = self.respond(environ, route)
+        if answer is None:
             signals.request_finished.send(sender=self.__class__)
             return self.django_app(environ, start_response)
-        start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
-        return response  # the server calls close(), which sends request_finished
+        start_response(f"{answer.status} {responses.get(answer.status, 'Unknown Status Code')}", answer.headers)
+        return _Closing([answer.content])
 
     def route(self, environ) -> tuple[HotRoute, str, dict] | None:
         """The hot route for this request, its Allow header and its path's arguments; None if there is none."""
@@ -109,40 +180,95 @@ class HotPaths:
                 return route, allow, match[2]
         return None
 
-    def respond(self, environ, matched: tuple[HotRoute, str, dict]) -> HttpResponse | None:
-        """The hot view's response, or None when the full stack is to answer; then the body it read is given back."""
+    def respond(self, environ, matched: tuple[HotRoute, str, dict]) -> Answer | None:
+        """The hot view's answer, or None when the full stack is to answer; then the body read is given back."""
         route, allow, kwargs = matched
-        request = WSGIRequest(environ)
-
-        def view(request) -> HttpResponse:
-            client = _client(request, route.api_view.scopes[route.method])
-            handler = getattr(route.api_view(), route.method.lower())
-            answer = handler(_ApiRequest(client, _json_body(request)), **kwargs)
-            response = HttpResponse(_renderer.render(answer.data), status=answer.status_code, headers=answer.headers)
-            response["Content-Type"], response["Allow"] = "application/json", allow
-            for middleware in reversed(self.inner):
-                response = middleware.process_response(request, response)
-            return response
-
+        envelope = self._envelope(environ)
+        if envelope is None:
+            return None  # a redirect, a host not allowed, a user agent refused: the full stack's to give
+        body = b""
         try:
-            for middleware in self.outer:
-                if middleware.process_request(request) is not None:
-                    raise Decline  # a redirect to HTTPS or to a trailing slash: the full stack's to give
-            # A declined view raises through it, which gives the key's claim back for the full stack to take.
-            response = IdempotencyMiddleware(view)(request)
-        except (Decline, DisallowedHost, ValidationError, ApplicationError):
-            response = None  # the full stack answers with its problem
+            body = _read_body(environ)
+            translation.activate(envelope.language)
+            client = _client(environ, route.api_view.scopes[route.method])
+            data = _json_body(environ, body)
+
+            def view() -> Answer:
+                answer = getattr(route.api_view(), route.method.lower())(_ApiRequest(client, data), **kwargs)
+                headers = [("Content-Type", "application/json"), ("Allow", allow)]
+                headers += [h for h in answer.items() if h[0] not in ("Content-Type", "Allow")]
+                return Answer(answer.status_code, headers, _renderer.render(answer.data)).with_headers(envelope.inner)
+
+            if IDEMPOTENCY_KEY in environ:
+                # A declined view raises through the middleware, which gives the key's claim back for the full stack.
+                environ["wsgi.input"] = io.BytesIO(body)
+                answer = Answer.of(IdempotencyMiddleware(lambda request: view().as_response())(WSGIRequest(environ)))
+            else:
+                answer = view()
+        except (Decline, ValidationError, ApplicationError):
+            answer = None  # the full stack answers with its problem
         except Exception:
             logger.warning("hot path %s %s failed; the full stack takes it", route.method, route.path, exc_info=True)
-            response = None
-        if response is None:
-            if request._read_started:
-                environ["wsgi.input"] = io.BytesIO(request.body)
+            answer = None
+        if answer is None:
+            environ["wsgi.input"] = io.BytesIO(body)
             return None
-        for middleware in reversed(self.outer):
+        return answer.with_headers((*envelope.outer, ("Content-Length", str(len(answer.content)))))
+
+    def _envelope(self, environ) -> _Envelope | None:
+        """The envelope of this request's answer; None when the middlewares would answer it themselves."""
+        keys = _ENVELOPE_KEYS
+        if settings.SECURE_PROXY_SSL_HEADER:
+            keys += (settings.SECURE_PROXY_SSL_HEADER[0],)
+        if settings.SECURE_REDIRECT_EXEMPT:
+            keys += ("PATH_INFO",)
+        key = tuple(environ.get(k) for k in keys)
+        try:
+            return self.envelopes[key]
+        except KeyError:
+            pass
+        envelope = _envelope_probe({k: environ[k] for k in keys if k in environ}, environ)
+        if len(self.envelopes) < _ENVELOPES_KEPT:
+            self.envelopes[key] = envelope
+        return envelope
+
+    def _forget_envelopes(self, **kwargs) -> None:
+        self.envelopes = {}
+
+
+def _envelope_probe(facts: dict, environ) -> _Envelope | None:
+    """Run the middlewares on a request made only of `facts` (and this request's method and path) and an empty
+    answer; None if they answer or refuse the request themselves."""
+    request = WSGIRequest(
+        {
+            **facts,
+            "REQUEST_METHOD": environ["REQUEST_METHOD"],
+            "PATH_INFO": environ.get("PATH_INFO", ""),
+            "SCRIPT_NAME": environ.get("SCRIPT_NAME", ""),
+            "wsgi.input": io.BytesIO(b""),
+        }
+    )
+    outer, inner = [m(lambda r: None) for m in _OUTER], [m(lambda r: None) for m in _INNER]
+    try:
+        for middleware in outer:
+            if middleware.process_request(request) is not None:
+                return None
+        language = translation.get_language()
+        response = HttpResponse(b"", content_type="application/json")
+        before = set(response.headers)
+        for middleware in reversed(inner):
             response = middleware.process_response(request, response)
-        response.wsgi_request = request  # as Django's test client handler does, for tests
-        return response
+        added_inside = set(response.headers) - before
+        for middleware in reversed(outer):
+            response = middleware.process_response(request, response)
+    except Exception:  # DisallowedHost, PermissionDenied, ...: the full stack answers with its error
+        return None
+    added = [(name, value) for name, value in response.items() if name not in before and name != "Content-Length"]
+    return _Envelope(
+        language,
+        inner=tuple(h for h in added if h[0] in added_inside),
+        outer=tuple(h for h in added if h[0] not in added_inside),
+    )
 
 
 def _allow_header(api_view: type[APIView]) -> str:
@@ -155,22 +281,33 @@ class Decline(Exception):
     """The full stack is to answer this request."""
 
 
-def _client(request: WSGIRequest, scope: str) -> ApiClient:
+def _read_body(environ) -> bytes:
+    """The request's body as Django reads it; declined when Django would refuse it as too large."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if settings.DATA_UPLOAD_MAX_MEMORY_SIZE is not None and length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+        raise Decline
+    return environ["wsgi.input"].read(length) if length > 0 else b""
+
+
+def _client(environ, scope: str) -> ApiClient:
     """The request's API client if it has `scope`; otherwise declined (the full stack answers 401 or 403)."""
-    raw = raw_key_from_header(request.META.get("HTTP_AUTHORIZATION", ""))
+    raw = raw_key_from_header(environ.get("HTTP_AUTHORIZATION", ""))
     client = api_client_for_key(raw) if raw else None
     if client is None or not client.has_scope(scope):
         raise Decline
     return client
 
 
-def _json_body(request: WSGIRequest):
+def _json_body(environ, body: bytes):
     """The request's JSON body as DRF's JSONParser reads it ({} when there is none); declined when it is not JSON."""
-    if not request.META.get("CONTENT_LENGTH") or request.META["CONTENT_LENGTH"] == "0":
+    if not environ.get("CONTENT_LENGTH") or environ["CONTENT_LENGTH"] == "0":
         return {}
-    if request.META.get("CONTENT_TYPE", "").replace(" ", "").lower() not in _JSON_TYPES:
+    if environ.get("CONTENT_TYPE", "").replace(" ", "").lower() not in _JSON_TYPES:
         raise Decline
     try:
-        return _parser.parse(io.BytesIO(request.body))
+        return _parser.parse(io.BytesIO(body))
     except ParseError:
         raise Decline from None
