@@ -2,8 +2,12 @@
 
 Going through nine middlewares, URL resolution, DRF's request wrapping, content negotiation and rendering costs about
 1 ms of CPU per request on a 2-core machine, more than the database work of a purchase. For a hot route, its DRF
-view's handler is called directly with the API client and the parsed JSON body, inside the middlewares whose work
-shows in the answer (Idempotency-Key handling among them). Only the plain success case is answered here: a known key
+view's handler is called directly with the API client and the parsed JSON body. Of the middlewares, Idempotency-Key
+handling runs as it is (when the header is sent); the work of the others that shows in an answer (the language
+activated, the headers added, a request refused) depends on a few request headers and the settings only, so it is
+found once per kind of request by running them on a probe and then applied as found (`_Envelope`): running them,
+with a Django request and response built for each request, cost more than the rest of a balance read. Only the
+plain success case is answered here: a known key
 with the scope, a JSON body, a handler that succeeds. Anything else is declined (Decline, or any error) and the
 request goes to the full Django stack unchanged, its body given back, so every error, 4xx and 5xx, comes from one
 place and reads the same whichever way the request came in. A handler's writes are one statement or one database

@@ -92,6 +92,28 @@ def test_a_balance_served_hot_reads_as_the_full_stacks(api, member, settings):
     assert _headers(hot) == _headers(full)
 
 
+@pytest.mark.parametrize("accept_language", ["sv", "nb-NO,nb;q=0.9", "de", None])
+def test_the_headers_the_middlewares_add_follow_each_requests_language_and_the_settings(
+    api, member, settings, accept_language
+):
+    # given: answered hot in English, and in the request's language under other settings, so the middlewares' work
+    # for both is known
+    url = f"/api/v1/members/{member.member_number}/balance"
+    headers = {"HTTP_ACCEPT_LANGUAGE": accept_language} if accept_language else {}
+    assert api.get(url, HTTP_ACCEPT_LANGUAGE="en")["Content-Language"] == "en"
+    assert api.get(url, **headers)["X-Frame-Options"] == "DENY"
+    settings.X_FRAME_OPTIONS = "SAMEORIGIN"
+    # when
+    hot = api.get(url, **headers)
+    settings.HOT_PATHS = False
+    full = api.get(url, **headers)
+    # then
+    assert hot.served_hot
+    assert _headers(hot) == _headers(full)
+    assert hot["Content-Language"] == {"sv": "sv", "nb-NO,nb;q=0.9": "nb"}.get(accept_language, "en")
+    assert hot["X-Frame-Options"] == "SAMEORIGIN"
+
+
 def test_a_balance_is_one_statement_and_an_unknown_member_none(api, member, django_assert_num_queries):
     # given: points that expire, and the key known
     _post(api, _purchase(member))
