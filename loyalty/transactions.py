@@ -8,7 +8,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from core.db import insert_params, insert_plan
-from core.errors import Conflict, MemberNotActive, Unprocessable
+from core.errors import ApplicationError, Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
 from loyalty import ledger, referrals, rules, tiers
 from loyalty.earning import earning_for_purchase, reversal_for_return
@@ -44,6 +44,13 @@ class TransactionResult:
     available_at: datetime | None
     balance: ledger.Balance | None  # right after the transaction; None for anonymous purchases
     forgiven: int = 0  # what a return did not take back, under the available-only return policy
+    known_member_number: str | None = None  # for a member not read (transaction_record_by_number)
+
+    @property
+    def member_number(self) -> str | None:
+        if self.known_member_number is not None:
+            return self.known_member_number
+        return self.transaction.member.member_number if self.transaction.member_id else None
 
 
 class TransactionMismatch(Conflict):
@@ -125,18 +132,80 @@ def _new_transaction(program, data, api_client, now, **fields) -> Transaction:
     )
 
 
+def transaction_record_by_number(
+    *,
+    program: Program,
+    data: TransactionInput,
+    member_number: str,
+    api_client: ApiClient | None = None,
+    now: datetime | None = None,
+) -> TransactionResult | None:
+    """transaction_record for a purchase by the member with `member_number`, in the one statement of the common
+    purchase, which finds the member too: it saves reading the member first (a round trip and a fifth of a
+    purchase's CPU). Possible where earning needs nothing of the member: a programme without tiers, no active rule on
+    birthdays, first purchases or tiers, no limit or budget to claim; and the member active, with no referral
+    pending. None, having written nothing, when the purchase is not such a one or the statement wrote nothing (an
+    unknown member, a repeat, no account yet, bad input): the caller then reads the member and calls
+    transaction_record, which records it or explains why not, in its own order of checks."""
+    now = now or timezone.now()
+    if (
+        data.kind != Transaction.Kind.PURCHASE
+        or data.member is not None
+        or connection.vendor != "postgresql"
+        or program.has_tiers
+        or rules.rules_need(program)
+    ):
+        return None
+    try:
+        _validate(program, data, now)
+    except ApplicationError:
+        return None
+    txn, awards, credit = _purchase(program, data, api_client, now, member_read=False)
+    if not txn.points or rules.awards_need_claim(awards):
+        return None
+    referral_pending = " AND referred_by_id IS NULL" if program.referrals_enabled else ""
+    member = (
+        f"SELECT id FROM {Member._meta.db_table} "
+        f"WHERE member_number = %s AND program_id = %s AND status = %s{referral_pending}",
+        [member_number, program.pk, Member.Status.ACTIVE],
+    )
+    entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member, **credit)
+    if entry is None:
+        return None
+    return _result(txn, created=True, entry=entry, member_number=member_number)
+
+
 def _record_purchase(program, data, api_client, now) -> TransactionResult:
     member = data.member
+    txn, awards, credit = _purchase(program, data, api_client, now)
+    if (
+        txn.points
+        and connection.vendor == "postgresql"
+        and not (member.referred_by_id and program.referrals_enabled)
+        and not rules.awards_need_claim(awards)
+        and not program.has_tiers
+    ):
+        # The common purchase, which touches nothing but the transaction and the ledger: one statement.
+        entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member.pk, **credit)
+        if entry is not None:
+            return _result(txn, created=True, entry=entry)
+    credit["member_id"] = member.pk if member else None
+    return _record_purchase_in_steps(program, data, txn, awards, credit, now)
+
+
+def _purchase(program, data, api_client, now, *, member_read: bool = True) -> tuple[Transaction, list, dict]:
+    """The unsaved purchase with its points, the awards they come from, and its credit as the ledger takes it (but
+    for the member). `member_read` is False for a member not read yet (transaction_record_by_number), who earns
+    as a member of whom no rule asks anything."""
     earning = earning_for_purchase(program=program, total=data.total, occurred_at=data.occurred_at)
     # Anonymous purchases are kept for analytics and earn nothing.
-    awards = rules.earning_evaluate(basket=_basket(program, data)) if member else []
+    earns = data.member is not None or not member_read
+    awards = rules.earning_evaluate(basket=_basket(program, data)) if earns else []
     points = sum(a.points for a in awards)
     txn = _new_transaction(
-        program, data, api_client, now, member=member, points=points, breakdown=[a.as_line() for a in awards]
+        program, data, api_client, now, member=data.member, points=points, breakdown=[a.as_line() for a in awards]
     )
-    # What the purchase's credit is, whichever way it is written.
     credit = {
-        "member_id": member.pk if member else None,
         "kind": Entry.Kind.EARN,
         "occurred_at": data.occurred_at,
         "available_from": earning.available_from,
@@ -144,18 +213,7 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
         "now": now,
         "api_client": api_client,
     }
-    if (
-        points
-        and connection.vendor == "postgresql"
-        and not (member.referred_by_id and program.referrals_enabled)
-        and not rules.awards_need_claim(awards)
-        and not program.has_tiers
-    ):
-        # The common purchase, which touches nothing but the transaction and the ledger: one statement.
-        entry = ledger.ledger_credit_new_transaction(txn=txn, points=points, **credit)
-        if entry is not None:
-            return _result(txn, created=True, entry=entry)
-    return _record_purchase_in_steps(program, data, txn, awards, credit, now)
+    return txn, awards, credit
 
 
 @transaction.atomic
@@ -251,7 +309,7 @@ def _basket(program: Program, data: TransactionInput) -> rules.Basket:
         store=data.store,
         channel=data.channel,
         occurred_at=data.occurred_at,
-        birth_date=member.birth_date,
+        birth_date=member.birth_date if member else None,
         first_purchase=first_purchase,
         tier_code=tier.code if tier else None,
         tier_multiplier=tier.earn_multiplier if tier else Decimal(1),
@@ -324,7 +382,9 @@ def _replay(program: Program, data: TransactionInput) -> TransactionResult:
     return _result(existing, created=False, entry=entry, forgiven=forgiven)
 
 
-def _result(txn: Transaction, *, created: bool, entry: Entry | None, forgiven: int = 0) -> TransactionResult:
+def _result(
+    txn: Transaction, *, created: bool, entry: Entry | None, forgiven: int = 0, member_number: str | None = None
+) -> TransactionResult:
     pending, available_at, balance = 0, None, None
     if entry is not None:
         balance = ledger.Balance.after(entry)
@@ -341,4 +401,5 @@ def _result(txn: Transaction, *, created: bool, entry: Entry | None, forgiven: i
         available_at=available_at,
         balance=balance,
         forgiven=forgiven,
+        known_member_number=member_number,
     )

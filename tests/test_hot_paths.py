@@ -246,13 +246,13 @@ def test_a_hot_attempt_that_fails_midway_leaves_nothing_and_the_full_stack_recor
     assert ledger_verify() == []
 
 
-def test_a_plain_purchase_is_two_statements_the_member_and_one_that_writes_it_all(
+def test_a_plain_purchase_is_one_statement_that_finds_the_member_and_writes_it_all(
     api, member, django_assert_num_queries
 ):
     # given: the member's first purchase has opened their account, and the key is known
     assert _post(api, _purchase(member)).status_code == 201
     # when
-    with django_assert_num_queries(2):
+    with django_assert_num_queries(1):
         response = _post(api, _purchase(member, external_id="R-2", total="10.00", lines=[]))
     # then
     assert response.status_code == 201 and response.served_hot

@@ -2,6 +2,7 @@
 
 import json
 from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 import hypothesis
 import pytest
@@ -286,6 +287,87 @@ def test_a_suspended_member_cannot_earn(api, member):
     assert response.status_code == 409
     assert response.json()["code"] == "member_not_active"
     assert not Transaction.objects.exists()
+
+
+# A plain purchase by a member with an account is written in one statement that finds the member too
+# (transaction_record_by_number). Whatever that statement may not write, the general way records or refuses.
+
+
+def _with_account(member):
+    points_adjust(member=member, points=10, reason="seed")
+
+
+def test_a_suspended_member_with_an_account_cannot_earn_either(api, member):
+    # given
+    _with_account(member)
+    member.status = "suspended"
+    member.save()
+    before = ledger_snapshot()
+    # when
+    response = post(api, URL, purchase(member))
+    # then
+    assert (response.status_code, response.json()["code"]) == (409, "member_not_active")
+    assert ledger_snapshot() == before
+
+
+def test_a_member_of_another_programme_is_unknown_here_and_an_unknown_member_is_named_before_a_wrong_currency(
+    api, member
+):
+    # given: a member with an account, in another programme
+    from core.models import Program
+    from tests.factories import MemberFactory
+
+    elsewhere = MemberFactory(program=Program.objects.create(code="OTHER", name="Other", currency="SEK"))
+    _with_account(elsewhere)
+    before = ledger_snapshot()
+    # when
+    other = post(api, URL, purchase(elsewhere))
+    both_wrong = post(api, URL, purchase(member, member="0000000000", currency="EUR"))
+    # then
+    assert (other.status_code, other.json()["code"]) == (422, "unknown_member")
+    assert (both_wrong.status_code, both_wrong.json()["code"]) == (422, "unknown_member")
+    assert ledger_snapshot() == before
+
+
+def test_a_referred_members_purchase_pays_the_referral(api, program):
+    # given: referrals on, and a referred member with an account
+    from tests.factories import MemberFactory
+
+    program.referrals_enabled, program.referral_referrer_points, program.referral_referee_points = True, 500, 200
+    program.save()
+    referrer = MemberFactory(program=program)
+    referee = MemberFactory(program=program, referral_code=referrer.referral_code)
+    _with_account(referee)
+    # when
+    response = post(api, URL, purchase(referee))
+    # then
+    assert response.status_code == 201
+    assert Account.objects.get(pk=referee.pk).available == 10 + 129 + 200
+    assert Account.objects.get(pk=referrer.pk).available == 500
+    assert ledger_verify() == []
+
+
+def test_a_birthday_rule_reads_the_member_and_pays_its_bonus(api, program):
+    # given: a birthday rule, and a member with an account whose birthday month it is
+    from loyalty.rule_services import earning_rule_create
+    from tests.factories import MemberFactory
+
+    earning_rule_create(
+        program=program, code="birthday", name="Birthday", birthday_month=True, benefit="fixed", value=50
+    )
+    today = timezone.now().astimezone(ZoneInfo(program.timezone)).date()
+    member = MemberFactory(program=program, birth_date=today.replace(year=1990, day=1))
+    _with_account(member)
+    # when
+    response = post(api, URL, purchase(member))
+    # then
+    assert response.status_code == 201
+    assert response.json()["points"]["breakdown"] == [
+        {"rule": "base", "points": 129},
+        {"rule": "birthday", "points": 50},
+    ]
+    assert Account.objects.get(pk=member.pk).available == 10 + 129 + 50
+    assert ledger_verify() == []
 
 
 def test_preview_tells_what_a_purchase_would_earn_and_writes_nothing(api, member):

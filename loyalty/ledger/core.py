@@ -185,7 +185,7 @@ def ledger_credit(
 def ledger_credit_new_transaction(
     *,
     txn: Model,
-    member_id: int,
+    member: int | tuple[str, list],
     kind: str,
     points: int,
     occurred_at: datetime,
@@ -194,21 +194,26 @@ def ledger_credit_new_transaction(
     now: datetime,
     **fields,
 ) -> Entry | None:
-    """INSERT the unsaved transaction `txn` (a purchase) and credit `points` for it as ledger_credit does, in a single
-    statement: the transaction, the account's balances (row-locked), the entry, its lot and the draw that settles a
-    negative balance. One round trip that needs no database transaction around it, where the general path takes
-    six. The INSERT is `ON CONFLICT DO NOTHING`; when it inserts nothing, or the member has no account yet, nothing
-    at all is written and None is returned: the caller takes the general path. PostgreSQL only (data-modifying
-    WITH). Sets `txn.pk`."""
+    """INSERT the unsaved transaction `txn` (a purchase) of `member` and credit `points` for it as ledger_credit does,
+    in a single statement: the transaction, the account's balances (row-locked), the entry, its lot and the draw
+    that settles a negative balance. One round trip that needs no database transaction around it, where the general
+    path takes six. `member` is the member's id, or a query selecting it as `id` with its parameters, which saves
+    reading the member first; a query that finds no one writes nothing. The INSERT is `ON CONFLICT DO NOTHING`;
+    when it inserts nothing, or the member has no account yet, nothing at all is written and None is returned: the
+    caller takes the general path. PostgreSQL only (data-modifying WITH). Sets `txn.pk` and `txn.member_id`."""
     assert points > 0 and connection.vendor == "postgresql"
+    member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
     matured = available_from <= now
     added = (points, 0) if matured else (0, points)
     lifetime = points if kind in LIFETIME_KINDS else 0
-    entry = Entry(account_id=member_id, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
+    entry = Entry(kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     r_plan, r_columns = insert_plan(type(txn))
     e_plan, e_columns = insert_plan(Entry)
-    # The entry's balances and its link to the transaction come from the statement itself.
+    # The member, the entry's balances and its links come from the statement itself.
+    r_values = ["m.id" if f.attname == "member_id" else "%s" for f, _ in r_plan]
+    r_params = [p for (f, _), p in zip(r_plan, insert_params(txn, r_plan), strict=True) if f.attname != "member_id"]
     from_statement = {
+        "account_id": "a.member_id",
         "available_after": "a.available",
         "pending_after": "a.pending",
         "held_after": "a.held",
@@ -220,31 +225,31 @@ def ledger_credit_new_transaction(
     ]
     accounts, entries, lots, draws = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
     sql = (
-        f"WITH r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
-        f"SELECT {', '.join(['%s'] * len(r_plan))} WHERE EXISTS (SELECT 1 FROM {accounts} WHERE member_id = %s) "
-        "ON CONFLICT DO NOTHING RETURNING id), "
+        f"WITH m AS ({member_sql}), "
+        f"r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
+        f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS (SELECT 1 FROM {accounts} WHERE member_id = m.id) "
+        "ON CONFLICT DO NOTHING RETURNING id, member_id), "
         f"a AS (UPDATE {accounts} SET available = available + %s, pending = pending + %s, "
         "lifetime_earned = lifetime_earned + %s, updated_at = %s "
-        "WHERE member_id = %s AND EXISTS (SELECT 1 FROM r) RETURNING available, pending, held), "
+        f"FROM r WHERE {accounts}.member_id = r.member_id RETURNING {accounts}.member_id, available, pending, held), "
         f"e AS (INSERT INTO {entries} ({e_columns}) SELECT {', '.join(e_values)} FROM r, a "
-        "RETURNING id, available_after, pending_after, held_after), "
+        "RETURNING id, account_id, available_after, pending_after, held_after), "
         # What the balance owed before this credit is paid from the new lot, as in ledger_credit.
         f"l AS (INSERT INTO {lots} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
-        "SELECT %s, e.id, %s, %s - CASE WHEN %s THEN LEAST(%s, GREATEST(0, %s - e.available_after)) ELSE 0 END, "
-        "%s, %s, %s FROM e RETURNING id, entry_id, remaining), "
+        "SELECT e.account_id, e.id, %s, %s - CASE WHEN %s THEN LEAST(%s, GREATEST(0, %s - e.available_after)) "
+        "ELSE 0 END, %s, %s, %s FROM e RETURNING id, entry_id, remaining), "
         f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, %s - remaining FROM l "
         "WHERE remaining < %s) "
-        "SELECT r.id, e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining FROM r, e, l"
+        "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining "
+        "FROM r, e, l"
     )
     params = [
-        *insert_params(txn, r_plan),
-        member_id,
+        *member_params,
+        *r_params,
         *added,
         lifetime,
         now,
-        member_id,
         *e_params,
-        member_id,
         points,
         points,
         matured,
@@ -261,15 +266,16 @@ def ledger_credit_new_transaction(
         found = cursor.fetchone()
     if found is None:
         return None
-    txn.pk, entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, remaining = found
+    txn.pk, txn.member_id, entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, left = found
+    entry.account_id = txn.member_id
     txn._state.adding = entry._state.adding = False
     entry.transaction = txn
     lot = Lot(
         pk=lot_id,
-        account_id=member_id,
+        account_id=txn.member_id,
         entry=entry,
         amount=points,
-        remaining=remaining,
+        remaining=left,
         available_from=available_from,
         expires_at=expires_at,
         matured=matured,
