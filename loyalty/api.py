@@ -176,6 +176,7 @@ class TransactionInputSerializer(serializers.Serializer):
         return attrs
 
 
+_CHANNELS = frozenset(Transaction.Channel.values)  # the enum's .values builds a new list on every use
 _PLAIN_PURCHASE_KEYS = frozenset(
     ["external_id", "store", "channel", "member", "type", "occurred_at", "currency", "total", "lines"]
 )
@@ -201,7 +202,7 @@ def _plain_purchase(data) -> dict | None:
             return None
         v["member"] = data["member"]
     channel, currency, total, occurred = (data.get(k) for k in ("channel", "currency", "total", "occurred_at"))
-    if type(channel) is not str or channel not in Transaction.Channel.values:
+    if type(channel) is not str or channel not in _CHANNELS:
         return None
     if type(currency) is not str or currency not in CURRENCIES:
         return None

@@ -143,9 +143,12 @@ def _active_rules(program: Program) -> list[CompiledRule]:
 
 
 def rules_need(program: Program) -> set[str]:
-    """Which member facts the active rules look at, so the purchase path fetches only those."""
+    """Which member facts the active rules look at, so the purchase path fetches only those; "claims" when a rule
+    has a per-member limit or a budget, which a purchase may have to claim."""
     needs = set()
     for c in _active_rules(program):
+        if c.rule.member_limit is not None or c.rule.budget is not None:
+            needs.add("claims")
         if c.rule.first_purchase:
             needs.add("first_purchase")
         if c.rule.birthday_month:
