@@ -208,6 +208,16 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
     budgeted = sorted({a.rule.pk for a in awards if a.rule is not None and a.rule.budget is not None})
     rule_t, usage_t = EarningRule._meta.db_table, RuleUsage._meta.db_table
     with connection.cursor() as cursor:
+        used = {}
+        if limited:
+            cursor.execute(
+                f"SELECT rule_id, period_start, points FROM {usage_t} WHERE member_id = %s "
+                f"AND rule_id IN ({_marks(limited)}) AND period_start IN ({_marks(set(limited.values()))})",
+                [member_id, *limited, *set(limited.values())],
+            )
+            used = {rule_id: points for rule_id, start, points in cursor.fetchall() if limited[rule_id] == start}
+        # Budgets are locked last, so that every purchase holds the row all of them share for as short a time as
+        # possible.
         budget_left = {}
         if budgeted:
             # SQLite has no row locks: its IMMEDIATE transactions already hold the whole database's write lock.
@@ -217,14 +227,6 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
                 budgeted,
             )
             budget_left = dict(cursor.fetchall())
-        used = {}
-        if limited:
-            cursor.execute(
-                f"SELECT rule_id, period_start, points FROM {usage_t} WHERE member_id = %s "
-                f"AND rule_id IN ({_marks(limited)}) AND period_start IN ({_marks(set(limited.values()))})",
-                [member_id, *limited, *set(limited.values())],
-            )
-            used = {rule_id: points for rule_id, start, points in cursor.fetchall() if limited[rule_id] == start}
         granted, budget_use, usage_rows = [], [], []
         for award in awards:
             rule, points = award.rule, award.points

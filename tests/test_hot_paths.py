@@ -226,15 +226,15 @@ def test_a_hot_attempt_that_fails_midway_leaves_nothing_and_the_full_stack_recor
     # first credit of the ledger fails, as a dropped connection would, the second succeeds
     from loyalty.ledger import core
 
-    real, calls = core._insert_entry_and_lot, []
+    real, calls = core._credit_in_one_statement, []
 
-    def failing_once(entry, lot):
+    def failing_once(entry, **credit):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("connection lost")
-        return real(entry, lot)
+        return real(entry, **credit)
 
-    monkeypatch.setattr(core, "_insert_entry_and_lot", failing_once)
+    monkeypatch.setattr(core, "_credit_in_one_statement", failing_once)
     # when
     response = _post(api, _purchase(member))
     # then

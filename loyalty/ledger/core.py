@@ -86,27 +86,75 @@ def _entry(member_id: int, kind: str, points: int, after: Balance, *, occurred_a
     )
 
 
-def _insert_entry_and_lot(entry: Entry, lot: Lot) -> None:
-    """INSERT a credit's entry and its lot in one statement and set their ids: one round trip instead of two, and
-    no ORM query compilation, on the earn path (docs/benchmarks.md)."""
-    if connection.vendor != "postgresql":  # the embedded SQLite default has no data-modifying WITH
-        entry.save(force_insert=True)
-        lot.entry = entry
-        lot.save(force_insert=True)
-        return
+def _credit_ctes(
+    entry: Entry,
+    *,
+    points: int,
+    matured: bool,
+    lifetime: int,
+    available_from: datetime,
+    expires_at: datetime | None,
+    now: datetime,
+    account: tuple[str, str, list],
+    entry_from: str = "a",
+    entry_links: dict[str, str] | None = None,
+) -> tuple[str, list]:
+    """A credit as the common table expressions of one statement, with their parameters: `a` adds to the account's
+    balances (its UPDATE takes the row lock), `e` inserts the entry with the balances after, `l` its lot, less what
+    settles a negative balance, and `d` the draw that settles it; as ledger_credit's steps would write them.
+    `account` is the UPDATE's extra FROM list, its condition and their parameters; `entry_links` names entry
+    columns taken from other parts of the statement, selected `FROM {entry_from}`. An account that is not there
+    writes nothing at all."""
+    accounts, entries, lots, draws = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
     e_plan, e_columns = insert_plan(Entry)
-    l_plan, l_columns = insert_plan(Lot, frozenset({"entry"}))
+    from_statement = {
+        "account_id": "a.member_id",
+        "available_after": "a.available",
+        "pending_after": "a.pending",
+        "held_after": "a.held",
+        **(entry_links or {}),
+    }
+    e_values = [from_statement.get(f.attname, "%s") for f, _ in e_plan]
+    e_params = [
+        p for (f, _), p in zip(e_plan, insert_params(entry, e_plan), strict=True) if f.attname not in from_statement
+    ]
+    update_from, update_where, update_params = account
     sql = (
-        f"WITH e AS (INSERT INTO {Entry._meta.db_table} ({e_columns}) "
-        f"VALUES ({', '.join(['%s'] * len(e_plan))}) RETURNING id) "
-        f"INSERT INTO {Lot._meta.db_table} ({l_columns}, entry_id) "
-        f"SELECT {', '.join(['%s'] * len(l_plan))}, e.id FROM e RETURNING entry_id, id"
+        f"a AS (UPDATE {accounts} SET available = available + %s, pending = pending + %s, "
+        f"lifetime_earned = lifetime_earned + %s, updated_at = %s{update_from} WHERE {update_where} "
+        f"RETURNING {accounts}.member_id, available, pending, held), "
+        f"e AS (INSERT INTO {entries} ({e_columns}) SELECT {', '.join(e_values)} FROM {entry_from} "
+        "RETURNING id, account_id, available_after, pending_after, held_after), "
+        # What the balance owed before this credit is paid from the new lot.
+        f"l AS (INSERT INTO {lots} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
+        "SELECT e.account_id, e.id, %s, %s - CASE WHEN %s THEN LEAST(%s, GREATEST(0, %s - e.available_after)) "
+        "ELSE 0 END, %s, %s, %s FROM e RETURNING id, entry_id, remaining), "
+        f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, %s - remaining FROM l "
+        "WHERE remaining < %s)"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, insert_params(entry, e_plan) + insert_params(lot, l_plan))
-        entry.pk, lot.pk = cursor.fetchone()
-    lot.entry_id = entry.pk
-    entry._state.adding = lot._state.adding = False
+    added = (points, 0) if matured else (0, points)
+    params = [*added, lifetime, now, *update_params, *e_params]
+    params += [points, points, matured, points, points, available_from, expires_at, matured, points, points]
+    return sql, params
+
+
+def _credited(entry: Entry, row, *, points: int, available_from, expires_at, matured: bool) -> Entry:
+    """`entry` as the statement of _credit_ctes wrote it, from its row (entry id and balances, lot id and
+    remaining), with its lot."""
+    entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, remaining = row
+    entry._state.adding = False
+    lot = Lot(
+        pk=lot_id,
+        account_id=entry.account_id,
+        entry=entry,
+        amount=points,
+        remaining=remaining,
+        available_from=available_from,
+        expires_at=expires_at,
+        matured=matured,
+    )
+    lot._state.adding = False
+    return entry
 
 
 def _draw(member_id: int, entry: Entry, points: int, *, first_lot_ids: tuple[int, ...] = ()) -> int:
@@ -145,29 +193,30 @@ def ledger_credit(
     **fields,
 ) -> Entry:
     """Credit points as a new lot, pending until `available_from`. Points that become available first settle a
-    negative balance. Locks the account row."""
+    negative balance. Locks the account row (opened on first use). On PostgreSQL in one statement."""
     assert points > 0
     matured = available_from <= now
+    lifetime = points if kind in LIFETIME_KINDS else 0
+    entry = Entry(account_id=member_id, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
+    if connection.vendor == "postgresql":
+        return _credit_in_one_statement(
+            entry,
+            points=points,
+            matured=matured,
+            lifetime=lifetime,
+            available_from=available_from,
+            expires_at=expires_at,
+            now=now,
+        )
+    # The embedded SQLite default has no data-modifying WITH: the same writes step by step.
     after = _lock_and_add(
-        member_id,
-        available=points if matured else 0,
-        pending=0 if matured else points,
-        lifetime=points if kind in LIFETIME_KINDS else 0,
+        member_id, available=points if matured else 0, pending=0 if matured else points, lifetime=lifetime
     )
-    entry = Entry(
-        account_id=member_id,
-        kind=kind,
-        points=points,
-        available_after=after.available,
-        pending_after=after.pending,
-        held_after=after.held,
-        occurred_at=occurred_at,
-        created_at=now,
-        **fields,
-    )
+    entry.available_after, entry.pending_after, entry.held_after = after.available, after.pending, after.held
+    entry.save(force_insert=True)
     # What the balance owed before this credit is paid from the new lot.
     settle = min(points, max(0, points - after.available)) if matured else 0
-    lot = Lot(
+    lot = Lot.objects.create(
         account_id=member_id,
         entry=entry,
         amount=points,
@@ -176,10 +225,24 @@ def ledger_credit(
         expires_at=expires_at,
         matured=matured,
     )
-    _insert_entry_and_lot(entry, lot)
     if settle:
         Draw.objects.create(entry=entry, lot=lot, points=settle)
     return entry
+
+
+def _credit_in_one_statement(entry: Entry, **credit) -> Entry:
+    """ledger_credit's writes on PostgreSQL: one round trip, two when the account is opened first."""
+    ctes, params = _credit_ctes(entry, account=("", "member_id = %s", [entry.account_id]), **credit)
+    sql = f"WITH {ctes} SELECT e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining FROM e, l"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+        if row is None:  # no account yet
+            Account.objects.bulk_create([Account(member_id=entry.account_id)], ignore_conflicts=True)
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+    keep = {k: credit[k] for k in ("points", "available_from", "expires_at", "matured")}
+    return _credited(entry, row, **keep)
 
 
 def ledger_credit_new_transaction(
@@ -197,91 +260,51 @@ def ledger_credit_new_transaction(
     """INSERT the unsaved transaction `txn` (a purchase) of `member` and credit `points` for it as ledger_credit does,
     in a single statement: the transaction, the account's balances (row-locked), the entry, its lot and the draw
     that settles a negative balance. One round trip that needs no database transaction around it, where the general
-    path takes six. `member` is the member's id, or a query selecting it as `id` with its parameters, which saves
-    reading the member first; a query that finds no one writes nothing. The INSERT is `ON CONFLICT DO NOTHING`;
-    when it inserts nothing, or the member has no account yet, nothing at all is written and None is returned: the
-    caller takes the general path. PostgreSQL only (data-modifying WITH). Sets `txn.pk` and `txn.member_id`."""
+    path takes several. `member` is the member's id, or a query selecting it as `id` with its parameters, which
+    saves reading the member first; a query that finds no one writes nothing. The INSERT is `ON CONFLICT DO
+    NOTHING`; when it inserts nothing, or the member has no account yet, nothing at all is written and None is
+    returned: the caller takes the general path. PostgreSQL only (data-modifying WITH). Sets `txn.pk` and
+    `txn.member_id`."""
     assert points > 0 and connection.vendor == "postgresql"
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
     matured = available_from <= now
-    added = (points, 0) if matured else (0, points)
-    lifetime = points if kind in LIFETIME_KINDS else 0
     entry = Entry(kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     r_plan, r_columns = insert_plan(type(txn))
-    e_plan, e_columns = insert_plan(Entry)
-    # The member, the entry's balances and its links come from the statement itself.
+    # The transaction's member comes from the statement itself.
     r_values = ["m.id" if f.attname == "member_id" else "%s" for f, _ in r_plan]
     r_params = [p for (f, _), p in zip(r_plan, insert_params(txn, r_plan), strict=True) if f.attname != "member_id"]
-    from_statement = {
-        "account_id": "a.member_id",
-        "available_after": "a.available",
-        "pending_after": "a.pending",
-        "held_after": "a.held",
-        "transaction_id": "r.id",
-    }
-    e_values = [from_statement.get(f.attname, "%s") for f, _ in e_plan]
-    e_params = [
-        p for (f, _), p in zip(e_plan, insert_params(entry, e_plan), strict=True) if f.attname not in from_statement
-    ]
-    accounts, entries, lots, draws = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
+    ctes, credit_params = _credit_ctes(
+        entry,
+        points=points,
+        matured=matured,
+        lifetime=points if kind in LIFETIME_KINDS else 0,
+        available_from=available_from,
+        expires_at=expires_at,
+        now=now,
+        account=(" FROM r", f"{Account._meta.db_table}.member_id = r.member_id", []),
+        entry_from="r, a",
+        entry_links={"transaction_id": "r.id"},
+    )
     sql = (
         f"WITH m AS ({member_sql}), "
         f"r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
-        f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS (SELECT 1 FROM {accounts} WHERE member_id = m.id) "
-        "ON CONFLICT DO NOTHING RETURNING id, member_id), "
-        f"a AS (UPDATE {accounts} SET available = available + %s, pending = pending + %s, "
-        "lifetime_earned = lifetime_earned + %s, updated_at = %s "
-        f"FROM r WHERE {accounts}.member_id = r.member_id RETURNING {accounts}.member_id, available, pending, held), "
-        f"e AS (INSERT INTO {entries} ({e_columns}) SELECT {', '.join(e_values)} FROM r, a "
-        "RETURNING id, account_id, available_after, pending_after, held_after), "
-        # What the balance owed before this credit is paid from the new lot, as in ledger_credit.
-        f"l AS (INSERT INTO {lots} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
-        "SELECT e.account_id, e.id, %s, %s - CASE WHEN %s THEN LEAST(%s, GREATEST(0, %s - e.available_after)) "
-        "ELSE 0 END, %s, %s, %s FROM e RETURNING id, entry_id, remaining), "
-        f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, %s - remaining FROM l "
-        "WHERE remaining < %s) "
+        f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS "
+        f"(SELECT 1 FROM {Account._meta.db_table} WHERE member_id = m.id) "
+        f"ON CONFLICT DO NOTHING RETURNING id, member_id), {ctes} "
         "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining "
         "FROM r, e, l"
     )
-    params = [
-        *member_params,
-        *r_params,
-        *added,
-        lifetime,
-        now,
-        *e_params,
-        points,
-        points,
-        matured,
-        points,
-        points,
-        available_from,
-        expires_at,
-        matured,
-        points,
-        points,
-    ]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, [*member_params, *r_params, *credit_params])
         found = cursor.fetchone()
     if found is None:
         return None
-    txn.pk, txn.member_id, entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, left = found
-    entry.account_id = txn.member_id
-    txn._state.adding = entry._state.adding = False
-    entry.transaction = txn
-    lot = Lot(
-        pk=lot_id,
-        account_id=txn.member_id,
-        entry=entry,
-        amount=points,
-        remaining=left,
-        available_from=available_from,
-        expires_at=expires_at,
-        matured=matured,
+    txn.pk, txn.member_id = found[:2]
+    txn._state.adding = False
+    entry.account_id, entry.transaction = txn.member_id, txn
+    return _credited(
+        entry, found[2:], points=points, available_from=available_from, expires_at=expires_at, matured=matured
     )
-    lot._state.adding = False
-    return entry
 
 
 @transaction.atomic
