@@ -1,7 +1,7 @@
 """What a purchase earns. The one place money becomes points."""
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
 from dateutil.relativedelta import relativedelta
@@ -36,7 +36,7 @@ def earning_for_purchase(*, program: Program, total: Decimal, occurred_at: datet
     expires_at = occurred_at + relativedelta(months=program.expiry_months) if program.expiry_months else None
     return Earning(
         points=base,
-        available_from=occurred_at + relativedelta(days=program.pending_days),
+        available_from=occurred_at + timedelta(days=program.pending_days),
         expires_at=expires_at,
         breakdown=[{"rule": "base", "points": base}] if base else [],
     )
