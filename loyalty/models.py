@@ -31,7 +31,11 @@ class Transaction(models.Model):
         Member, null=True, blank=True, on_delete=models.PROTECT, related_name="transactions", db_index=False
     )
     kind = models.CharField(max_length=8, choices=Kind.choices)
-    original = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="returns")
+    # Indexed only where set (Meta.indexes), as are the other links most rows leave empty: an index entry for every
+    # NULL costs each write and serves no lookup.
+    original = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="returns", db_index=False
+    )
     occurred_at = models.DateTimeField()
     currency = models.CharField(max_length=3)
     total = models.DecimalField(max_digits=12, decimal_places=2)
@@ -46,7 +50,7 @@ class Transaction(models.Model):
     # On purchases, the running totals of their returns; guarded by constraints so returns never exceed the purchase.
     returned_total = models.DecimalField(max_digits=12, decimal_places=2, default=0)
     points_reversed = models.IntegerField(default=0)
-    api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.SET_NULL)
+    api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.SET_NULL, db_index=False)
     created_at = models.DateTimeField()
 
     class Meta:
@@ -71,6 +75,10 @@ class Transaction(models.Model):
         indexes = [
             models.Index(fields=["member", "-occurred_at"]),
             models.Index(fields=["program", "-occurred_at"]),
+            models.Index(fields=["original"], condition=Q(original__isnull=False), name="transaction_original_set"),
+            models.Index(
+                fields=["api_client"], condition=Q(api_client__isnull=False), name="transaction_api_client_set"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -127,8 +135,11 @@ class Entry(models.Model):
     created_at = models.DateTimeField()
     transaction = models.ForeignKey(Transaction, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     reason = models.CharField(max_length=500, blank=True)
-    staff_user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT)
-    api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.PROTECT)
+    # Indexed only where set (Meta.indexes).
+    staff_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, db_index=False
+    )
+    api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.PROTECT, db_index=False)
     # The spend a refund gives back; unique, so a spend is refunded at most once whatever races.
     refund_of = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="refunded_by"
@@ -154,7 +165,11 @@ class Entry(models.Model):
             models.CheckConstraint(condition=Q(held_after__gte=0), name="entry_held_after_gte_0"),
             models.CheckConstraint(condition=~Q(kind="adjust") | ~Q(reason=""), name="adjustment_has_reason"),
         ]
-        indexes = [models.Index(fields=["account", "-occurred_at", "-id"])]
+        indexes = [
+            models.Index(fields=["account", "-occurred_at", "-id"]),
+            models.Index(fields=["staff_user"], condition=Q(staff_user__isnull=False), name="entry_staff_user_set"),
+            models.Index(fields=["api_client"], condition=Q(api_client__isnull=False), name="entry_api_client_set"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.points:+d}"
