@@ -19,7 +19,9 @@ The routes are `hot_routes` in config/urls.py; `config/wsgi.py` wraps the Django
 
 import io
 import logging
+import threading
 from dataclasses import dataclass
+from functools import cache
 from http.client import responses
 
 from django.conf import settings
@@ -55,19 +57,7 @@ _JSON_TYPES = frozenset(["application/json", "application/json;charset=utf-8"])
 # used.
 _OUTER = (SecurityMiddleware, LocaleMiddleware, CommonMiddleware)
 _INNER = (XFrameOptionsMiddleware,)
-# Everything of a request that those middlewares read, but its path (see _Envelope).
-_ENVELOPE_KEYS = (
-    "wsgi.url_scheme",
-    "HTTP_HOST",
-    "SERVER_NAME",
-    "SERVER_PORT",
-    "HTTP_X_FORWARDED_HOST",
-    "HTTP_X_FORWARDED_PORT",
-    "HTTP_ACCEPT_LANGUAGE",
-    "HTTP_COOKIE",
-    "HTTP_USER_AGENT",
-)
-_ENVELOPES_KEPT = 1024  # distinct hosts, languages and user agents; beyond, envelopes are worked out per request
+_ENVELOPES_KEPT = 1024  # kinds of request (hosts, languages, ...); the oldest is forgotten to make room
 _parser, _renderer = JSONParser(), JSONRenderer()
 
 
@@ -93,12 +83,13 @@ class _ApiRequest:
 
 @dataclass(frozen=True)
 class _Envelope:
-    """What the middlewares do to every answer of a hot route to requests alike in `_ENVELOPE_KEYS`: the language
-    LocaleMiddleware activates, and the headers they add, those of the middlewares inside IdempotencyMiddleware
-    (`inner`) apart, as they do not see the answers it gives itself. Found by running the middlewares themselves on
-    such a request with an empty answer (`_envelope_probe`), so they stay the authority. They read nothing of a hot
-    route's path: it starts with api/, names no language and needs no trailing slash; only SECURE_REDIRECT_EXEMPT
-    could tell paths apart, and when it is set the path is part of the key."""
+    """What the middlewares do to every answer of a hot route to requests alike in what they read (`_envelope_keys`):
+    the language LocaleMiddleware activates, and the headers they add, those of the middlewares inside
+    IdempotencyMiddleware (`inner`) apart, as they do not see the answers it gives itself. Found by running the
+    middlewares themselves on such a request with an empty answer (`_envelope_probe`), so they stay the authority.
+    They read nothing of a hot route's path: it starts with api/, names no language and needs no trailing slash;
+    only SECURE_REDIRECT_EXEMPT could tell paths apart, and with it (and SECURE_SSL_REDIRECT) the probe runs for
+    every request. Requests with cookies are left to the full stack (sessions, CSRF and the language cookie)."""
 
     language: str
     inner: tuple[tuple[str, str], ...]
@@ -157,6 +148,7 @@ class HotPaths:
         positions = [settings.MIDDLEWARE.index(name) for name in order if name in settings.MIDDLEWARE]
         assert len(positions) == len(order) and positions == sorted(positions), "hot paths run other middleware"
         self.envelopes: dict[tuple, _Envelope | None] = {}
+        self.lock = threading.Lock()
         setting_changed.connect(self._forget_envelopes, weak=False)  # the middlewares read settings (tests change them)
 
     def __call__(self, environ, start_response):
@@ -187,14 +179,17 @@ class HotPaths:
     def respond(self, environ, matched: tuple[HotRoute, str, dict]) -> Answer | None:
         """The hot view's answer, or None when the full stack is to answer; then the body read is given back."""
         route, allow, kwargs = matched
+        try:
+            client = _client(environ, route.api_view.scopes[route.method])
+        except Decline:
+            return None
         envelope = self._envelope(environ)
         if envelope is None:
-            return None  # a redirect, a host not allowed, a user agent refused: the full stack's to give
+            return None  # a redirect, a host not allowed, a user agent refused, a cookie: the full stack's to give
         body = b""
         try:
             body = _read_body(environ)
             translation.activate(envelope.language)
-            client = _client(environ, route.api_view.scopes[route.method])
             data = _json_body(environ, body)
 
             def view() -> Answer:
@@ -221,23 +216,42 @@ class HotPaths:
 
     def _envelope(self, environ) -> _Envelope | None:
         """The envelope of this request's answer; None when the middlewares would answer it themselves."""
-        keys = _ENVELOPE_KEYS
-        if settings.SECURE_PROXY_SSL_HEADER:
-            keys += (settings.SECURE_PROXY_SSL_HEADER[0],)
-        if settings.SECURE_REDIRECT_EXEMPT:
-            keys += ("PATH_INFO",)
-        key = tuple(environ.get(k) for k in keys)
+        if environ.get("HTTP_COOKIE"):
+            return None
+        facts = {k: environ[k] for k in _envelope_keys() if k in environ}
+        if settings.SECURE_SSL_REDIRECT and settings.SECURE_REDIRECT_EXEMPT:
+            return _envelope_probe(facts, environ)
+        envelopes, key = self.envelopes, tuple(facts.items())  # the dict of now: a settings change replaces it
         try:
-            return self.envelopes[key]
+            return envelopes[key]
         except KeyError:
             pass
-        envelope = _envelope_probe({k: environ[k] for k in keys if k in environ}, environ)
-        if len(self.envelopes) < _ENVELOPES_KEPT:
-            self.envelopes[key] = envelope
+        envelope = _envelope_probe(facts, environ)
+        with self.lock:
+            if len(envelopes) >= _ENVELOPES_KEPT:
+                del envelopes[next(iter(envelopes))]
+            envelopes[key] = envelope
         return envelope
 
     def _forget_envelopes(self, **kwargs) -> None:
         self.envelopes = {}
+        _envelope_keys.cache_clear()
+
+
+@cache
+def _envelope_keys() -> tuple[str, ...]:
+    """Everything of a request that SecurityMiddleware, LocaleMiddleware, CommonMiddleware and XFrameOptionsMiddleware
+    read under the settings, but its path and cookies."""
+    keys = ["wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "HTTP_ACCEPT_LANGUAGE"]
+    if settings.SECURE_PROXY_SSL_HEADER:
+        keys.append(settings.SECURE_PROXY_SSL_HEADER[0])
+    if settings.USE_X_FORWARDED_HOST:
+        keys.append("HTTP_X_FORWARDED_HOST")
+    if settings.USE_X_FORWARDED_PORT:
+        keys.append("HTTP_X_FORWARDED_PORT")
+    if settings.DISALLOWED_USER_AGENTS:
+        keys.append("HTTP_USER_AGENT")
+    return tuple(keys)
 
 
 def _envelope_probe(facts: dict, environ) -> _Envelope | None:

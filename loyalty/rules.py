@@ -131,7 +131,9 @@ def rules_changed(program_id: int) -> None:
         _cache.pop(program_id, None)
 
 
-def _active_rules(program: Program) -> list[CompiledRule]:
+def rules_active(program: Program) -> list[CompiledRule]:
+    """The programme's active rules, compiled, by priority. A purchase reads them once and hands the same list to
+    rules_need and earning_evaluate, so a reload between the two cannot make them disagree."""
     now = time.monotonic()
     cached = _cache.get(program.pk)
     if cached and now - cached[0] < settings.RULES_CACHE_SECONDS:
@@ -142,11 +144,11 @@ def _active_rules(program: Program) -> list[CompiledRule]:
     return compiled
 
 
-def rules_need(program: Program) -> set[str]:
+def rules_need(active: list[CompiledRule]) -> set[str]:
     """Which member facts the active rules look at, so the purchase path fetches only those; "claims" when a rule
     has a per-member limit or a budget, which a purchase may have to claim."""
     needs = set()
-    for c in _active_rules(program):
+    for c in active:
         if c.rule.member_limit is not None or c.rule.budget is not None:
             needs.add("claims")
         if c.rule.first_purchase:
@@ -158,7 +160,7 @@ def rules_need(program: Program) -> set[str]:
     return needs
 
 
-def earning_evaluate(*, basket: Basket) -> list[Award]:
+def earning_evaluate(*, basket: Basket, active: list[CompiledRule]) -> list[Award]:
     """Every line a purchase earns: base, tier multiplier, then bonus rules by priority (an exclusive rule that
     applies stops the rules below it). Writes nothing."""
     program = basket.program
@@ -169,7 +171,7 @@ def earning_evaluate(*, basket: Basket) -> list[Award]:
         if extra:
             awards.append(Award(f"tier:{basket.tier_code}", extra))
     local = basket.occurred_at.astimezone(ZoneInfo(program.timezone))
-    for compiled in _active_rules(program):
+    for compiled in active:
         points = compiled.points(basket, local)
         if points > 0:
             awards.append(Award(compiled.rule.code, points, compiled.rule))

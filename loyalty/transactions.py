@@ -148,20 +148,21 @@ def transaction_record_by_number(
     unknown member, a repeat, no account yet, bad input): the caller then reads the member and calls
     transaction_record, which records it or explains why not, in its own order of checks."""
     now = now or timezone.now()
+    active = rules.rules_active(program)
     if (
         data.kind != Transaction.Kind.PURCHASE
         or data.member is not None
-        or connection.vendor != "postgresql"
+        or rules.rules_need(active)
+        or connection.vendor != "postgresql"  # these two before the rules run, though _in_one_statement checks them
         or program.has_tiers
-        or rules.rules_need(program)
     ):
         return None
     try:
         _validate(program, data, now)
     except ApplicationError:
         return None
-    txn, awards, credit = _purchase(program, data, api_client, now, member_read=False)
-    if not txn.points or rules.awards_need_claim(awards):
+    txn, awards, credit = _purchase(program, data, api_client, now, active, member_read=False)
+    if not _in_one_statement(program, txn, awards):
         return None
     referral_pending = " AND referred_by_id IS NULL" if program.referrals_enabled else ""
     member = (
@@ -177,15 +178,8 @@ def transaction_record_by_number(
 
 def _record_purchase(program, data, api_client, now) -> TransactionResult:
     member = data.member
-    txn, awards, credit = _purchase(program, data, api_client, now)
-    if (
-        txn.points
-        and connection.vendor == "postgresql"
-        and not (member.referred_by_id and program.referrals_enabled)
-        and not rules.awards_need_claim(awards)
-        and not program.has_tiers
-    ):
-        # The common purchase, which touches nothing but the transaction and the ledger: one statement.
+    txn, awards, credit = _purchase(program, data, api_client, now, rules.rules_active(program))
+    if _in_one_statement(program, txn, awards) and not (member.referred_by_id and program.referrals_enabled):
         entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member.pk, **credit)
         if entry is not None:
             return _result(txn, created=True, entry=entry)
@@ -193,14 +187,28 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
     return _record_purchase_in_steps(program, data, txn, awards, credit, now)
 
 
-def _purchase(program, data, api_client, now, *, member_read: bool = True) -> tuple[Transaction, list, dict]:
-    """The unsaved purchase with its points, the awards they come from, and its credit as the ledger takes it (but
-    for the member). `member_read` is False for a member not read yet (transaction_record_by_number), who earns
-    as a member of whom no rule asks anything."""
+def _in_one_statement(program: Program, txn: Transaction, awards: list) -> bool:
+    """Whether a purchase touches nothing but the transaction and the ledger, so that one statement writes it all
+    (ledger_credit_new_transaction): it earns, on PostgreSQL, in a programme without tiers, and claims no limit or
+    budget. A member's pending referral rules it out too; the caller checks that."""
+    return bool(
+        txn.points
+        and connection.vendor == "postgresql"
+        and not program.has_tiers
+        and not rules.awards_need_claim(awards)
+    )
+
+
+def _purchase(
+    program, data, api_client, now, active: list, *, member_read: bool = True
+) -> tuple[Transaction, list, dict]:
+    """The unsaved purchase with its points, the awards the `active` rules give it, and its credit as the ledger
+    takes it (but for the member). `member_read` is False for a member not read yet (transaction_record_by_number),
+    who earns as a member of whom no rule asks anything."""
     earning = earning_for_purchase(program=program, total=data.total, occurred_at=data.occurred_at)
     # Anonymous purchases are kept for analytics and earn nothing.
     earns = data.member is not None or not member_read
-    awards = rules.earning_evaluate(basket=_basket(program, data)) if earns else []
+    awards = rules.earning_evaluate(basket=_basket(program, data, active), active=active) if earns else []
     points = sum(a.points for a in awards)
     txn = _new_transaction(
         program, data, api_client, now, member=data.member, points=points, breakdown=[a.as_line() for a in awards]
@@ -295,9 +303,9 @@ def _record_return(program, data, api_client, now) -> TransactionResult:
     return _result(txn, created=True, entry=entry, forgiven=to_reverse + (entry.points if entry else 0))
 
 
-def _basket(program: Program, data: TransactionInput) -> rules.Basket:
-    """The purchase as the earning rules see it; member facts are fetched only when an active rule asks."""
-    member, needs = data.member, rules.rules_need(program)
+def _basket(program: Program, data: TransactionInput, active: list) -> rules.Basket:
+    """The purchase as the `active` rules see it; member facts are fetched only when one of them asks."""
+    member, needs = data.member, rules.rules_need(active)
     first_purchase = "first_purchase" in needs and not (
         Transaction.objects.filter(member=member, kind=Transaction.Kind.PURCHASE).exists()
     )

@@ -114,6 +114,30 @@ def test_the_headers_the_middlewares_add_follow_each_requests_language_and_the_s
     assert hot["X-Frame-Options"] == "SAMEORIGIN"
 
 
+def test_a_request_with_cookies_is_the_full_stacks_and_kinds_of_request_kept_are_bounded(
+    api, member, settings, monkeypatch
+):
+    # given: room for two kinds of request
+    from core import hotpath
+    from tests import clients
+
+    monkeypatch.setattr(hotpath, "_ENVELOPES_KEPT", 2)
+    url = f"/api/v1/members/{member.member_number}/balance"
+    # when
+    languages = [api.get(url, HTTP_ACCEPT_LANGUAGE=lang) for lang in ("sv", "nb", "en", "sv")]
+    kept = len(clients._hot.envelopes)
+    api.cookies["sessionid"] = "stale"
+    with_cookie = api.get(url)
+    settings.HOT_PATHS = False
+    full = api.get(url)
+    # then
+    assert [r["Content-Language"] for r in languages] == ["sv", "nb", "en", "sv"]
+    assert all(r.served_hot for r in languages)
+    assert kept == 2
+    assert not getattr(with_cookie, "served_hot", False)
+    assert _headers(with_cookie) == _headers(full)
+
+
 def test_a_balance_is_one_statement_and_an_unknown_member_none(api, member, django_assert_num_queries):
     # given: points that expire, and the key known
     _post(api, _purchase(member))

@@ -22,14 +22,17 @@ LINKS = [
 
 
 def _indexes(apps, schema_editor, *, partial: bool):
-    """Create each link's partial index (`partial`) or its full one, then drop the other."""
+    """Create each link's partial index (`partial`) or its full one, then drop the other. A build that failed
+    before (a cancelled CONCURRENTLY leaves an invalid index behind) is dropped and done again, and the old index
+    goes only once its successor is built: a failure stops the migration before that."""
     concurrently = " CONCURRENTLY" if schema_editor.connection.vendor == "postgresql" else ""
     quote = schema_editor.quote_name
     for model_name, field_name, full, part in LINKS:
         model = apps.get_model("loyalty", model_name)
         table, column = quote(model._meta.db_table), quote(model._meta.get_field(field_name).column)
         where, new, old = (f" WHERE {column} IS NOT NULL", part, full) if partial else ("", full, part)
-        schema_editor.execute(f"CREATE INDEX{concurrently} IF NOT EXISTS {quote(new)} ON {table} ({column}){where}")
+        schema_editor.execute(f"DROP INDEX{concurrently} IF EXISTS {quote(new)}")
+        schema_editor.execute(f"CREATE INDEX{concurrently} {quote(new)} ON {table} ({column}){where}")
         schema_editor.execute(f"DROP INDEX{concurrently} IF EXISTS {quote(old)}")
 
 
