@@ -138,23 +138,27 @@ def _credit_ctes(
     return sql, params
 
 
-def _credited(entry: Entry, row, *, points: int, available_from, expires_at, matured: bool) -> Entry:
+def _credited(entry: Entry, row, *, available_from, expires_at, matured: bool) -> Entry:
     """`entry` as the statement of _credit_ctes wrote it, from its row (entry id and balances, lot id and
     remaining), with its lot."""
     entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, remaining = row
     entry._state.adding = False
-    lot = Lot(
-        pk=lot_id,
+    lot = _lot(entry, remaining, available_from=available_from, expires_at=expires_at, matured=matured)
+    lot.pk, lot._state.adding = lot_id, False
+    return entry
+
+
+def _lot(entry: Entry, remaining: int, *, available_from, expires_at, matured: bool) -> Lot:
+    """The unsaved lot of the credit `entry`."""
+    return Lot(
         account_id=entry.account_id,
         entry=entry,
-        amount=points,
+        amount=entry.points,
         remaining=remaining,
         available_from=available_from,
         expires_at=expires_at,
         matured=matured,
     )
-    lot._state.adding = False
-    return entry
 
 
 def _draw(member_id: int, entry: Entry, points: int, *, first_lot_ids: tuple[int, ...] = ()) -> int:
@@ -216,15 +220,8 @@ def ledger_credit(
     entry.save(force_insert=True)
     # What the balance owed before this credit is paid from the new lot.
     settle = min(points, max(0, points - after.available)) if matured else 0
-    lot = Lot.objects.create(
-        account_id=member_id,
-        entry=entry,
-        amount=points,
-        remaining=points - settle,
-        available_from=available_from,
-        expires_at=expires_at,
-        matured=matured,
-    )
+    lot = _lot(entry, points - settle, available_from=available_from, expires_at=expires_at, matured=matured)
+    lot.save(force_insert=True)
     if settle:
         Draw.objects.create(entry=entry, lot=lot, points=settle)
     return entry
@@ -241,7 +238,7 @@ def _credit_in_one_statement(entry: Entry, **credit) -> Entry:
             Account.objects.bulk_create([Account(member_id=entry.account_id)], ignore_conflicts=True)
             cursor.execute(sql, params)
             row = cursor.fetchone()
-    keep = {k: credit[k] for k in ("points", "available_from", "expires_at", "matured")}
+    keep = {k: credit[k] for k in ("available_from", "expires_at", "matured")}
     return _credited(entry, row, **keep)
 
 
@@ -302,9 +299,7 @@ def ledger_credit_new_transaction(
     txn.pk, txn.member_id = found[:2]
     txn._state.adding = False
     entry.account_id, entry.transaction = txn.member_id, txn
-    return _credited(
-        entry, found[2:], points=points, available_from=available_from, expires_at=expires_at, matured=matured
-    )
+    return _credited(entry, found[2:], available_from=available_from, expires_at=expires_at, matured=matured)
 
 
 @transaction.atomic
