@@ -179,15 +179,12 @@ class HotPaths:
     def respond(self, environ, matched: tuple[HotRoute, str, dict]) -> Answer | None:
         """The hot view's answer, or None when the full stack is to answer; then the body read is given back."""
         route, allow, kwargs = matched
-        try:
-            client = _client(environ, route.api_view.scopes[route.method])
-        except Decline:
-            return None
-        envelope = self._envelope(environ)
-        if envelope is None:
-            return None  # a redirect, a host not allowed, a user agent refused, a cookie: the full stack's to give
         body = b""
         try:
+            client = _client(environ, route.api_view.scopes[route.method])
+            envelope = self._envelope(environ)
+            if envelope is None:
+                raise Decline  # a redirect, a host not allowed, a user agent refused, a cookie: the full stack's
             body = _read_body(environ)
             translation.activate(envelope.language)
             data = _json_body(environ, body)
