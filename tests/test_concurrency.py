@@ -3,6 +3,7 @@ every purchase earning once, every balance at or above zero and every return wit
 
 import threading
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -13,7 +14,7 @@ from django.db import connection
 from core.errors import InsufficientPoints, Unprocessable
 from loyalty.ledger import ledger_debit, ledger_expire_due, ledger_mature_due
 from loyalty.models import Account, Entry, Lot, Transaction
-from loyalty.transactions import TransactionInput, transaction_record
+from loyalty.transactions import TransactionInput, transaction_record, transaction_record_by_number
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory
 
@@ -97,6 +98,34 @@ def test_the_same_purchase_sent_by_many_threads_at_once_earns_once(transactional
     assert Entry.objects.filter(kind=Entry.Kind.EARN).count() == 1
     assert Lot.objects.count() == 1
     assert _balance(member) == (250, 0, 250)
+    assert ledger_verify() == []
+
+
+def test_purchases_by_member_number_from_many_threads_earn_once_each(transactional_db, program):
+    # given: a member with an account, so that a till's purchase by number is one statement
+    # (transaction_record_by_number); half the threads send one purchase, the others one each
+    member = MemberFactory()
+    transaction_record(program=program, data=_purchase(member, "10.00", external_id="open"), now=NOW)
+
+    def till(i):
+        """As TransactionApi.post: the one statement by number, else the general way with the member read."""
+        data = replace(_purchase(member, "250.00", external_id="same" if i % 2 else f"own-{i}"), member=None)
+        found = transaction_record_by_number(program=program, data=data, member_number=member.member_number, now=NOW)
+        return found or transaction_record(program=program, data=replace(data, member=member), now=NOW)
+
+    # when
+    outcomes = _at_once(THREADS, till)
+
+    # then the shared purchase was recorded once and every copy answered with it; every other one counted
+    assert _unexpected(outcomes) == []
+    same = [o for i, o in enumerate(outcomes) if i % 2]
+    assert Counter(o.created for o in same) == {True: 1, False: THREADS // 2 - 1}
+    assert len({(o.transaction.pk, o.points) for o in same}) == 1
+    assert all(o.created and o.known_member_number for i, o in enumerate(outcomes) if not i % 2)  # by number
+    assert Transaction.objects.count() == 1 + 1 + THREADS // 2
+    expected = 10 + 250 * (1 + THREADS // 2)
+    assert _balance(member) == (expected, 0, expected)
+    assert len(set(Entry.objects.values_list("available_after", flat=True))) == 2 + THREADS // 2
     assert ledger_verify() == []
 
 
