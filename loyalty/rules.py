@@ -145,12 +145,14 @@ def rules_active(program: Program) -> list[CompiledRule]:
 
 
 def rules_need(active: list[CompiledRule]) -> set[str]:
-    """Which member facts the active rules look at, so the purchase path fetches only those; "claims" when a rule
-    has a per-member limit or a budget, which a purchase may have to claim."""
+    """Which member facts the active rules look at, so the purchase path fetches only those; and "limits" or
+    "budgets" when a rule has a per-member limit or a budget, which a purchase may have to claim."""
     needs = set()
     for c in active:
-        if c.rule.member_limit is not None or c.rule.budget is not None:
-            needs.add("claims")
+        if c.rule.member_limit is not None:
+            needs.add("limits")
+        if c.rule.budget is not None:
+            needs.add("budgets")
         if c.rule.first_purchase:
             needs.add("first_purchase")
         if c.rule.birthday_month:
@@ -260,6 +262,42 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
                 [v for row in usage_rows for v in row],
             )
     return granted
+
+
+def awards_claim_at_once(*, awards: list[Award], program: Program, occurred_at: datetime) -> tuple[str, list, str]:
+    """The per-member limits of `awards` claimed inside the purchase's own statement, each whole or not at all: the
+    member's usage rows upserted, each only while it stays within its rule's limit, which PostgreSQL checks on the
+    row as it is when the statement reaches it (a concurrent purchase's claim included). Returned as ledger
+    credits take them (`also`): the common table expression `u`, its parameters, and the condition, that every
+    claim was had, on which the statement answers. The member is the statement's `a`, the account's row as updated:
+    reading it makes the account's lock come before the usage rows', as in awards_claim. A condition that fails
+    means a claim fell short; the caller rolls the statement back and claims with awards_claim, which cuts it.
+    For awards without budgets, each within its limit on its own (awards_claim_possible_at_once)."""
+    limited = [a for a in awards if _limited(a)]
+    local = occurred_at.astimezone(ZoneInfo(program.timezone))
+    usage_t = RuleUsage._meta.db_table
+    rows = [(a.rule.pk, period_start(a.rule.member_limit_period, local), a.points) for a in limited]
+    sql = (
+        f"u AS (INSERT INTO {usage_t} (rule_id, member_id, period_start, points) "
+        "SELECT v.rule_id, a.member_id, v.period_start, v.points FROM a, (VALUES "
+        + ", ".join("(%s::bigint, %s::date, %s::bigint)" for _ in rows)
+        + ") AS v(rule_id, period_start, points) "
+        f"ON CONFLICT (rule_id, member_id, period_start) DO UPDATE SET points = {usage_t}.points + excluded.points "
+        f"WHERE {usage_t}.points + excluded.points <= CASE {usage_t}.rule_id "
+        + " ".join("WHEN %s THEN %s" for _ in limited)
+        + " END RETURNING 1)"
+    )
+    params = [v for row in rows for v in row] + [v for a in limited for v in (a.rule.pk, a.rule.member_limit)]
+    return sql, params, f"(SELECT count(*) FROM u) = {len(rows)}"
+
+
+def awards_claim_possible_at_once(awards: list[Award]) -> bool:
+    """Whether awards_claim_at_once can claim these: no budget (budget rows are locked in key order, by
+    awards_claim), and no award over its limit on its own."""
+    return not any(
+        a.rule is not None and (a.rule.budget is not None or (_limited(a) and a.points > a.rule.member_limit))
+        for a in awards
+    )
 
 
 def _limited(award: Award) -> bool:

@@ -143,16 +143,18 @@ def transaction_record_by_number(
     """transaction_record for a purchase by the member with `member_number`, in the one statement of the common
     purchase, which finds the member too: it saves reading the member first (a round trip and a fifth of a
     purchase's CPU). Possible where earning needs nothing of the member: a programme without tiers, no active rule on
-    birthdays, first purchases or tiers, no limit or budget to claim; and the member active, with no referral
-    pending. None, having written nothing, when the purchase is not such a one or the statement wrote nothing (an
-    unknown member, a repeat, no account yet, bad input): the caller then reads the member and calls
-    transaction_record, which records it or explains why not, in its own order of checks."""
+    birthdays, first purchases or tiers, no budget to claim; and the member active, with no referral pending.
+    Per-member limits are claimed in the same statement, each whole or not at all (rules.awards_claim_at_once),
+    inside a database transaction. None, having written nothing, when the purchase is not such a one or the
+    statement wrote nothing or fell short of a claim (an unknown member, a repeat, no account yet, a limit nearly
+    reached, bad input): the caller then reads the member and calls transaction_record, which records it or
+    explains why not, in its own order of checks."""
     now = now or timezone.now()
     active = rules.rules_active(program)
     if (
         data.kind != Transaction.Kind.PURCHASE
         or data.member is not None
-        or rules.rules_need(active)
+        or rules.rules_need(active) - {"limits"}
         or connection.vendor != "postgresql"  # these two before the rules run, though _in_one_statement checks them
         or program.has_tiers
     ):
@@ -162,7 +164,8 @@ def transaction_record_by_number(
     except ApplicationError:
         return None
     txn, awards, credit = _purchase(program, data, api_client, now, active, member_read=False)
-    if not _in_one_statement(program, txn, awards):
+    claims = rules.awards_need_claim(awards)
+    if not _in_one_statement(program, txn) or (claims and not rules.awards_claim_possible_at_once(awards)):
         return None
     referral_pending = " AND referred_by_id IS NULL" if program.referrals_enabled else ""
     member = (
@@ -170,7 +173,14 @@ def transaction_record_by_number(
         f"WHERE member_number = %s AND program_id = %s AND status = %s{referral_pending}",
         [member_number, program.pk, Member.Status.ACTIVE],
     )
-    entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member, **credit)
+    if not claims:
+        entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member, **credit)
+    else:
+        with transaction.atomic():
+            also = rules.awards_claim_at_once(awards=awards, program=program, occurred_at=data.occurred_at)
+            entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member, also=also, **credit)
+            if entry is None:
+                transaction.set_rollback(True)  # a claim fell short: its careful way cuts it
     if entry is None:
         return None
     return _result(txn, created=True, entry=entry, member_number=member_number)
@@ -179,7 +189,11 @@ def transaction_record_by_number(
 def _record_purchase(program, data, api_client, now) -> TransactionResult:
     member = data.member
     txn, awards, credit = _purchase(program, data, api_client, now, rules.rules_active(program))
-    if _in_one_statement(program, txn, awards) and not (member.referred_by_id and program.referrals_enabled):
+    if (
+        _in_one_statement(program, txn)
+        and not rules.awards_need_claim(awards)
+        and not (member.referred_by_id and program.referrals_enabled)
+    ):
         entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member.pk, **credit)
         if entry is not None:
             return _result(txn, created=True, entry=entry)
@@ -187,16 +201,10 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
     return _record_purchase_in_steps(program, data, txn, awards, credit, now)
 
 
-def _in_one_statement(program: Program, txn: Transaction, awards: list) -> bool:
-    """Whether a purchase touches nothing but the transaction and the ledger, so that one statement writes it all
-    (ledger_credit_new_transaction): it earns, on PostgreSQL, in a programme without tiers, and claims no limit or
-    budget. A member's pending referral rules it out too; the caller checks that."""
-    return bool(
-        txn.points
-        and connection.vendor == "postgresql"
-        and not program.has_tiers
-        and not rules.awards_need_claim(awards)
-    )
+def _in_one_statement(program: Program, txn: Transaction) -> bool:
+    """Whether one statement can write a purchase (ledger_credit_new_transaction): it earns, on PostgreSQL, in a
+    programme without tiers. Claims and a member's pending referral are the callers' to weigh."""
+    return bool(txn.points and connection.vendor == "postgresql" and not program.has_tiers)
 
 
 def _purchase(

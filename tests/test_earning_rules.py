@@ -2,6 +2,7 @@
 
 import json
 import threading
+from dataclasses import replace
 from datetime import datetime, time
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -11,8 +12,14 @@ from django.db import connection
 
 from core.errors import InvalidInput
 from loyalty.models import Account, EarningRule, RuleUsage, Transaction
+from loyalty.points import points_adjust
 from loyalty.rule_services import earning_rule_create, earning_rule_update
-from loyalty.transactions import TransactionInput, transaction_preview, transaction_record
+from loyalty.transactions import (
+    TransactionInput,
+    transaction_preview,
+    transaction_record,
+    transaction_record_by_number,
+)
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory
 
@@ -22,7 +29,16 @@ WEDNESDAY = datetime(2025, 11, 19, 14, 30, tzinfo=STOCKHOLM)
 
 
 def buy(
-    program, member, *, external_id="T1", total="100.00", lines=None, store="STHLM-01", channel="pos", at=WEDNESDAY
+    program,
+    member,
+    *,
+    external_id="T1",
+    total="100.00",
+    lines=None,
+    store="STHLM-01",
+    channel="pos",
+    at=WEDNESDAY,
+    by_number=False,
 ):
     lines = (
         lines
@@ -43,6 +59,12 @@ def buy(
         lines=lines,
         member=member,
     )
+    if by_number:  # as TransactionApi.post: the one statement that finds the member by number first
+        found = transaction_record_by_number(
+            program=program, data=replace(data, member=None), member_number=member.member_number
+        )
+        if found is not None:
+            return found
     return transaction_record(program=program, data=data)
 
 
@@ -285,6 +307,57 @@ def test_a_member_limit_holds_under_concurrent_purchases_of_one_member(program):
         t.join()
     # then
     assert Account.objects.get(pk=member.pk).available == 12 * 100 + 500
+    assert RuleUsage.objects.get().points == 500
+    assert ledger_verify() == []
+
+
+def test_a_member_limit_is_claimed_in_the_purchase_by_numbers_one_statement_or_cut_the_careful_way(program):
+    # given: 100 bonus points a purchase, at most 150 a month; the member's account is open
+    rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=150, member_limit_period="month")
+    member = MemberFactory(program=program)
+    points_adjust(member=member, points=10, reason="seed")
+    # when
+    results = [buy(program, member, external_id=f"c-{n}", by_number=True) for n in range(3)]
+    # then: the first claimed whole by number; the second fell short, rolled back and was cut to what was left
+    assert [r.known_member_number is not None for r in results] == [True, False, False]
+    assert [r.transaction.breakdown for r in results] == [
+        [{"rule": "base", "points": 100}, {"rule": "capped", "points": 100}],
+        [{"rule": "base", "points": 100}, {"rule": "capped", "points": 50}],
+        [{"rule": "base", "points": 100}],
+    ]
+    assert RuleUsage.objects.get().points == 150
+    assert Transaction.objects.count() == 3
+    assert Account.objects.get(pk=member.pk).available == 10 + 300 + 150
+    assert ledger_verify() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_member_limit_holds_under_concurrent_purchases_by_number(program):
+    # given: the member's account is open, so each purchase tries the one statement first
+    rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=500)
+    member = MemberFactory(program=program)
+    points_adjust(member=member, points=10, reason="seed")
+    barrier, results, errors = threading.Barrier(12), [], []
+
+    def shop(n):
+        try:
+            barrier.wait()
+            results.append(buy(program, member, external_id=f"c-{n}", by_number=True))
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=shop, args=(n,)) for n in range(12)]
+    # when
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # then: five claimed whole in their one statement, the others fell back and got nothing more
+    assert errors == []
+    assert sum(r.known_member_number is not None for r in results) == 5
+    assert Account.objects.get(pk=member.pk).available == 10 + 12 * 100 + 500
     assert RuleUsage.objects.get().points == 500
     assert ledger_verify() == []
 

@@ -252,6 +252,7 @@ def ledger_credit_new_transaction(
     available_from: datetime,
     expires_at: datetime | None,
     now: datetime,
+    also: tuple[str, list, str] | None = None,
     **fields,
 ) -> Entry | None:
     """INSERT the unsaved transaction `txn` (a purchase) of `member` and credit `points` for it as ledger_credit does,
@@ -261,7 +262,12 @@ def ledger_credit_new_transaction(
     saves reading the member first; a query that finds no one writes nothing. The INSERT is `ON CONFLICT DO
     NOTHING`; when it inserts nothing, or the member has no account yet, nothing at all is written and None is
     returned: the caller takes the general path. PostgreSQL only (data-modifying WITH). Sets `txn.pk` and
-    `txn.member_id`."""
+    `txn.member_id`.
+
+    `also` adds writes of the caller's to the statement: common table expressions after the credit's own (they may
+    read `a`, the account's row as updated, which orders their locks after the account's), their parameters, and a
+    condition over them on which the statement answers. When it fails, None is returned with everything written:
+    such a call must run in a database transaction and roll it back on None."""
     assert points > 0 and connection.vendor == "postgresql"
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
     matured = available_from <= now
@@ -282,17 +288,18 @@ def ledger_credit_new_transaction(
         entry_from="r, a",
         entry_links={"transaction_id": "r.id"},
     )
+    also_ctes, also_params, also_condition = also or ("", [], "true")
     sql = (
         f"WITH m AS ({member_sql}), "
         f"r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
         f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS "
         f"(SELECT 1 FROM {Account._meta.db_table} WHERE member_id = m.id) "
-        f"ON CONFLICT DO NOTHING RETURNING id, member_id), {ctes} "
+        f"ON CONFLICT DO NOTHING RETURNING id, member_id), {ctes}{', ' if also_ctes else ''}{also_ctes} "
         "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining "
-        "FROM r, e, l"
+        f"FROM r, e, l WHERE {also_condition}"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*member_params, *r_params, *credit_params])
+        cursor.execute(sql, [*member_params, *r_params, *credit_params, *also_params])
         found = cursor.fetchone()
     if found is None:
         return None
