@@ -154,7 +154,7 @@ def transaction_record_by_number(
     if (
         data.kind != Transaction.Kind.PURCHASE
         or data.member is not None
-        or rules.rules_need(active) - {"limits"}
+        or rules.rules_need(active) - {"limits", "budgets"}  # claims are weighed once the rules have run
         or connection.vendor != "postgresql"  # these two before the rules run, though _in_one_statement checks them
         or program.has_tiers
     ):

@@ -254,7 +254,8 @@ def test_a_return_reverses_bonus_points_in_the_same_proportion_as_base_points(pr
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program):
+@pytest.mark.parametrize("by_number", [False, True])
+def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program, by_number):
     # given: 100 points per purchase from a budget of 1,000, and 16 members buying at once, twice each
     promo = rule(program, "launch", benefit="fixed", value=Decimal(100), budget=1000)
     members = [MemberFactory(program=program) for _ in range(16)]
@@ -265,7 +266,7 @@ def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program):
         try:
             barrier.wait()
             for n in range(2):
-                buy(program, member, external_id=f"{member.pk}-{n}")
+                buy(program, member, external_id=f"{member.pk}-{n}", by_number=by_number)
         except Exception as exc:  # collected, asserted below
             errors.append(exc)
         finally:
