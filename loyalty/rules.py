@@ -264,31 +264,52 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
     return granted
 
 
-def awards_claim_at_once(*, awards: list[Award], program: Program, occurred_at: datetime) -> tuple[str, list, str]:
+@dataclass(frozen=True)
+class ClaimAtOnce:
+    """Per-member limits claimed inside a purchase's own statement (awards_claim_at_once)."""
+
+    guard: str  # a condition on the member's row (`member_table`.id), false where the usage already read is too high
+    guard_params: list
+    also: tuple[str, list, str]  # as ledger_credit_new_transaction takes it
+
+
+def awards_claim_at_once(
+    *, awards: list[Award], program: Program, occurred_at: datetime, member_table: str
+) -> ClaimAtOnce:
     """The per-member limits of `awards` claimed inside the purchase's own statement, each whole or not at all: the
     member's usage rows upserted, each only while it stays within its rule's limit, which PostgreSQL checks on the
-    row as it is when the statement reaches it (a concurrent purchase's claim included). Returned as ledger
-    credits take them (`also`): the common table expression `u`, its parameters, and the condition, that every
-    claim was had, on which the statement answers. The member is the statement's `a`, the account's row as updated:
-    reading it makes the account's lock come before the usage rows', as in awards_claim. A condition that fails
-    means a claim fell short; the caller rolls the statement back and claims with awards_claim, which cuts it.
-    For awards without budgets, each within its limit on its own (awards_claim_possible_at_once)."""
+    row as it is when the statement reaches it (a concurrent purchase's claim included). `also` is the common
+    table expression `u`, its parameters, and the condition, that every claim was had, on which the statement
+    answers; the member is the statement's `a`, the account's row as updated, so the account's lock comes before
+    the usage rows', as in awards_claim. A condition that fails means a claim fell short; the caller rolls the
+    statement back and claims with awards_claim, which cuts it. `guard` keeps the member out of the statement
+    (so it writes nothing) where the usage the statement reads already leaves too little; it may be stale, `u` is
+    what holds. For awards without budgets, each within its limit on its own (awards_claim_possible_at_once)."""
     limited = [a for a in awards if _limited(a)]
+    assert len({a.rule.pk for a in limited}) == len(limited), "one award per rule"
     local = occurred_at.astimezone(ZoneInfo(program.timezone))
     usage_t = RuleUsage._meta.db_table
     rows = [(a.rule.pk, period_start(a.rule.member_limit_period, local), a.points) for a in limited]
-    sql = (
+    values = ", ".join("(%s::bigint, %s::date, %s::bigint)" for _ in rows)
+    u = (
         f"u AS (INSERT INTO {usage_t} (rule_id, member_id, period_start, points) "
-        "SELECT v.rule_id, a.member_id, v.period_start, v.points FROM a, (VALUES "
-        + ", ".join("(%s::bigint, %s::date, %s::bigint)" for _ in rows)
-        + ") AS v(rule_id, period_start, points) "
+        f"SELECT v.rule_id, a.member_id, v.period_start, v.points FROM a, (VALUES {values}) "
+        "AS v(rule_id, period_start, points) "
         f"ON CONFLICT (rule_id, member_id, period_start) DO UPDATE SET points = {usage_t}.points + excluded.points "
         f"WHERE {usage_t}.points + excluded.points <= CASE {usage_t}.rule_id "
         + " ".join("WHEN %s THEN %s" for _ in limited)
         + " END RETURNING 1)"
     )
-    params = [v for row in rows for v in row] + [v for a in limited for v in (a.rule.pk, a.rule.member_limit)]
-    return sql, params, f"(SELECT count(*) FROM u) = {len(rows)}"
+    u_params = [v for row in rows for v in row] + [v for a in limited for v in (a.rule.pk, a.rule.member_limit)]
+    guard = (
+        f"NOT EXISTS (SELECT 1 FROM {usage_t} x JOIN (VALUES {values}) AS v(rule_id, period_start, room) "
+        f"ON x.rule_id = v.rule_id AND x.period_start = v.period_start "
+        f"WHERE x.member_id = {member_table}.id AND x.points > v.room)"
+    )
+    rooms = [
+        v for a, (pk, start, _) in zip(limited, rows, strict=True) for v in (pk, start, a.rule.member_limit - a.points)
+    ]
+    return ClaimAtOnce(guard, rooms, (u, u_params, f"(SELECT count(*) FROM u) = {len(rows)}"))
 
 
 def awards_claim_possible_at_once(awards: list[Award]) -> bool:

@@ -167,18 +167,23 @@ def transaction_record_by_number(
     claims = rules.awards_need_claim(awards)
     if not _in_one_statement(program, txn) or (claims and not rules.awards_claim_possible_at_once(awards)):
         return None
-    referral_pending = " AND referred_by_id IS NULL" if program.referrals_enabled else ""
-    member = (
-        f"SELECT id FROM {Member._meta.db_table} "
-        f"WHERE member_number = %s AND program_id = %s AND status = %s{referral_pending}",
-        [member_number, program.pk, Member.Status.ACTIVE],
-    )
+    members = Member._meta.db_table
+    where = "member_number = %s AND program_id = %s AND status = %s"
+    params = [member_number, program.pk, Member.Status.ACTIVE]
+    if program.referrals_enabled:
+        where += " AND referred_by_id IS NULL"
     if not claims:
+        member = (f"SELECT id FROM {members} WHERE {where}", params)
         entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member, **credit)
     else:
+        claim = rules.awards_claim_at_once(
+            awards=awards, program=program, occurred_at=data.occurred_at, member_table=members
+        )
+        member = (f"SELECT id FROM {members} WHERE {where} AND {claim.guard}", params + claim.guard_params)
         with transaction.atomic():
-            also = rules.awards_claim_at_once(awards=awards, program=program, occurred_at=data.occurred_at)
-            entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member, also=also, **credit)
+            entry = ledger.ledger_credit_new_transaction(
+                txn=txn, points=txn.points, member=member, also=claim.also, **credit
+            )
             if entry is None:
                 transaction.set_rollback(True)  # a claim fell short: its careful way cuts it
     if entry is None:
