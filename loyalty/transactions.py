@@ -155,8 +155,7 @@ def transaction_record_by_number(
         data.kind != Transaction.Kind.PURCHASE
         or data.member is not None
         or rules.rules_need(active) - {"limits", "budgets"}  # claims are weighed once the rules have run
-        or connection.vendor != "postgresql"  # these two before the rules run, though _in_one_statement checks them
-        or program.has_tiers
+        or not _one_statement_possible(program)
     ):
         return None
     try:
@@ -165,7 +164,7 @@ def transaction_record_by_number(
         return None
     txn, awards, credit = _purchase(program, data, api_client, now, active, member_read=False)
     claims = rules.awards_need_claim(awards)
-    if not _in_one_statement(program, txn) or (claims and not rules.awards_claim_possible_at_once(awards)):
+    if not txn.points or (claims and not rules.awards_claim_possible_at_once(awards)):
         return None
     members = Member._meta.db_table
     where = "member_number = %s AND program_id = %s AND status = %s"
@@ -195,7 +194,8 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
     member = data.member
     txn, awards, credit = _purchase(program, data, api_client, now, rules.rules_active(program))
     if (
-        _in_one_statement(program, txn)
+        txn.points
+        and _one_statement_possible(program)
         and not rules.awards_need_claim(awards)
         and not (member.referred_by_id and program.referrals_enabled)
     ):
@@ -206,10 +206,10 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
     return _record_purchase_in_steps(program, data, txn, awards, credit, now)
 
 
-def _in_one_statement(program: Program, txn: Transaction) -> bool:
-    """Whether one statement can write a purchase (ledger_credit_new_transaction): it earns, on PostgreSQL, in a
-    programme without tiers. Claims and a member's pending referral are the callers' to weigh."""
-    return bool(txn.points and connection.vendor == "postgresql" and not program.has_tiers)
+def _one_statement_possible(program: Program) -> bool:
+    """Whether one statement can write the programme's purchases (ledger_credit_new_transaction): on PostgreSQL, in
+    a programme without tiers. Points to credit, claims and a member's pending referral are the callers' to weigh."""
+    return connection.vendor == "postgresql" and not program.has_tiers
 
 
 def _purchase(

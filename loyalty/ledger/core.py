@@ -89,9 +89,6 @@ def _entry(member_id: int, kind: str, points: int, after: Balance, *, occurred_a
 def _credit_ctes(
     entry: Entry,
     *,
-    points: int,
-    matured: bool,
-    lifetime: int,
     available_from: datetime,
     expires_at: datetime | None,
     now: datetime,
@@ -99,9 +96,10 @@ def _credit_ctes(
     entry_from: str = "a",
     entry_links: dict[str, str] | None = None,
 ) -> tuple[str, list]:
-    """A credit as the common table expressions of one statement, with their parameters: `a` adds to the account's
-    balances (its UPDATE takes the row lock), `e` inserts the entry with the balances after, `l` its lot, less what
-    settles a negative balance, and `d` the draw that settles it; as ledger_credit's steps would write them.
+    """The credit `entry` (unsaved, its kind and points set) as the common table expressions of one statement, with
+    their parameters: `a` adds to the account's balances (its UPDATE takes the row lock), `e` inserts the entry
+    with the balances after, `l` its lot, less what settles a negative balance, and `d` the draw that settles it;
+    as ledger_credit's steps would write them.
     `account` is the UPDATE's extra FROM list, its condition and their parameters; `entry_links` names entry
     columns taken from other parts of the statement, selected `FROM {entry_from}`. An account that is not there
     writes nothing at all."""
@@ -132,18 +130,19 @@ def _credit_ctes(
         f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, %s - remaining FROM l "
         "WHERE remaining < %s)"
     )
+    points, matured = entry.points, available_from <= now
     added = (points, 0) if matured else (0, points)
-    params = [*added, lifetime, now, *update_params, *e_params]
+    params = [*added, points if entry.kind in LIFETIME_KINDS else 0, now, *update_params, *e_params]
     params += [points, points, matured, points, points, available_from, expires_at, matured, points, points]
     return sql, params
 
 
-def _credited(entry: Entry, row, *, available_from, expires_at, matured: bool) -> Entry:
+def _credited(entry: Entry, row, *, available_from, expires_at, now) -> Entry:
     """`entry` as the statement of _credit_ctes wrote it, from its row (entry id and balances, lot id and
     remaining), with its lot."""
     entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, remaining = row
     entry._state.adding = False
-    lot = _lot(entry, remaining, available_from=available_from, expires_at=expires_at, matured=matured)
+    lot = _lot(entry, remaining, available_from=available_from, expires_at=expires_at, matured=available_from <= now)
     lot.pk, lot._state.adding = lot_id, False
     return entry
 
@@ -199,22 +198,16 @@ def ledger_credit(
     """Credit points as a new lot, pending until `available_from`. Points that become available first settle a
     negative balance. Locks the account row (opened on first use). On PostgreSQL in one statement."""
     assert points > 0
-    matured = available_from <= now
-    lifetime = points if kind in LIFETIME_KINDS else 0
     entry = Entry(account_id=member_id, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     if connection.vendor == "postgresql":
-        return _credit_in_one_statement(
-            entry,
-            points=points,
-            matured=matured,
-            lifetime=lifetime,
-            available_from=available_from,
-            expires_at=expires_at,
-            now=now,
-        )
+        return _credit_in_one_statement(entry, available_from=available_from, expires_at=expires_at, now=now)
     # The embedded SQLite default has no data-modifying WITH: the same writes step by step.
+    matured = available_from <= now
     after = _lock_and_add(
-        member_id, available=points if matured else 0, pending=0 if matured else points, lifetime=lifetime
+        member_id,
+        available=points if matured else 0,
+        pending=0 if matured else points,
+        lifetime=points if kind in LIFETIME_KINDS else 0,
     )
     entry.available_after, entry.pending_after, entry.held_after = after.available, after.pending, after.held
     entry.save(force_insert=True)
@@ -238,8 +231,7 @@ def _credit_in_one_statement(entry: Entry, **credit) -> Entry:
             Account.objects.bulk_create([Account(member_id=entry.account_id)], ignore_conflicts=True)
             cursor.execute(sql, params)
             row = cursor.fetchone()
-    keep = {k: credit[k] for k in ("available_from", "expires_at", "matured")}
-    return _credited(entry, row, **keep)
+    return _credited(entry, row, **credit)
 
 
 def ledger_credit_new_transaction(
@@ -270,7 +262,6 @@ def ledger_credit_new_transaction(
     such a call must run in a database transaction and roll it back on None."""
     assert points > 0 and connection.vendor == "postgresql"
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
-    matured = available_from <= now
     entry = Entry(kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     r_plan, r_columns = insert_plan(type(txn))
     # The transaction's member comes from the statement itself.
@@ -278,9 +269,6 @@ def ledger_credit_new_transaction(
     r_params = [p for (f, _), p in zip(r_plan, insert_params(txn, r_plan), strict=True) if f.attname != "member_id"]
     ctes, credit_params = _credit_ctes(
         entry,
-        points=points,
-        matured=matured,
-        lifetime=points if kind in LIFETIME_KINDS else 0,
         available_from=available_from,
         expires_at=expires_at,
         now=now,
@@ -306,7 +294,7 @@ def ledger_credit_new_transaction(
     txn.pk, txn.member_id = found[:2]
     txn._state.adding = False
     entry.account_id, entry.transaction = txn.member_id, txn
-    return _credited(entry, found[2:], available_from=available_from, expires_at=expires_at, matured=matured)
+    return _credited(entry, found[2:], available_from=available_from, expires_at=expires_at, now=now)
 
 
 @transaction.atomic
