@@ -229,10 +229,13 @@ def _plain_text(value, longest: int) -> bool:
     )
 
 
-def _transaction_input(program: Program, data, checked: dict | None = None) -> TransactionInput:
-    """Validate one transaction body (unless `checked` has its validated data) and resolve its member; raises
-    ValidationError or an ApplicationError."""
-    v = checked or _plain_purchase(data) or validate(TransactionInputSerializer, data)
+def _checked(data) -> dict:
+    """One transaction body's validated data; raises ValidationError."""
+    return _plain_purchase(data) or validate(TransactionInputSerializer, data)
+
+
+def _transaction_input(program: Program, v: dict) -> TransactionInput:
+    """A transaction's validated data (`_checked`) with its member resolved; raises an ApplicationError."""
     member = None
     try:
         if v.get("member"):
@@ -321,7 +324,10 @@ class TransactionApi(APIView):
                 program=client.program, data=_input(checked, None), member_number=checked["member"], api_client=client
             )
         if result is None:
-            result = _record(client, _transaction_input(client.program, request.data, checked))
+            result = _record(
+                client,
+                _transaction_input(client.program, checked or validate(TransactionInputSerializer, request.data)),
+            )
         return Response(_transaction_output(result), status=201 if result.created else 200)
 
 
@@ -331,7 +337,7 @@ class TransactionPreviewApi(APIView):
     @extend_schema(request=TransactionInputSerializer, responses={200: dict})
     def post(self, request):
         result = transaction_preview(
-            program=request.auth.program, data=_transaction_input(request.auth.program, request.data)
+            program=request.auth.program, data=_transaction_input(request.auth.program, _checked(request.data))
         )
         return Response(_transaction_output(result, preview=True))
 
@@ -357,7 +363,7 @@ class TransactionBatchApi(APIView):
         for index, item in enumerate(serializer.validated_data["transactions"]):
             # Each item stands alone: one bad transaction is reported and does not undo the others.
             try:
-                result = _record(request.auth, _transaction_input(request.auth.program, item))
+                result = _record(request.auth, _transaction_input(request.auth.program, _checked(item)))
                 results.append(
                     {"index": index, "status": 201 if result.created else 200, "body": _transaction_output(result)}
                 )
