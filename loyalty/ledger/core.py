@@ -122,18 +122,19 @@ def _credit_ctes(
         f"lifetime_earned = lifetime_earned + %s, updated_at = %s{update_from} WHERE {update_where} "
         f"RETURNING {accounts}.member_id, available, pending, held), "
         f"e AS (INSERT INTO {entries} ({e_columns}) SELECT {', '.join(e_values)} FROM {entry_from} "
-        "RETURNING id, account_id, available_after, pending_after, held_after), "
+        "RETURNING id, account_id, points, available_after, pending_after, held_after), "
         # What the balance owed before this credit is paid from the new lot.
         f"l AS (INSERT INTO {lots} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
-        "SELECT e.account_id, e.id, %s, %s - CASE WHEN %s THEN LEAST(%s, GREATEST(0, %s - e.available_after)) "
-        "ELSE 0 END, %s, %s, %s FROM e RETURNING id, entry_id, remaining), "
-        f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, %s - remaining FROM l "
-        "WHERE remaining < %s)"
+        "SELECT e.account_id, e.id, e.points, e.points - CASE WHEN %s "
+        "THEN LEAST(e.points, GREATEST(0, e.points - e.available_after)) ELSE 0 END, %s, %s, %s FROM e "
+        "RETURNING id, entry_id, amount, remaining), "
+        f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, amount - remaining FROM l "
+        "WHERE remaining < amount)"
     )
     points, matured = entry.points, available_from <= now
     added = (points, 0) if matured else (0, points)
     params = [*added, points if entry.kind in LIFETIME_KINDS else 0, now, *update_params, *e_params]
-    params += [points, points, matured, points, points, available_from, expires_at, matured, points, points]
+    params += [matured, available_from, expires_at, matured]
     return sql, params
 
 
