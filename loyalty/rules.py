@@ -279,10 +279,10 @@ def awards_claim_at_once(
     """The per-member limits of `awards` claimed inside the purchase's own statement, each whole or not at all: the
     member's usage rows upserted, each only while it stays within its rule's limit, which PostgreSQL checks on the
     row as it is when the statement reaches it (a concurrent purchase's claim included). `also` is the common
-    table expression `u`, its parameters, and the condition, that every claim was had, on which the statement
-    answers; the member is the statement's `a`, the account's row as updated, so the account's lock comes before
-    the usage rows', as in awards_claim. A condition that fails means a claim fell short; the caller rolls the
-    statement back and claims with awards_claim, which cuts it. `guard` keeps the member out of the statement
+    table expression `u`, its parameters, and the condition, that every claim was had, which the statement must
+    meet; the member is the statement's `a`, the account's row as updated, so the account's lock comes before
+    the usage rows', as in awards_claim. A condition that fails means a claim fell short: the statement undoes
+    itself, and the caller claims with awards_claim, which cuts it. `guard` keeps the member out of the statement
     (so it writes nothing) where the usage the statement reads already leaves too little; it may be stale, `u` is
     what holds. For awards without budgets, each within its limit on its own (awards_claim_possible_at_once)."""
     limited = [a for a in awards if _limited(a)]

@@ -144,11 +144,11 @@ def transaction_record_by_number(
     purchase, which finds the member too: it saves reading the member first (a round trip and a fifth of a
     purchase's CPU). Possible where earning needs nothing of the member: a programme without tiers, no active rule on
     birthdays, first purchases or tiers, no budget to claim; and the member active, with no referral pending.
-    Per-member limits are claimed in the same statement, each whole or not at all (rules.awards_claim_at_once),
-    inside a database transaction. None, having written nothing, when the purchase is not such a one or the
-    statement wrote nothing or fell short of a claim (an unknown member, a repeat, no account yet, a limit nearly
-    reached, bad input): the caller then reads the member and calls transaction_record, which records it or
-    explains why not, in its own order of checks."""
+    Per-member limits are claimed in the same statement, each whole or not at all (rules.awards_claim_at_once);
+    a claim that falls short undoes the whole statement. None, having written nothing, when the purchase is not
+    such a one or the statement wrote nothing or fell short of a claim (an unknown member, a repeat, no account yet,
+    a limit nearly reached, bad input): the caller then reads the member and calls transaction_record, which
+    records it or explains why not, in its own order of checks."""
     now = now or timezone.now()
     active = rules.rules_active(program)
     if (
@@ -179,12 +179,10 @@ def transaction_record_by_number(
             awards=awards, program=program, occurred_at=data.occurred_at, member_table=members
         )
         member = (f"SELECT id FROM {members} WHERE {where} AND {claim.guard}", params + claim.guard_params)
-        with transaction.atomic():
-            entry = ledger.ledger_credit_new_transaction(
-                txn=txn, points=txn.points, member=member, also=claim.also, **credit
-            )
-            if entry is None:
-                transaction.set_rollback(True)  # a claim fell short: its careful way cuts it
+        # None also where a claim fell short, having written nothing: the careful way cuts it.
+        entry = ledger.ledger_credit_new_transaction(
+            txn=txn, points=txn.points, member=member, also=claim.also, **credit
+        )
     if entry is None:
         return None
     return _result(txn, created=True, entry=entry, member_number=member_number)

@@ -11,6 +11,7 @@ import pytest
 from django.db import connection
 
 from core.errors import InvalidInput
+from loyalty import rules
 from loyalty.models import Account, EarningRule, RuleUsage, Transaction
 from loyalty.points import points_adjust
 from loyalty.rule_services import earning_rule_create, earning_rule_update
@@ -303,6 +304,39 @@ def test_a_member_limit_is_claimed_in_the_purchase_by_numbers_one_statement_or_c
     assert RuleUsage.objects.get().points == 150
     assert Transaction.objects.count() == 3
     assert Account.objects.get(pk=member.pk).available == 10 + 300 + 150
+    assert ledger_verify() == []
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        pytest.param("database transaction", id="inside-a-transaction"),
+        pytest.param("none", id="autocommit", marks=pytest.mark.django_db(transaction=True)),
+    ],
+)
+def test_a_claim_that_falls_short_in_the_statement_undoes_all_it_wrote(program, monkeypatch, outer):
+    # given: a limited bonus; the statement's claim is made to fall short after everything else in it was written,
+    # as a concurrent purchase's claim can make it
+    rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=150, member_limit_period="month")
+    member = MemberFactory(program=program)
+    points_adjust(member=member, points=10, reason="seed")
+    claim_at_once = rules.awards_claim_at_once
+
+    def falling_short(**kwargs):
+        claim = claim_at_once(**kwargs)
+        u, params, _ = claim.also
+        return replace(claim, also=(u, params, "false"))
+
+    monkeypatch.setattr(rules, "awards_claim_at_once", falling_short)
+    # when
+    result = buy(program, member, external_id="short", by_number=True)
+    # then: the careful way recorded the purchase once, as if the statement had never run
+    assert result.known_member_number is None
+    assert result.created  # not found as a repeat of what the statement wrote
+    assert result.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "capped", "points": 100}]
+    assert Transaction.objects.count() == 1
+    assert RuleUsage.objects.get().points == 100
+    assert Account.objects.get(pk=member.pk).available == 10 + 200
     assert ledger_verify() == []
 
 

@@ -1,9 +1,10 @@
 """The ledger's core: account locks, credit, debit and reversal, and the entry, lot and draw rows they write."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Model
 from django.utils import timezone
 
@@ -235,6 +236,9 @@ def _credit_in_one_statement(entry: Entry, **credit) -> Entry:
     return _credited(entry, row, **credit)
 
 
+_SHORT = "a condition of the statement failed"  # loyalty_statement_abort's message (migration 0013)
+
+
 def ledger_credit_new_transaction(
     *,
     txn: Model,
@@ -259,8 +263,8 @@ def ledger_credit_new_transaction(
 
     `also` adds writes of the caller's to the statement: common table expressions after the credit's own (they may
     read `a`, the account's row as updated, which orders their locks after the account's), their parameters, and a
-    condition over them on which the statement answers. When it fails, None is returned with everything written:
-    such a call must run in a database transaction and roll it back on None."""
+    condition over them that the statement must meet. When it does not, the statement undoes itself (it raises in
+    the database, loyalty_statement_abort) and None is returned, with nothing written either."""
     assert points > 0 and connection.vendor == "postgresql"
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
     entry = Entry(kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
@@ -278,6 +282,8 @@ def ledger_credit_new_transaction(
         entry_links={"transaction_id": "r.id"},
     )
     also_ctes, also_params, also_condition = also or ("", [], "true")
+    if also:
+        also_condition = f"CASE WHEN {also_condition} THEN true ELSE loyalty_statement_abort('{_SHORT}') END"
     sql = (
         f"WITH m AS ({member_sql}), "
         f"r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
@@ -287,9 +293,16 @@ def ledger_credit_new_transaction(
         "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining "
         f"FROM r, e, l WHERE {also_condition}"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*member_params, *r_params, *credit_params, *also_params])
-        found = cursor.fetchone()
+    try:
+        # Inside a caller's database transaction, a failed statement would spoil it: a savepoint keeps it apart.
+        with transaction.atomic() if also and connection.in_atomic_block else nullcontext():
+            with connection.cursor() as cursor:
+                cursor.execute(sql, [*member_params, *r_params, *credit_params, *also_params])
+                found = cursor.fetchone()
+    except DatabaseError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) != "LY001":
+            raise
+        return None
     if found is None:
         return None
     txn.pk, txn.member_id = found[:2]
