@@ -68,56 +68,69 @@ class CompiledRule:
         self.tiers = frozenset(rule.tiers)
         self.by_line = bool(self.categories or self.skus)
 
-    def _in_time(self, local: datetime) -> bool:
+    def _in_time(self, at: "_Moment") -> bool:
         rule = self.rule
-        if rule.valid_from and local < rule.valid_from or rule.valid_until and local >= rule.valid_until:
+        if rule.valid_from and at.local < rule.valid_from or rule.valid_until and at.local >= rule.valid_until:
             return False
-        if self.days and local.isoweekday() not in self.days:
+        if self.days and at.weekday not in self.days:
             return False
         if rule.time_from is not None or rule.time_until is not None:
-            t = local.time().replace(tzinfo=None)
             start, end = rule.time_from or datetime.min.time(), rule.time_until or datetime.max.time()
             # A window such as 22:00-02:00 runs over midnight.
-            return start <= t < end if start <= end else (t >= start or t < end)
+            return start <= at.clock < end if start <= end else (at.clock >= start or at.clock < end)
         return True
 
-    def _matching(self, basket: Basket) -> tuple[Decimal, Decimal] | None:
+    def _matching(self, at: "_Moment") -> tuple[Decimal, Decimal] | None:
         """Amount and quantity the benefit counts: the matching lines, or the whole basket."""
         if not self.by_line:
-            quantity = sum((Decimal(line["quantity"]) for line in basket.lines), Decimal(0))
-            return basket.total, quantity
-        lines = [
-            line for line in basket.lines if line.get("category") in self.categories or line.get("sku") in self.skus
-        ]
-        if not lines:
-            return None
-        return sum((Decimal(x["amount"]) for x in lines), Decimal(0)), sum(
-            (Decimal(x["quantity"]) for x in lines), Decimal(0)
-        )
+            return at.basket.total, at.quantity
+        amount = quantity = Decimal(0)
+        matched = False
+        for category, sku, line_amount, line_quantity in at.lines:
+            if category in self.categories or sku in self.skus:
+                amount, quantity, matched = amount + line_amount, quantity + line_quantity, True
+        return (amount, quantity) if matched else None
 
-    def points(self, basket: Basket, local: datetime) -> int:
-        rule = self.rule
+    def points(self, at: "_Moment") -> int:
+        rule, basket = self.rule, at.basket
         if (
             (self.stores and basket.store not in self.stores)
             or (self.channels and basket.channel not in self.channels)
             or (self.tiers and basket.tier_code not in self.tiers)
             or (rule.min_basket is not None and basket.total < rule.min_basket)
             or (rule.first_purchase and not basket.first_purchase)
-            or (rule.birthday_month and (basket.birth_date is None or basket.birth_date.month != local.month))
-            or not self._in_time(local)
+            or (rule.birthday_month and (basket.birth_date is None or basket.birth_date.month != at.local.month))
+            or not self._in_time(at)
         ):
             return 0
-        matching = self._matching(basket)
+        matching = self._matching(at)
         if matching is None:
             return 0
         amount, quantity = matching
-        amount *= basket.money_share
         if rule.benefit == EarningRule.Benefit.FIXED:
             return _floor(rule.value)
         if rule.benefit == EarningRule.Benefit.PER_UNIT:
             return _floor(quantity * rule.value)
         extra = rule.value - 1  # a multiplier of 2 doubles: the bonus is the base once more
+        amount *= at.money_share
         return max(0, _floor(Decimal(points_for_amount(program=basket.program, amount=amount)) * extra))
+
+
+class _Moment:
+    """A basket as every rule looks at it, worked out once rather than once per rule: its local time in the
+    programme's zone, and its lines' amounts and quantities as numbers."""
+
+    def __init__(self, basket: Basket):
+        self.basket = basket
+        self.local = basket.occurred_at.astimezone(ZoneInfo(basket.program.timezone))
+        self.weekday = self.local.isoweekday()
+        self.clock = self.local.time().replace(tzinfo=None)
+        self.lines = [
+            (line.get("category"), line.get("sku"), Decimal(line["amount"]), Decimal(line["quantity"]))
+            for line in basket.lines
+        ]
+        self.quantity = sum((line[3] for line in self.lines), Decimal(0))
+        self.money_share = basket.money_share
 
 
 # program id -> (loaded at, compiled active rules). Other processes see a rule change within RULES_CACHE_SECONDS;
@@ -172,9 +185,9 @@ def earning_evaluate(*, basket: Basket, active: list[CompiledRule]) -> list[Awar
         extra = _floor(Decimal(base) * (basket.tier_multiplier - 1))
         if extra:
             awards.append(Award(f"tier:{basket.tier_code}", extra))
-    local = basket.occurred_at.astimezone(ZoneInfo(program.timezone))
+    at = _Moment(basket)
     for compiled in active:
-        points = compiled.points(basket, local)
+        points = compiled.points(at)
         if points > 0:
             awards.append(Award(compiled.rule.code, points, compiled.rule))
             if compiled.rule.exclusive:
