@@ -185,7 +185,7 @@ def transaction_record_by_number(
         )
     if entry is None:
         return None
-    return _result(txn, created=True, entry=entry, member_number=member_number)
+    return _result(txn, created=True, entry=entry, member_number=member_number, available_from=credit["available_from"])
 
 
 def _record_purchase(program, data, api_client, now) -> TransactionResult:
@@ -199,7 +199,7 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
     ):
         entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member.pk, **credit)
         if entry is not None:
-            return _result(txn, created=True, entry=entry)
+            return _result(txn, created=True, entry=entry, available_from=credit["available_from"])
     credit["member_id"] = member.pk if member else None
     return _record_purchase_in_steps(program, data, txn, awards, credit, now)
 
@@ -402,14 +402,23 @@ def _replay(program: Program, data: TransactionInput) -> TransactionResult:
 
 
 def _result(
-    txn: Transaction, *, created: bool, entry: Entry | None, forgiven: int = 0, member_number: str | None = None
+    txn: Transaction,
+    *,
+    created: bool,
+    entry: Entry | None,
+    forgiven: int = 0,
+    member_number: str | None = None,
+    available_from: datetime | None = None,
 ) -> TransactionResult:
+    """The result of `txn` and its `entry`; an earn entry's points mature at `available_from`, else at its lot's."""
     pending, available_at, balance = 0, None, None
     if entry is not None:
         balance = ledger.Balance.after(entry)
-        lot = getattr(entry, "lot", None) if entry.kind == Entry.Kind.EARN else None
-        if lot is not None and lot.available_from > entry.created_at:
-            pending, available_at = entry.points, lot.available_from
+        if available_from is None and entry.kind == Entry.Kind.EARN:
+            lot = getattr(entry, "lot", None)
+            available_from = lot.available_from if lot is not None else None
+        if available_from is not None and available_from > entry.created_at:
+            pending, available_at = entry.points, available_from
     elif txn.member_id:
         balance = ledger.ledger_balance(member_id=txn.member_id)
     return TransactionResult(

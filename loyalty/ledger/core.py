@@ -308,7 +308,10 @@ def ledger_credit_new_transaction(
     txn.pk, txn.member_id = found[:2]
     txn._state.adding = False
     entry.account_id, entry.transaction = txn.member_id, txn
-    return _credited(entry, found[2:], available_from=available_from, expires_at=expires_at, now=now)
+    # The entry alone, without an instance of its lot: the caller knows when its points mature.
+    entry.pk, entry.available_after, entry.pending_after, entry.held_after = found[2:6]
+    entry._state.adding = False
+    return entry
 
 
 @transaction.atomic
