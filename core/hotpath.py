@@ -36,9 +36,10 @@ from django.test.signals import setting_changed
 from django.urls.resolvers import RoutePattern
 from django.utils import translation
 from django.utils.cache import patch_vary_headers
-from rest_framework.exceptions import ParseError, ValidationError
+from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
+from rest_framework.utils import json as drf_json
 from rest_framework.views import APIView
 
 from core.auth import api_client_for_key, raw_key_from_header
@@ -323,6 +324,8 @@ def _json_body(environ, body: bytes):
     if environ.get("CONTENT_TYPE", "").replace(" ", "").lower() not in _JSON_TYPES:
         raise Decline
     try:
-        return _parser.parse(io.BytesIO(body))
-    except ParseError:
+        # JSONParser's reading (utf-8, the only charset let through; its strictness on NaN and Infinity) without its
+        # stream decoder, which cost more than the parsing.
+        return drf_json.loads(body.decode("utf-8"), parse_constant=drf_json.strict_constant if _parser.strict else None)
+    except ValueError:  # UnicodeDecodeError included
         raise Decline from None
