@@ -37,8 +37,8 @@ from django.urls.resolvers import RoutePattern
 from django.utils import translation
 from django.utils.cache import patch_vary_headers
 from rest_framework.exceptions import ValidationError
-from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
+from rest_framework.settings import api_settings
 from rest_framework.utils import json as drf_json
 from rest_framework.views import APIView
 
@@ -59,7 +59,7 @@ _JSON_TYPES = frozenset(["application/json", "application/json;charset=utf-8"])
 _OUTER = (SecurityMiddleware, LocaleMiddleware, CommonMiddleware)
 _INNER = (XFrameOptionsMiddleware,)
 _ENVELOPES_KEPT = 1024  # kinds of request (hosts, languages, ...); the oldest is forgotten to make room
-_parser, _renderer = JSONParser(), JSONRenderer()
+_renderer = JSONRenderer()
 
 
 @dataclass(frozen=True)
@@ -326,6 +326,8 @@ def _json_body(environ, body: bytes):
     try:
         # JSONParser's reading (utf-8, the only charset let through; its strictness on NaN and Infinity) without its
         # stream decoder, which cost more than the parsing.
-        return drf_json.loads(body.decode("utf-8"), parse_constant=drf_json.strict_constant if _parser.strict else None)
+        return drf_json.loads(
+            body.decode("utf-8"), parse_constant=drf_json.strict_constant if api_settings.STRICT_JSON else None
+        )
     except ValueError:  # UnicodeDecodeError included
         raise Decline from None

@@ -21,11 +21,12 @@ def points_for_amount(*, program: Program, amount: Decimal) -> int:
 
 def months_later(at: datetime, months: int) -> datetime:
     """The same wall-clock time `months` calendar months later, on the month's last day where it is shorter (31 January
-    plus one month is 28 or 29 February), as dateutil's relativedelta(months=...) gives it, at a tenth of the
+    plus one month is 28 or 29 February), as dateutil's relativedelta(months=...) gives it, at a fifth of the
     cost: a purchase works it out every time."""
     years, month = divmod(at.month - 1 + months, 12)
     year = at.year + years
-    return at.replace(year=year, month=month + 1, day=min(at.day, calendar.monthrange(year, month + 1)[1]))
+    day = min(at.day, calendar.monthrange(year, month + 1)[1])
+    return at.replace(year=year, month=month + 1, day=day, fold=0)
 
 
 @dataclass(frozen=True)

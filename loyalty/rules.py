@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
+from functools import cached_property
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
@@ -125,12 +126,19 @@ class _Moment:
         self.local = basket.occurred_at.astimezone(ZoneInfo(basket.program.timezone))
         self.weekday = self.local.isoweekday()
         self.clock = self.local.time().replace(tzinfo=None)
-        self.lines = [
-            (line.get("category"), line.get("sku"), Decimal(line["amount"]), Decimal(line["quantity"]))
-            for line in basket.lines
-        ]
-        self.quantity = sum((line[3] for line in self.lines), Decimal(0))
         self.money_share = basket.money_share
+
+    @cached_property
+    def lines(self) -> list[tuple[str | None, str | None, Decimal, Decimal]]:
+        """(category, sku, amount, quantity) of each line; worked out only once a rule's other conditions hold."""
+        return [
+            (line.get("category"), line.get("sku"), Decimal(line["amount"]), Decimal(line["quantity"]))
+            for line in self.basket.lines
+        ]
+
+    @cached_property
+    def quantity(self) -> Decimal:
+        return sum((line[3] for line in self.lines), Decimal(0))
 
 
 # program id -> (loaded at, compiled active rules). Other processes see a rule change within RULES_CACHE_SECONDS;
@@ -185,6 +193,8 @@ def earning_evaluate(*, basket: Basket, active: list[CompiledRule]) -> list[Awar
         extra = _floor(Decimal(base) * (basket.tier_multiplier - 1))
         if extra:
             awards.append(Award(f"tier:{basket.tier_code}", extra))
+    if not active:
+        return awards
     at = _Moment(basket)
     for compiled in active:
         points = compiled.points(at)
@@ -334,7 +344,7 @@ def awards_claim_at_once(
         array(a.rule.member_limit for a in limited),
         rule_ids,
     ]
-    return ClaimAtOnce(guard, rooms, (u, u_params, f"(SELECT count(*) FROM u) = {len(limited)}"))
+    return ClaimAtOnce(guard, rooms, (u, [*u_params, rule_ids], "(SELECT count(*) FROM u) = cardinality(%s::bigint[])"))
 
 
 def awards_claim_possible_at_once(awards: list[Award]) -> bool:

@@ -8,7 +8,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import connection
+from django.db import DataError, connection
 
 from core.errors import InvalidInput
 from loyalty import rules
@@ -315,29 +315,58 @@ def test_a_member_limit_is_claimed_in_the_purchase_by_numbers_one_statement_or_c
     ],
 )
 def test_a_claim_that_falls_short_in_the_statement_undoes_all_it_wrote(program, monkeypatch, outer):
-    # given: a limited bonus; the statement's claim is made to fall short after everything else in it was written,
-    # as a concurrent purchase's claim can make it
+    # given: two limited bonuses, one of them nearly used up by a first purchase; the statement's guard is made to
+    # let the second purchase through, as a concurrent purchase's claim, committed after the guard read, can
+    rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=150, member_limit_period="month")
+    rule(program, "roomy", benefit="fixed", value=Decimal(50), member_limit=1000, member_limit_period="month")
+    member = MemberFactory(program=program)
+    points_adjust(member=member, points=10, reason="seed")
+    buy(program, member, external_id="first")
+    claim_at_once, statements = rules.awards_claim_at_once, []
+
+    def unguarded(**kwargs):
+        statements.append(kwargs)
+        return replace(claim_at_once(**kwargs), guard="true", guard_params=[])
+
+    monkeypatch.setattr(rules, "awards_claim_at_once", unguarded)
+    # when
+    result = buy(program, member, external_id="second", by_number=True)
+    # then: the statement ran, its "capped" claim fell short and it undid itself; the careful way recorded the
+    # purchase once, "capped" cut to what was left and "roomy" whole
+    assert len(statements) == 1
+    assert result.known_member_number is None
+    assert result.created  # not found as a repeat of what the statement wrote
+    assert result.transaction.breakdown == [
+        {"rule": "base", "points": 100},
+        {"rule": "capped", "points": 50},
+        {"rule": "roomy", "points": 50},
+    ]
+    assert Transaction.objects.count() == 2
+    assert dict(RuleUsage.objects.values_list("rule__code", "points")) == {"capped": 150, "roomy": 100}
+    assert Account.objects.get(pk=member.pk).available == 10 + 250 + 200
+    assert ledger_verify() == []
+
+
+def test_another_database_error_in_the_statement_is_raised_and_writes_nothing(program, monkeypatch):
+    # given: a limited bonus, and the statement's condition made to fail with an error of its own
     rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=150, member_limit_period="month")
     member = MemberFactory(program=program)
     points_adjust(member=member, points=10, reason="seed")
     claim_at_once = rules.awards_claim_at_once
 
-    def falling_short(**kwargs):
+    def dividing_by_zero(**kwargs):
         claim = claim_at_once(**kwargs)
         u, params, _ = claim.also
-        return replace(claim, also=(u, params, "false"))
+        return replace(claim, also=(u, params[:-1], "(SELECT 1 / (count(*) - count(*)) FROM u) = 1"))
 
-    monkeypatch.setattr(rules, "awards_claim_at_once", falling_short)
-    # when
-    result = buy(program, member, external_id="short", by_number=True)
-    # then: the careful way recorded the purchase once, as if the statement had never run
-    assert result.known_member_number is None
-    assert result.created  # not found as a repeat of what the statement wrote
-    assert result.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "capped", "points": 100}]
-    assert Transaction.objects.count() == 1
-    assert RuleUsage.objects.get().points == 100
-    assert Account.objects.get(pk=member.pk).available == 10 + 200
-    assert ledger_verify() == []
+    monkeypatch.setattr(rules, "awards_claim_at_once", dividing_by_zero)
+    # when / then: raised, not taken for a claim that fell short
+    with pytest.raises(DataError):
+        buy(program, member, external_id="broken", by_number=True)
+    # and the test's own database transaction is still usable, with nothing of the purchase in it
+    assert Transaction.objects.count() == 0
+    assert not RuleUsage.objects.exists()
+    assert Account.objects.get(pk=member.pk).available == 10
 
 
 @pytest.mark.django_db(transaction=True)

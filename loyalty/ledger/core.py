@@ -290,7 +290,7 @@ def ledger_credit_new_transaction(
         f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS "
         f"(SELECT 1 FROM {Account._meta.db_table} WHERE member_id = m.id) "
         f"ON CONFLICT DO NOTHING RETURNING id, member_id), {ctes}{', ' if also_ctes else ''}{also_ctes} "
-        "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining "
+        "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after "
         f"FROM r, e, l WHERE {also_condition}"
     )
     try:
