@@ -1,7 +1,7 @@
 """Plain-cursor reads for hot paths: compiling an ORM query costs several times the query itself there."""
 
 from contextlib import ContextDecorator
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
 
@@ -133,3 +133,29 @@ class batch_statements(ContextDecorator):
         if self.saved is not None:
             raw, raw.cursor_factory, raw.prepare_threshold = self.saved
         return False
+
+
+def timestamps_loaded_natively(sender, connection, **kwargs) -> None:
+    """Have a new PostgreSQL connection read timestamptz values with psycopg's compiled loader. Django's own loader
+    (psycopg_any.BaseTzLoader) subclasses psycopg's pure-Python one, which parses every value with regular
+    expressions: about a sixth of a balance read's CPU. This one gives the very same values (the session's time zone
+    is Django's, so Django only swaps the tzinfo object, as here). Only where Django reads in UTC, the default."""
+    if connection.vendor != "postgresql" or connection.timezone != UTC:
+        return
+    from psycopg import adapt, adapters
+    from psycopg.pq import Format
+
+    oid = adapters.types["timestamptz"].oid
+    compiled = adapters.get_loader(oid, Format.TEXT)
+
+    class UtcTimestamptzLoader(adapt.Loader):
+        timezone = UTC  # what Django compares before it registers its own loader on a cursor
+
+        def __init__(self, oid, context=None):
+            super().__init__(oid, context)
+            self.compiled = compiled(oid, context)
+
+        def load(self, data):
+            return self.compiled.load(data).replace(tzinfo=UTC)
+
+    connection.connection.adapters.register_loader(oid, UtcTimestamptzLoader)
