@@ -138,7 +138,7 @@ class batch_statements(ContextDecorator):
 def timestamps_loaded_natively(sender, connection, **kwargs) -> None:
     """Have a new PostgreSQL connection read timestamptz values with psycopg's compiled loader. Django's own loader
     (psycopg_any.BaseTzLoader) subclasses psycopg's pure-Python one, which parses every value with regular
-    expressions: about a sixth of a balance read's CPU. This one gives the very same values (the session's time zone
+    expressions: 7 % of a balance read's instructions. This one gives the very same values (the session's time zone
     is Django's, so Django only swaps the tzinfo object, as here). Only where Django reads in UTC, the default."""
     if connection.vendor != "postgresql" or connection.timezone != UTC:
         return
