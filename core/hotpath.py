@@ -180,7 +180,7 @@ class HotPaths:
     def respond(self, environ, matched: tuple[HotRoute, str, dict]) -> Answer | None:
         """The hot view's answer, or None when the full stack is to answer; then the body read is given back."""
         route, allow, kwargs = matched
-        body = b""
+        body = None  # not read yet: a request declined before then keeps its input as it came
         try:
             client = _client(environ, route.api_view.scopes[route.method])
             envelope = self._envelope(environ)
@@ -208,7 +208,8 @@ class HotPaths:
             logger.warning("hot path %s %s failed; the full stack takes it", route.method, route.path, exc_info=True)
             answer = None
         if answer is None:
-            environ["wsgi.input"] = io.BytesIO(body)
+            if body is not None:
+                environ["wsgi.input"] = io.BytesIO(body)
             return None
         return answer.with_headers((*envelope.outer, ("Content-Length", str(len(answer.content)))))
 

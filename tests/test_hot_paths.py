@@ -138,6 +138,17 @@ def test_a_request_with_cookies_is_the_full_stacks_and_kinds_of_request_kept_are
     assert _headers(with_cookie) == _headers(full)
 
 
+def test_a_purchase_with_cookies_reaches_the_full_stack_with_its_body(api, member):
+    # given: a till whose requests carry a cookie, which the hot path leaves to the full stack before reading the body
+    api.cookies["sessionid"] = "stale"
+    # when
+    response = _post(api, _purchase(member))
+    # then: recorded once, by the full stack, from the body as sent
+    assert not getattr(response, "served_hot", False)
+    assert response.status_code == 201
+    assert Transaction.objects.get().external_id == "R-1"
+
+
 def test_a_balance_is_one_statement_and_an_unknown_member_none(api, member, django_assert_num_queries):
     # given: points that expire, and the key known
     _post(api, _purchase(member))
