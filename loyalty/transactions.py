@@ -171,18 +171,16 @@ def transaction_record_by_number(
     params = [member_number, program.pk, Member.Status.ACTIVE]
     if program.referrals_enabled:
         where += " AND referred_by_id IS NULL"
-    if not claims:
-        member = (f"SELECT id FROM {members} WHERE {where}", params)
-        entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member, **credit)
-    else:
+    also = None
+    if claims:
         claim = rules.awards_claim_at_once(
             awards=awards, program=program, occurred_at=data.occurred_at, member_table=members
         )
-        member = (f"SELECT id FROM {members} WHERE {where} AND {claim.guard}", params + claim.guard_params)
-        # None also where a claim fell short, having written nothing: the careful way cuts it.
-        entry = ledger.ledger_credit_new_transaction(
-            txn=txn, points=txn.points, member=member, also=claim.also, **credit
-        )
+        where, params, also = f"{where} AND {claim.guard}", params + claim.guard_params, claim.also
+    # None also where a claim fell short, having written nothing: the careful way cuts it.
+    entry = ledger.ledger_credit_new_transaction(
+        txn=txn, points=txn.points, member=(f"SELECT id FROM {members} WHERE {where}", params), also=also, **credit
+    )
     if entry is None:
         return None
     return _result(txn, created=True, entry=entry, member_number=member_number, available_from=credit["available_from"])
