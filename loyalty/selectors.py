@@ -21,10 +21,13 @@ class MemberBalance:
     held: int = 0  # set aside by open holds (rewards); already counted out of `available`
 
 
-def balance_get(*, program: Program, member_number: str, expiring_limit: int = 12) -> tuple[Member, MemberBalance]:
+EXPIRING_GROUPS = 12  # the soonest expiry times a balance shows
+
+
+def balance_get(*, program: Program, member_number: str) -> tuple[Member, MemberBalance]:
     """The programme's member with this number (MemberNotFound if none), their balances and the points that will
-    expire, soonest first, grouped by expiry time. `available` is what may be spent now: points set aside by open
-    holds are counted out of it (API.md: Points)."""
+    expire, soonest first, grouped by expiry time (the EXPIRING_GROUPS soonest). `available` is what may be spent
+    now: points set aside by open holds are counted out of it (API.md: Points)."""
     # One plain statement: read on every till screen, where ORM compilation and more round trips cost more than
     # the reads. The first row is the member's with their account's balances (kind 0), the others the expiring
     # points (kind 1), soonest first.
@@ -40,8 +43,9 @@ def balance_get(*, program: Program, member_number: str, expiring_limit: int = 1
             f"FROM {Lot._meta.db_table} WHERE account_id = "
             f"(SELECT id FROM {member_table} WHERE member_number = %s AND program_id = %s) "
             "AND remaining > 0 AND expires_at IS NOT NULL "
-            "GROUP BY expires_at ORDER BY expires_at LIMIT %s) AS expiring",
-            [member_number, program.pk, member_number, program.pk, expiring_limit],
+            # The limit is written out: as a parameter, PostgreSQL planned the statement anew for every read.
+            f"GROUP BY expires_at ORDER BY expires_at LIMIT {EXPIRING_GROUPS}) AS expiring",
+            [member_number, program.pk, member_number, program.pk],
         )
         rows = cursor.fetchall()
     first = next((r for r in rows if r[0] == 0), None)

@@ -68,3 +68,23 @@ def _fresh_process_caches():
     rules._cache.clear()
     tiers.tier_cache_clear()
     yield
+
+
+@pytest.fixture
+def prepared_plans(db):
+    """(generic, custom): how often PostgreSQL ran the one prepared statement of this connection whose text holds
+    all the given fragments with its generic plan, and how often it planned it anew for the values at hand. The
+    driver prepares a statement once it has run a few times; PostgreSQL then plans it for each execution until the
+    generic plan looks no costlier, which for a statement whose cost depends on its values is never."""
+    from django.db import connection
+
+    def plans(*fragments: str) -> tuple[int, int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+            found = [
+                (generic, custom) for text, generic, custom in cursor.fetchall() if all(f in text for f in fragments)
+            ]
+        assert len(found) == 1, f"{len(found)} prepared statements hold {fragments}"
+        return found[0]
+
+    return plans

@@ -307,6 +307,21 @@ def test_a_member_limit_is_claimed_in_the_purchase_by_numbers_one_statement_or_c
     assert ledger_verify() == []
 
 
+def test_a_purchase_claiming_limits_in_its_statement_is_planned_once(program, prepared_plans):
+    # given: two limited bonuses with room for many purchases; the member's account is open
+    rule(program, "capped", benefit="fixed", value=Decimal(10), member_limit=10_000, member_limit_period="month")
+    rule(program, "roomy", benefit="fixed", value=Decimal(5), member_limit=10_000, member_limit_period="month")
+    member = MemberFactory(program=program)
+    points_adjust(member=member, points=10, reason="seed")
+    # when
+    results = [buy(program, member, external_id=f"p-{n}", by_number=True) for n in range(12)]
+    # then: each claimed in the one statement, which PostgreSQL planned anew only for its five trial runs
+    assert all(r.known_member_number is not None for r in results)
+    assert dict(RuleUsage.objects.values_list("rule__code", "points")) == {"capped": 120, "roomy": 60}
+    generic, custom = prepared_plans("WITH m AS", "loyalty_ruleusage")
+    assert generic > 0 and custom == 5
+
+
 @pytest.mark.parametrize(
     "outer",
     [

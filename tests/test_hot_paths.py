@@ -5,15 +5,18 @@ hand-over, including through the production WSGI entry point."""
 
 import io
 import json
+from datetime import timedelta
 
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from core.models import IdempotencyRecord
+from loyalty.ledger import ledger_credit_many
 from loyalty.models import Account, Entry, Lot, Transaction
 from loyalty.points import points_adjust
+from loyalty.selectors import EXPIRING_GROUPS
 from loyalty.verify import ledger_verify
 from rewards.services.catalogue import reward_create
 from tests.clients import APIClient
@@ -163,6 +166,34 @@ def test_a_balance_is_one_statement_and_an_unknown_member_none(api, member, djan
     assert (found.json()["member"], found.json()["available"]) == (member.member_number, 120)
     assert [e["points"] for e in found.json()["expiring"]] == [120]
     assert unknown.status_code == 404 and unknown["Content-Type"] == "application/problem+json"
+
+
+def test_a_balance_read_is_planned_once(api, member, prepared_plans):
+    # given: points expiring on each of 3,000 days, and the table's statistics up to date: at such a size the
+    # plan for a balance's first expiry dates looks cheaper than one for any number of them
+    now = timezone.now()
+    credits = [
+        {
+            "member_id": member.pk,
+            "kind": Entry.Kind.EARN,
+            "points": 10,
+            "occurred_at": now,
+            "available_from": now,
+            "expires_at": now + timedelta(days=30 + day),
+        }
+        for day in range(3000)
+    ]
+    ledger_credit_many(credits=credits, now=now)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {Lot._meta.db_table}")
+    url = f"/api/v1/members/{member.member_number}/balance"
+    # when: read as often as a till does, the driver preparing the statement on the way
+    answers = [api.get(url) for _ in range(12)]
+    # then: after PostgreSQL's five trial plans it keeps the generic one
+    assert {a.status_code for a in answers} == {200}
+    assert len(answers[-1].json()["expiring"]) == EXPIRING_GROUPS
+    generic, custom = prepared_plans("SELECT 0, a.available")
+    assert generic > 0 and custom == 5
 
 
 @pytest.mark.parametrize(

@@ -283,7 +283,16 @@ def ledger_credit_new_transaction(
     )
     also_ctes, also_params, also_condition = also or ("", [], "true")
     if also:
-        also_condition = f"CASE WHEN {also_condition} THEN true ELSE loyalty_statement_abort('{_SHORT}') END"
+        # A scalar subquery, so PostgreSQL weighs the condition once, not once per row it guesses the join gives:
+        # the plan's cost then no longer depends on the parameters' values, and PostgreSQL keeps the generic plan
+        # of the prepared statement. Weighed per row, the plan for the actual values always looked cheaper, and each
+        # purchase was planned anew (about 0.7 ms of the database's time, twice what the generic plan runs in).
+        # Where `r` wrote nothing (an unknown member, a guard that failed, a repeat) nothing else was written
+        # either, and the statement returns no row without undoing itself.
+        also_condition = (
+            f"(SELECT CASE WHEN NOT EXISTS (SELECT FROM r) OR {also_condition} THEN true "
+            f"ELSE loyalty_statement_abort('{_SHORT}') END)"
+        )
     sql = (
         f"WITH m AS ({member_sql}), "
         f"r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
