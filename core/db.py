@@ -1,6 +1,6 @@
 """Plain-cursor reads for hot paths: compiling an ORM query costs several times the query itself there."""
 
-from contextlib import ContextDecorator
+from contextlib import ContextDecorator, contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
@@ -104,6 +104,28 @@ def ids_reserve(model: type[Model], count: int) -> list[int]:
             "SELECT array_agg(nextval(%s::regclass)) FROM generate_series(1, %s)", [cursor.fetchone()[0], count]
         )
         return sorted(cursor.fetchone()[0])
+
+
+@contextmanager
+def prepared_statements_kept():
+    """Keep the connection's prepared statements through the rollbacks within. psycopg forgets them all on any
+    ROLLBACK, a savepoint's included, and deallocates them, in case the rolled-back work created objects they name;
+    PostgreSQL itself keeps them. For work that is rolled back by design and changes no schema (a preview): with
+    psycopg's rule, each preview made the connection parse its statements again for their next five executions and
+    plan them for the values at hand for five more. With one preview every ten purchases, PostgreSQL spent 1.3-1.9 ms
+    of CPU per purchase, 0.7-1.2 ms with the statements kept (docs/benchmarks.md, fourth round). A schema change
+    within (DROP, ALTER) would not clear them either: keep such work out."""
+    raw = connection.connection if connection.vendor == "postgresql" else None
+    # psycopg's statement cache, private: without it (another psycopg), psycopg's own rule applies.
+    manager = getattr(raw, "_prepared", None)
+    if manager is None or "clear" in vars(manager):  # none, or kept already by an enclosing block
+        yield
+        return
+    manager.clear = lambda: False  # called on ROLLBACK by the connection and by the cursor that ran it
+    try:
+        yield
+    finally:
+        del manager.clear
 
 
 class batch_statements(ContextDecorator):

@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core.db import insert_params, insert_plan
+from core.db import insert_params, insert_plan, prepared_statements_kept
 from core.errors import ApplicationError, Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
 from loyalty import ledger, referrals, rules, tiers
@@ -72,7 +72,7 @@ def transaction_record(
 def transaction_preview(*, program: Program, data: TransactionInput, now: datetime | None = None) -> TransactionResult:
     """What transaction_record would do with the same input; writes nothing. It runs the very same code in a
     transaction that is always rolled back, so the preview cannot drift from what a real purchase earns."""
-    with transaction.atomic():
+    with prepared_statements_kept(), transaction.atomic():
         result = transaction_record(program=program, data=data, now=now)
         transaction.set_rollback(True)
     return result
