@@ -108,17 +108,21 @@ def ids_reserve(model: type[Model], count: int) -> list[int]:
 
 @contextmanager
 def prepared_statements_kept():
-    """Keep the connection's prepared statements through the rollbacks within. psycopg forgets them all on any
+    """Keep the connection's prepared statements through the rollbacks within. psycopg forgets them all on a
     ROLLBACK, a savepoint's included, and deallocates them, in case the rolled-back work created objects they name;
-    PostgreSQL itself keeps them. For work that is rolled back by design and changes no schema (a preview): with
-    psycopg's rule, each preview made the connection parse its statements again for their next five executions and
-    plan them for the values at hand for five more. With one preview every ten purchases, PostgreSQL spent 1.3-1.9 ms
-    of CPU per purchase, 0.7-1.2 ms with the statements kept (docs/benchmarks.md, fourth round). A schema change
-    within (DROP, ALTER) would not clear them either: keep such work out."""
-    raw = connection.connection if connection.vendor == "postgresql" else None
-    # psycopg's statement cache, private: without it (another psycopg), psycopg's own rule applies.
-    manager = getattr(raw, "_prepared", None)
-    if manager is None or "clear" in vars(manager):  # none, or kept already by an enclosing block
+    PostgreSQL itself keeps them. For work that is rolled back by design and touches no schema (a preview): with
+    psycopg's rule, every statement of the connection was parsed again for its next five executions and planned for
+    the values at hand for five more (docs/benchmarks.md, fourth round). Keep out of it whatever would leave
+    psycopg's record of the statements wrong: creating, altering or dropping objects, DISCARD ALL, DEALLOCATE ALL."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    connection.ensure_connection()
+    # psycopg's statement cache, private: where it is not there as expected (another psycopg), psycopg's own rule
+    # applies. An enclosing block that keeps them already restores them too.
+    manager = getattr(connection.connection, "_prepared", None)
+    attributes = getattr(manager, "__dict__", None)
+    if attributes is None or "clear" in attributes:
         yield
         return
     manager.clear = lambda: False  # called on ROLLBACK by the connection and by the cursor that ran it

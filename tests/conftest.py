@@ -74,8 +74,8 @@ def _fresh_process_caches():
 def prepared_plans(db):
     """(generic, custom): how often PostgreSQL ran the one prepared statement of this connection whose text holds
     all the given fragments with its generic plan, and how often it planned it anew for the values at hand. The
-    driver prepares a statement once it has run a few times; PostgreSQL then plans it for each execution until the
-    generic plan looks no costlier, which for a statement whose cost depends on its values is never."""
+    driver prepares a statement once it has run a few times; PostgreSQL plans it for its values five times, then keeps
+    the generic plan unless that looks costlier than the plans for the values, counting what planning costs."""
     from django.db import connection
 
     def plans(*fragments: str) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import DataError, connection
+from django.db import DatabaseError, DataError, connection
 
 from core.errors import InvalidInput
 from loyalty import rules
@@ -320,6 +320,47 @@ def test_a_purchase_claiming_limits_in_its_statement_is_planned_once(program, pr
     assert dict(RuleUsage.objects.values_list("rule__code", "points")) == {"capped": 120, "roomy": 60}
     generic, custom = prepared_plans("WITH m AS", "loyalty_ruleusage")
     assert generic > 0 and custom == 5
+
+
+def test_a_purchase_by_number_that_writes_nothing_returns_no_row_and_raises_nothing_in_the_database(program):
+    # given: a limited bonus; a member with room for one more bonus, who spends it; database errors watched
+    rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=100, member_limit_period="month")
+    member = MemberFactory(program=program)
+    points_adjust(member=member, points=10, reason="seed")
+    first = buy(program, member, external_id="first", by_number=True)
+    errors = []
+
+    def watch(execute, sql, params, many, context):
+        try:
+            return execute(sql, params, many, context)
+        except DatabaseError as exc:
+            errors.append(getattr(exc.__cause__, "sqlstate", None))
+            raise
+
+    unknown = TransactionInput(
+        store="STHLM-01",
+        external_id="nobody",
+        channel="pos",
+        kind="purchase",
+        occurred_at=WEDNESDAY,
+        currency="SEK",
+        total=Decimal("100.00"),
+    )
+    # when: by number, an unknown member, a repeat, and a member whose limit is used up
+    with connection.execute_wrapper(watch):
+        results = [
+            transaction_record_by_number(program=program, data=unknown, member_number="0000000000"),
+            buy(program, member, external_id="first", by_number=True),
+            buy(program, member, external_id="later", by_number=True),
+        ]
+    # then: the statement found nothing to write and said so with no row; it did not undo itself (SQLSTATE LY001)
+    assert first.known_member_number is not None
+    assert results[0] is None
+    assert (results[1].created, results[1].transaction.pk) == (False, first.transaction.pk)
+    assert results[2].transaction.breakdown == [{"rule": "base", "points": 100}]
+    assert errors == []
+    assert RuleUsage.objects.get().points == 100
+    assert ledger_verify() == []
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from zoneinfo import ZoneInfo
 
 import hypothesis
 import pytest
+from django.db import connection
 from django.utils import timezone
 from hypothesis import strategies as st
 from rest_framework import serializers
@@ -380,6 +381,38 @@ def test_preview_tells_what_a_purchase_would_earn_and_writes_nothing(api, member
     assert response.json()["points"]["earned"] == 129
     assert "id" not in response.json()
     assert ledger_snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        pytest.param("database transaction", id="savepoint-rolled-back"),
+        pytest.param("none", id="transaction-rolled-back", marks=pytest.mark.django_db(transaction=True)),
+    ],
+)
+def test_a_preview_keeps_the_connections_prepared_statements_and_a_schema_change_still_forgets_them(
+    api, member, prepared_plans, outer
+):
+    # given: a till's purchases, often enough for the driver to prepare their statement and for PostgreSQL to settle
+    # on its generic plan
+    purchase_statement = ("WITH m AS (SELECT id FROM members_member WHERE member_number",)
+    for n in range(12):
+        assert post(api, URL, purchase(member, external_id=f"P-{n}")).status_code == 201
+    generic, custom = prepared_plans(*purchase_statement)
+    # when: a preview, rolled back by design, then the next purchase
+    preview = post(api, URL + "/preview", purchase(member, external_id="V-1"))
+    after = post(api, URL, purchase(member, external_id="P-12"))
+    # then: the statement is still prepared, its plans counted on
+    assert (preview.status_code, after.status_code) == (200, 201)
+    assert prepared_plans(*purchase_statement) == (generic + 1, custom)
+    assert not Transaction.objects.filter(external_id="V-1").exists()
+    # and outside a preview psycopg's own rule holds: a schema change forgets every prepared statement
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS loyalty_no_such_table")
+    assert post(api, URL, purchase(member, external_id="P-13")).status_code == 201
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cursor.fetchone()[0] == 0
 
 
 def test_a_batch_answers_each_transaction_on_its_own(api, member):

@@ -285,8 +285,8 @@ def ledger_credit_new_transaction(
     if also:
         # A scalar subquery, so PostgreSQL weighs the condition once, not once per row it guesses the join gives:
         # the plan's cost then no longer depends on the parameters' values, and PostgreSQL keeps the generic plan
-        # of the prepared statement. Weighed per row, the plan for the actual values always looked cheaper, and each
-        # purchase was planned anew (about 0.7 ms of the database's time, twice what the generic plan runs in).
+        # of the prepared statement. Weighed per row, where the tables had no statistics, the plan for the actual
+        # values always looked cheaper, and each purchase was planned anew (docs/benchmarks.md, fourth round).
         # Where `r` wrote nothing (an unknown member, a guard that failed, a repeat) nothing else was written
         # either, and the statement returns no row without undoing itself.
         also_condition = (
