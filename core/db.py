@@ -1,4 +1,5 @@
-"""Plain-cursor reads for hot paths: compiling an ORM query costs several times the query itself there."""
+"""Database plumbing for hot paths and batch work: plain-cursor reads (compiling an ORM query costs several times
+the query itself there), INSERT parameters, ids drawn up front, and how statements are bound and kept prepared."""
 
 from contextlib import ContextDecorator, contextmanager
 from datetime import UTC, datetime

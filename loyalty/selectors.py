@@ -43,7 +43,8 @@ def balance_get(*, program: Program, member_number: str) -> tuple[Member, Member
             f"FROM {Lot._meta.db_table} WHERE account_id = "
             f"(SELECT id FROM {member_table} WHERE member_number = %s AND program_id = %s) "
             "AND remaining > 0 AND expires_at IS NOT NULL "
-            # The limit is written out: as a parameter, PostgreSQL planned the statement anew for every read.
+            # The limit is written out: as a parameter, the generic plan had to guess it, and PostgreSQL could plan
+            # the statement anew for every read (docs/benchmarks.md, fourth round).
             f"GROUP BY expires_at ORDER BY expires_at LIMIT {EXPIRING_GROUPS}) AS expiring",
             [member_number, program.pk, member_number, program.pk],
         )
