@@ -94,6 +94,13 @@ def _native(value) -> bool:
     return value is None or isinstance(value, Decimal) or (isinstance(value, datetime) and value.tzinfo is not None)
 
 
+def array_literal(values) -> str:
+    """`values` (integers, dates, or digit-only text) as a PostgreSQL array literal, to pass as one parameter with a
+    cast (`%s::bigint[]`): the driver adapts one string ~50 times faster than a list, element by element. None of
+    these needs quoting inside the literal; anything else does, and must not be passed here."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 def ids_reserve(model: type[Model], count: int) -> list[int]:
     """`count` new primary keys of `model` drawn from its table's sequence, rising (PostgreSQL): bulk writes name
     rows before inserting them, and give them ids in the order one INSERT at a time would."""

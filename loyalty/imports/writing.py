@@ -10,7 +10,7 @@ import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from core.db import ids_reserve
+from core.db import array_literal, ids_reserve
 from core.errors import ApplicationError
 from core.models import Program
 from loyalty import ledger
@@ -84,7 +84,7 @@ def members_resolve(program: Program, numbers: set[str]) -> dict[str, tuple[int,
             f"SELECT member_number, id, status FROM {Member._meta.db_table} "
             "WHERE program_id = %s AND member_number = ANY(%s::text[])",
             # Member numbers are digits only, so a plain array literal needs no quoting; anything else is no number.
-            [program.pk, "{" + ",".join(n for n in numbers if n.isdigit()) + "}"],
+            [program.pk, array_literal(n for n in numbers if n.isdigit())],
         )
         return {number: (pk, status) for number, pk, status in cursor.fetchall()}
 

@@ -5,7 +5,7 @@ from datetime import datetime
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core.db import ids_reserve
+from core.db import array_literal, ids_reserve
 from loyalty.ledger.core import LIFETIME_KINDS, ledger_credit, ledger_lock
 from loyalty.models import Account, Draw, Entry, Lot
 
@@ -18,7 +18,7 @@ def _open(cursor, account_ids: list[int], stamp) -> None:
     cursor.execute(
         f"INSERT INTO {Account._meta.db_table} (member_id, available, pending, lifetime_earned, updated_at) "
         "SELECT id, 0, 0, 0, %s FROM unnest(%s::bigint[]) AS id ORDER BY id ON CONFLICT DO NOTHING",
-        [stamp, "{" + ",".join(map(str, account_ids)) + "}"],
+        [stamp, array_literal(account_ids)],
     )
 
 
@@ -39,7 +39,7 @@ def ledger_lock_many(*, member_ids) -> None:
         cursor.execute(
             f"SELECT member_id FROM {Account._meta.db_table} WHERE member_id = ANY(%s::bigint[]) "
             "ORDER BY member_id FOR UPDATE",
-            ["{" + ",".join(map(str, account_ids)) + "}"],
+            [array_literal(account_ids)],
         )
 
 
@@ -62,10 +62,6 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
         return [ledger_credit(now=now, **credit).pk for credit in credits]
     a, e, lot_t, d = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
 
-    def array(values) -> str:
-        # An array literal of integers, ~50x cheaper for the driver than adapting a list element by element.
-        return "{" + ",".join(map(str, values)) + "}"
-
     stamp = timezone.now()
     account_ids = sorted({credit["member_id"] for credit in credits})
     with connection.cursor() as cursor:
@@ -75,7 +71,7 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
         cursor.execute(
             f"SELECT member_id, available, pending, lifetime_earned, held FROM {a} "
             "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",
-            [array(account_ids)],
+            [array_literal(account_ids)],
         )
         balances = {pk: [available, pending, lifetime, held] for pk, available, pending, lifetime, held in cursor}
         # Ids drawn up front, so lots and draws can name their entries without a round trip per row.
@@ -128,13 +124,14 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
                 f"INSERT INTO {d} (entry_id, lot_id, points) SELECT v.entry_id, l.id, v.points "
                 "FROM unnest(%s::bigint[], %s::bigint[]) AS v(entry_id, points) "
                 f"JOIN {lot_t} l ON l.entry_id = v.entry_id",
-                [array(entry_id for entry_id, _ in draws), array(points for _, points in draws)],
+                [array_literal(entry_id for entry_id, _ in draws), array_literal(points for _, points in draws)],
             )
         # Absolute values are safe: they were computed from the rows as locked above.
         cursor.execute(
             f"UPDATE {a} AS a SET available = v.available, pending = v.pending, lifetime_earned = v.lifetime, "
             "updated_at = %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
             "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
-            [stamp, array(account_ids), *(array(balances[pk][i] for pk in account_ids) for i in range(3))],
+            [stamp, array_literal(account_ids)]
+            + [array_literal(balances[pk][i] for pk in account_ids) for i in range(3)],
         )
     return entry_ids
