@@ -6,8 +6,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
 
-from django.db import connection, models
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connection, models
 from django.db.models import Model
+from django.db.models.base import ModelState
+from django.db.models.signals import post_init, pre_init
 
 
 @cache
@@ -52,6 +55,61 @@ def _convert(value, field, converters):
     for converter in converters:
         value = converter(value, expression, connection)
     return value
+
+
+def unsaved(model: type[Model], **values) -> Model:
+    """`model(**values)`, built for hot paths at a fraction of the cost: Model.__init__ walks every field through
+    its descriptors and sends pre_init and post_init, 17-19 µs for a transaction or an entry, against 7-9 here. The
+    same instance: each field given by name or attname, or its default; a foreign key given as an instance is
+    cached, and the instance's database is the related one's, as the default router has it. Where that shortcut
+    could differ (database routers, someone listening to pre_init or post_init, a field it does not handle), it is
+    `model(**values)` itself."""
+    plan = _unsaved_plan(model)
+    if plan is None or settings.DATABASE_ROUTERS or pre_init.has_listeners(model) or post_init.has_listeners(model):
+        return model(**values)
+    given = dict(values)
+    instance = model.__new__(model)
+    state = instance._state = ModelState()
+    attributes = instance.__dict__
+    for name, attname, target, default in plan:
+        if target is not None and name in values:
+            related = values.pop(name)
+            if related is None:
+                attributes[attname] = None
+            elif target is _ONE_TO_ONE:  # setting one sets the related instance's reverse cache too
+                return model(**given)
+            else:
+                attributes[attname] = getattr(related, target)
+                state.db = state.db or related._state.db or DEFAULT_DB_ALIAS
+                related._state.db = related._state.db or state.db
+            state.fields_cache[name] = related
+        elif attname in values:
+            attributes[attname] = values.pop(attname)
+        else:
+            attributes[attname] = default()
+    if values:  # properties, or names Model.__init__ refuses with its own error
+        return model(**given)
+    return instance
+
+
+_ONE_TO_ONE = object()
+
+
+@cache
+def _unsaved_plan(model: type[Model]) -> list | None:
+    """(name, attname, the related model's attname for a foreign key, default) of each field; None for a model
+    with a field `unsaved` does not handle (a generated column, a relation over several columns)."""
+    plan = []
+    for f in model._meta.concrete_fields:
+        if f.generated:
+            return None
+        target = None
+        if f.is_relation:
+            if not (f.many_to_one or f.one_to_one) or len(f.related_fields) != 1:
+                return None
+            target = _ONE_TO_ONE if f.one_to_one else f.related_fields[0][1].attname
+        plan.append((f.name, f.attname, target, f.get_default))
+    return plan
 
 
 # Field types whose Python value the driver takes as it is; every other field is prepared by Django, but for

@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core.db import insert_params, insert_plan, prepared_statements_kept
+from core.db import insert_params, insert_plan, prepared_statements_kept, unsaved
 from core.errors import ApplicationError, Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
 from loyalty import ledger, referrals, rules, tiers
@@ -115,7 +115,8 @@ def _validate(program: Program, data: TransactionInput, now: datetime) -> None:
 
 
 def _new_transaction(program, data, api_client, now, **fields) -> Transaction:
-    return Transaction(
+    return unsaved(
+        Transaction,
         program=program,
         store=data.store,
         external_id=data.external_id,

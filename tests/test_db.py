@@ -1,11 +1,16 @@
 """Database plumbing of core/db.py that every read goes through."""
 
 from datetime import UTC
+from decimal import Decimal
 
 import pytest
 from django.db import connection
 from django.db.backends.postgresql.psycopg_any import BaseTzLoader
+from django.utils import timezone
 from psycopg.pq import Format
+
+from core.db import unsaved
+from loyalty.models import Entry, Transaction
 
 SERIES = (
     "SELECT t FROM generate_series('1999-12-31 23:00+00'::timestamptz, '2031-01-01+00', "
@@ -40,3 +45,55 @@ def test_timestamps_are_read_natively_and_exactly_as_djangos_own_loader_reads_th
     # then: the same instants, microseconds, tzinfo objects and folds, across leap days, month ends and years
     assert len(ours) == len(theirs) > 30_000
     assert all(a == b and a.tzinfo is b.tzinfo is UTC and a.fold == b.fold for a, b in zip(ours, theirs, strict=True))
+
+
+def _fields(instance) -> tuple[dict, tuple]:
+    attributes = dict(instance.__dict__)
+    state = attributes.pop("_state")
+    return attributes, (state.db, state.adding, state.fields_cache)
+
+
+@pytest.mark.django_db
+def test_unsaved_builds_the_instance_the_model_builds(program, make_client, member):
+    # given: the values the hot paths give, foreign keys as instances, as None and as ids, some fields left out
+    (client, _), now = make_client(), timezone.now()
+    purchase = {
+        "program": program,
+        "store": "s1",
+        "external_id": "e1",
+        "channel": "pos",
+        "kind": "purchase",
+        "occurred_at": now,
+        "currency": "SEK",
+        "total": Decimal("10.00"),
+        "lines": [{"sku": "A"}],
+        "api_client": client,
+        "member": None,
+        "points": 10,
+        "created_at": now,
+    }
+    cases = [
+        (Transaction, purchase),
+        (Transaction, {**purchase, "member": member, "api_client_id": client.pk, "api_client": None}),
+        (Transaction, {"program_id": program.pk, "member_id": member.pk}),
+        (Entry, {"kind": "earn", "points": 5, "occurred_at": now, "created_at": now, "api_client": client}),
+        (Entry, {"kind": "earn", "points": 5, "refund_of": None}),
+    ]
+    for model, values in cases:
+        # when
+        ours, theirs = unsaved(model, **values), model(**values)
+        # then: the same attributes, defaults included, the same related instances cached, the same database
+        assert type(ours) is model
+        assert _fields(ours) == _fields(theirs), values
+
+
+@pytest.mark.django_db
+def test_unsaved_leaves_to_the_model_what_it_does_not_build_itself(program):
+    # given: an entry refunding another (a one-to-one, whose reverse cache the model sets) and a name no field has
+    refunded = Entry(kind="redeem", points=-5)
+    # when
+    refund = unsaved(Entry, kind="refund", points=5, refund_of=refunded)
+    # then: built by the model itself, so it is the same; and the model's own error for an unknown name
+    assert refund.refund_of is refunded and refunded.refunded_by is refund
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        unsaved(Transaction, program=program, no_such_field=1)

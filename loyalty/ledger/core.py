@@ -3,12 +3,13 @@
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache, lru_cache
 
 from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Model
 from django.utils import timezone
 
-from core.db import insert_params, insert_plan
+from core.db import insert_params, insert_plan, unsaved
 from core.errors import InsufficientPoints
 from loyalty.models import Account, Draw, Entry, Lot
 
@@ -95,15 +96,28 @@ def _credit_ctes(
     now: datetime,
     account: tuple[str, str, list],
     entry_from: str = "a",
-    entry_links: dict[str, str] | None = None,
+    entry_links: tuple[tuple[str, str], ...] = (),
 ) -> tuple[str, list]:
     """The credit `entry` (unsaved, its kind and points set) as the common table expressions of one statement, with
     their parameters: `a` adds to the account's balances (its UPDATE takes the row lock), `e` inserts the entry
     with the balances after, `l` its lot, less what settles a negative balance, and `d` the draw that settles it;
     as ledger_credit's steps would write them.
     `account` is the UPDATE's extra FROM list, its condition and their parameters; `entry_links` names entry
-    columns taken from other parts of the statement, selected `FROM {entry_from}`. An account that is not there
-    writes nothing at all."""
+    columns taken from other parts of the statement, (attname, SQL) selected `FROM {entry_from}`. An account that
+    is not there writes nothing at all."""
+    update_from, update_where, update_params = account
+    sql, e_plan = _credit_sql(update_from, update_where, entry_from, entry_links)
+    points, matured = entry.points, available_from <= now
+    added = (points, 0) if matured else (0, points)
+    params = [*added, points if entry.kind in LIFETIME_KINDS else 0, now, *update_params, *insert_params(entry, e_plan)]
+    params += [matured, available_from, expires_at, matured]
+    return sql, params
+
+
+@cache
+def _credit_sql(update_from: str, update_where: str, entry_from: str, entry_links: tuple) -> tuple[str, list]:
+    """_credit_ctes's text, and the plan of the entry fields it takes as parameters: the same for every credit
+    written the same way, so built once."""
     accounts, entries, lots, draws = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
     e_plan, e_columns = insert_plan(Entry)
     from_statement = {
@@ -111,13 +125,9 @@ def _credit_ctes(
         "available_after": "a.available",
         "pending_after": "a.pending",
         "held_after": "a.held",
-        **(entry_links or {}),
+        **dict(entry_links),
     }
     e_values = [from_statement.get(f.attname, "%s") for f, _ in e_plan]
-    e_params = [
-        p for (f, _), p in zip(e_plan, insert_params(entry, e_plan), strict=True) if f.attname not in from_statement
-    ]
-    update_from, update_where, update_params = account
     sql = (
         f"a AS (UPDATE {accounts} SET available = available + %s, pending = pending + %s, "
         f"lifetime_earned = lifetime_earned + %s, updated_at = %s{update_from} WHERE {update_where} "
@@ -132,11 +142,7 @@ def _credit_ctes(
         f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, amount - remaining FROM l "
         "WHERE remaining < amount)"
     )
-    points, matured = entry.points, available_from <= now
-    added = (points, 0) if matured else (0, points)
-    params = [*added, points if entry.kind in LIFETIME_KINDS else 0, now, *update_params, *e_params]
-    params += [matured, available_from, expires_at, matured]
-    return sql, params
+    return sql, [(f, how) for f, how in e_plan if f.attname not in from_statement]
 
 
 def _credited(entry: Entry, row, *, available_from, expires_at, now) -> Entry:
@@ -267,40 +273,18 @@ def ledger_credit_new_transaction(
     the database, loyalty_statement_abort) and None is returned, with nothing written either."""
     assert points > 0 and connection.vendor == "postgresql"
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
-    entry = Entry(kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
-    r_plan, r_columns = insert_plan(type(txn))
-    # The transaction's member comes from the statement itself.
-    r_values = ["m.id" if f.attname == "member_id" else "%s" for f, _ in r_plan]
-    r_params = [p for (f, _), p in zip(r_plan, insert_params(txn, r_plan), strict=True) if f.attname != "member_id"]
-    ctes, credit_params = _credit_ctes(
+    entry = unsaved(Entry, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
+    also_ctes, also_params, also_condition = also or ("", [], "")
+    sql, r_plan = _new_transaction_sql(type(txn), member_sql, also_ctes, also_condition)
+    r_params = insert_params(txn, r_plan)
+    _, credit_params = _credit_ctes(
         entry,
         available_from=available_from,
         expires_at=expires_at,
         now=now,
-        account=(" FROM r", f"{Account._meta.db_table}.member_id = r.member_id", []),
-        entry_from="r, a",
-        entry_links={"transaction_id": "r.id"},
-    )
-    also_ctes, also_params, also_condition = also or ("", [], "true")
-    if also:
-        # A scalar subquery, so PostgreSQL weighs the condition once, not once per row it guesses the join gives:
-        # the plan's cost then no longer depends on the parameters' values, and PostgreSQL keeps the generic plan
-        # of the prepared statement. Weighed per row, where the tables had no statistics, the plan for the actual
-        # values always looked cheaper, and each purchase was planned anew (docs/benchmarks.md, fourth round).
-        # Where `r` wrote nothing (an unknown member, a guard that failed, a repeat) nothing else was written
-        # either, and the statement returns no row without undoing itself.
-        also_condition = (
-            f"(SELECT CASE WHEN NOT EXISTS (SELECT FROM r) OR {also_condition} THEN true "
-            f"ELSE loyalty_statement_abort('{_SHORT}') END)"
-        )
-    sql = (
-        f"WITH m AS ({member_sql}), "
-        f"r AS (INSERT INTO {txn._meta.db_table} ({r_columns}) "
-        f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS "
-        f"(SELECT 1 FROM {Account._meta.db_table} WHERE member_id = m.id) "
-        f"ON CONFLICT DO NOTHING RETURNING id, member_id), {ctes}{', ' if also_ctes else ''}{also_ctes} "
-        "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after "
-        f"FROM r, e, l WHERE {also_condition}"
+        account=_NEW_TRANSACTION_ACCOUNT,
+        entry_from=_NEW_TRANSACTION_ENTRY_FROM,
+        entry_links=_NEW_TRANSACTION_ENTRY_LINKS,
     )
     try:
         # Inside a caller's database transaction, a failed statement would spoil it: a savepoint keeps it apart.
@@ -321,6 +305,46 @@ def ledger_credit_new_transaction(
     entry.pk, entry.available_after, entry.pending_after, entry.held_after = found[2:6]
     entry._state.adding = False
     return entry
+
+
+_NEW_TRANSACTION_ACCOUNT = (" FROM r", f"{Account._meta.db_table}.member_id = r.member_id", [])
+_NEW_TRANSACTION_ENTRY_FROM, _NEW_TRANSACTION_ENTRY_LINKS = "r, a", (("transaction_id", "r.id"),)
+
+
+@lru_cache(maxsize=256)
+def _new_transaction_sql(model: type[Model], member_sql: str, also_ctes: str, also_condition: str) -> tuple[str, list]:
+    """ledger_credit_new_transaction's statement, and the plan of the transaction fields it takes as parameters:
+    the same for every purchase written the same way, so built once."""
+    r_plan, r_columns = insert_plan(model)
+    # The transaction's member comes from the statement itself.
+    r_values = ["m.id" if f.attname == "member_id" else "%s" for f, _ in r_plan]
+    ctes, _ = _credit_sql(
+        _NEW_TRANSACTION_ACCOUNT[0],
+        _NEW_TRANSACTION_ACCOUNT[1],
+        _NEW_TRANSACTION_ENTRY_FROM,
+        _NEW_TRANSACTION_ENTRY_LINKS,
+    )
+    if also_condition:
+        # A scalar subquery, so PostgreSQL weighs the condition once, not once per row it guesses the join gives:
+        # the plan's cost then no longer depends on the parameters' values, and PostgreSQL keeps the generic plan
+        # of the prepared statement. Weighed per row, where the tables had no statistics, the plan for the actual
+        # values always looked cheaper, and each purchase was planned anew (docs/benchmarks.md, fourth round).
+        # Where `r` wrote nothing (an unknown member, a guard that failed, a repeat) nothing else was written
+        # either, and the statement returns no row without undoing itself.
+        also_condition = (
+            f"(SELECT CASE WHEN NOT EXISTS (SELECT FROM r) OR {also_condition} THEN true "
+            f"ELSE loyalty_statement_abort('{_SHORT}') END)"
+        )
+    sql = (
+        f"WITH m AS ({member_sql}), "
+        f"r AS (INSERT INTO {model._meta.db_table} ({r_columns}) "
+        f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS "
+        f"(SELECT 1 FROM {Account._meta.db_table} WHERE member_id = m.id) "
+        f"ON CONFLICT DO NOTHING RETURNING id, member_id), {ctes}{', ' if also_ctes else ''}{also_ctes} "
+        "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after "
+        f"FROM r, e, l WHERE {also_condition or 'true'}"
+    )
+    return sql, [(f, how) for f, how in r_plan if f.attname != "member_id"]
 
 
 @transaction.atomic
