@@ -5,7 +5,7 @@ from functools import cache
 from django.db import connection
 from django.db.models import QuerySet
 
-from core.db import columns, instance_from_row
+from core.db import columns, instance_from_row, statement_cursor
 from core.models import Program
 from loyalty.models import Account, Entry, Lot
 from members.models import Member
@@ -33,7 +33,7 @@ def balance_get(*, program: Program, member_number: str) -> tuple[Member, Member
     # points (kind 1), soonest first.
     _, m_select = columns(Member, "m")
     member_table = Member._meta.db_table
-    with connection.cursor() as cursor:
+    with statement_cursor() as cursor:
         cursor.execute(
             f"SELECT 0, a.available, a.pending, a.lifetime_earned, a.held, NULL, {m_select} FROM {member_table} m "
             f"LEFT JOIN {Account._meta.db_table} a ON a.member_id = m.id "

@@ -4,12 +4,14 @@ from datetime import UTC
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import DataError, connection, transaction
 from django.db.backends.postgresql.psycopg_any import BaseTzLoader
+from django.db.transaction import TransactionManagementError
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from psycopg.pq import Format
 
-from core.db import unsaved
+from core.db import statement_cursor, unsaved
 from loyalty.models import Entry, Transaction
 
 SERIES = (
@@ -97,3 +99,44 @@ def test_unsaved_leaves_to_the_model_what_it_does_not_build_itself(program):
     assert refund.refund_of is refunded and refunded.refunded_by is refund
     with pytest.raises(TypeError, match="unexpected keyword"):
         unsaved(Transaction, program=program, no_such_field=1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_statement_cursor_is_kept_and_behaves_as_djangos_cursor():
+    # given: two statements on the same connection
+    with statement_cursor() as cursor:
+        cursor.execute("SELECT %s::int", [1])
+        first, kept = cursor.fetchone(), cursor
+    with statement_cursor() as cursor:
+        cursor.execute("SELECT %s::text", ["two"])
+        # then: one cursor for both, each with its own result
+        assert cursor is kept and first == (1,) and cursor.fetchone() == ("two",)
+    # when: the connection is closed and opened again
+    connection.close()
+    with statement_cursor() as cursor:
+        cursor.execute("SELECT 3")
+        # then: a new cursor on the new connection
+        assert cursor is not kept and cursor.fetchone() == (3,)
+    # then: database errors are Django's, with psycopg's as their cause, and the connection stays usable
+    with pytest.raises(DataError) as raised, statement_cursor() as cursor:
+        cursor.execute("SELECT 1 / 0")
+    assert raised.value.__cause__.sqlstate == "22012"
+    with statement_cursor() as cursor:
+        cursor.execute("SELECT 4")
+        assert cursor.fetchone() == (4,)
+
+
+@pytest.mark.django_db
+def test_statement_cursor_leaves_logged_queries_and_broken_transactions_to_django():
+    # given: queries being counted, as assertNumQueries counts them
+    with CaptureQueriesContext(connection) as captured, statement_cursor() as cursor:
+        cursor.execute("SELECT 5")
+    # then: Django's cursor ran it, so it was counted
+    assert [q["sql"] for q in captured.captured_queries] == ["SELECT 5"]
+    # given: a transaction whose statement failed, which must be rolled back before anything else runs in it
+    with transaction.atomic():
+        with pytest.raises(DataError), transaction.atomic(savepoint=False), statement_cursor() as cursor:
+            cursor.execute("SELECT 1 / 0")
+        # then: refused as Django refuses it
+        with pytest.raises(TransactionManagementError), statement_cursor() as cursor:
+            cursor.execute("SELECT 6")

@@ -9,7 +9,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Model
 from django.utils import timezone
 
-from core.db import insert_params, insert_plan, unsaved
+from core.db import insert_params, insert_plan, statement_cursor, unsaved
 from core.errors import InsufficientPoints
 from loyalty.models import Account, Draw, Entry, Lot
 
@@ -289,7 +289,7 @@ def ledger_credit_new_transaction(
     try:
         # Inside a caller's database transaction, a failed statement would spoil it: a savepoint keeps it apart.
         with transaction.atomic() if also and connection.in_atomic_block else nullcontext():
-            with connection.cursor() as cursor:
+            with statement_cursor() as cursor:
                 cursor.execute(sql, [*member_params, *r_params, *credit_params, *also_params])
                 found = cursor.fetchone()
     except DatabaseError as exc:
