@@ -94,30 +94,33 @@ def _credit_ctes(
     available_from: datetime,
     expires_at: datetime | None,
     now: datetime,
-    account: tuple[str, str, list],
-    entry_from: str = "a",
-    entry_links: tuple[tuple[str, str], ...] = (),
+    account: tuple[str, list],
 ) -> tuple[str, list]:
     """The credit `entry` (unsaved, its kind and points set) as the common table expressions of one statement, with
     their parameters: `a` adds to the account's balances (its UPDATE takes the row lock), `e` inserts the entry
     with the balances after, `l` its lot, less what settles a negative balance, and `d` the draw that settles it;
     as ledger_credit's steps would write them.
-    `account` is the UPDATE's extra FROM list, its condition and their parameters; `entry_links` names entry
-    columns taken from other parts of the statement, (attname, SQL) selected `FROM {entry_from}`. An account that
-    is not there writes nothing at all."""
-    update_from, update_where, update_params = account
-    sql, e_plan = _credit_sql(update_from, update_where, entry_from, entry_links)
+    `account` is the UPDATE's condition and its parameters. An account that is not there writes nothing at
+    all."""
+    update_where, update_params = account
+    sql, e_plan = _credit_sql("", update_where, "a", ())
+    return sql, _credit_params(entry, e_plan, update_params, available_from, expires_at, now)
+
+
+def _credit_params(entry: Entry, e_plan: list, update_params: list, available_from, expires_at, now) -> list:
+    """The parameters of _credit_sql's text for the credit `entry`."""
     points, matured = entry.points, available_from <= now
     added = (points, 0) if matured else (0, points)
     params = [*added, points if entry.kind in LIFETIME_KINDS else 0, now, *update_params, *insert_params(entry, e_plan)]
     params += [matured, available_from, expires_at, matured]
-    return sql, params
+    return params
 
 
 @cache
 def _credit_sql(update_from: str, update_where: str, entry_from: str, entry_links: tuple) -> tuple[str, list]:
     """_credit_ctes's text, and the plan of the entry fields it takes as parameters: the same for every credit
-    written the same way, so built once."""
+    written the same way, so built once. `update_from` is the UPDATE's extra FROM list; `entry_links` names entry
+    columns taken from other parts of the statement, (attname, SQL) selected `FROM {entry_from}`."""
     accounts, entries, lots, draws = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
     e_plan, e_columns = insert_plan(Entry)
     from_statement = {
@@ -230,7 +233,7 @@ def ledger_credit(
 
 def _credit_in_one_statement(entry: Entry, **credit) -> Entry:
     """ledger_credit's writes on PostgreSQL: one round trip, two when the account is opened first."""
-    ctes, params = _credit_ctes(entry, account=("", "member_id = %s", [entry.account_id]), **credit)
+    ctes, params = _credit_ctes(entry, account=("member_id = %s", [entry.account_id]), **credit)
     sql = f"WITH {ctes} SELECT e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining FROM e, l"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -275,22 +278,14 @@ def ledger_credit_new_transaction(
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
     entry = unsaved(Entry, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     also_ctes, also_params, also_condition = also or ("", [], "")
-    sql, r_plan = _new_transaction_sql(type(txn), member_sql, also_ctes, also_condition)
-    r_params = insert_params(txn, r_plan)
-    _, credit_params = _credit_ctes(
-        entry,
-        available_from=available_from,
-        expires_at=expires_at,
-        now=now,
-        account=_NEW_TRANSACTION_ACCOUNT,
-        entry_from=_NEW_TRANSACTION_ENTRY_FROM,
-        entry_links=_NEW_TRANSACTION_ENTRY_LINKS,
-    )
+    sql, r_plan, e_plan = _new_transaction_sql(type(txn), member_sql, also_ctes, also_condition)
+    params = [*member_params, *insert_params(txn, r_plan)]
+    params += _credit_params(entry, e_plan, [], available_from, expires_at, now)
     try:
         # Inside a caller's database transaction, a failed statement would spoil it: a savepoint keeps it apart.
         with transaction.atomic() if also and connection.in_atomic_block else nullcontext():
             with statement_cursor() as cursor:
-                cursor.execute(sql, [*member_params, *r_params, *credit_params, *also_params])
+                cursor.execute(sql, [*params, *also_params])
                 found = cursor.fetchone()
     except DatabaseError as exc:
         if getattr(exc.__cause__, "sqlstate", None) != "LY001":
@@ -307,22 +302,15 @@ def ledger_credit_new_transaction(
     return entry
 
 
-_NEW_TRANSACTION_ACCOUNT = (" FROM r", f"{Account._meta.db_table}.member_id = r.member_id", [])
-_NEW_TRANSACTION_ENTRY_FROM, _NEW_TRANSACTION_ENTRY_LINKS = "r, a", (("transaction_id", "r.id"),)
-
-
 @lru_cache(maxsize=256)
-def _new_transaction_sql(model: type[Model], member_sql: str, also_ctes: str, also_condition: str) -> tuple[str, list]:
-    """ledger_credit_new_transaction's statement, and the plan of the transaction fields it takes as parameters:
-    the same for every purchase written the same way, so built once."""
+def _new_transaction_sql(model: type[Model], member_sql: str, also_ctes: str, also_condition: str) -> tuple:
+    """ledger_credit_new_transaction's statement, and the plans of the transaction's and the entry's fields it takes
+    as parameters: the same for every purchase written the same way, so built once."""
     r_plan, r_columns = insert_plan(model)
     # The transaction's member comes from the statement itself.
     r_values = ["m.id" if f.attname == "member_id" else "%s" for f, _ in r_plan]
-    ctes, _ = _credit_sql(
-        _NEW_TRANSACTION_ACCOUNT[0],
-        _NEW_TRANSACTION_ACCOUNT[1],
-        _NEW_TRANSACTION_ENTRY_FROM,
-        _NEW_TRANSACTION_ENTRY_LINKS,
+    ctes, e_plan = _credit_sql(
+        " FROM r", f"{Account._meta.db_table}.member_id = r.member_id", "r, a", (("transaction_id", "r.id"),)
     )
     if also_condition:
         # A scalar subquery, so PostgreSQL weighs the condition once, not once per row it guesses the join gives:
@@ -344,7 +332,7 @@ def _new_transaction_sql(model: type[Model], member_sql: str, also_ctes: str, al
         "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after "
         f"FROM r, e, l WHERE {also_condition or 'true'}"
     )
-    return sql, [(f, how) for f, how in r_plan if f.attname != "member_id"]
+    return sql, [(f, how) for f, how in r_plan if f.attname != "member_id"], e_plan
 
 
 @transaction.atomic
