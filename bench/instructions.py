@@ -6,10 +6,11 @@ one percent.
 Usage: python bench/instructions.py [--requests 300] [--rules 0]
 Creates the database loyalty_bench_instructions (dropped first), seeds it as bench/run does (bench/seed.py: 10,000
 members, BENCH_RULES = --rules active earning rules), then runs this file's client under valgrind (cachegrind, no
-cache simulation) twice: once with a warm-up only, once with the warm-up and --requests purchases, and again for
-balance reads. The difference divided by the count is the instructions per request, client side only: the
-WSGI application called in-process (config.wsgi, DEBUG off), as granian calls it, with the database's own work
-excluded. Needs valgrind (installed with apt-get if missing) and PostgreSQL at BENCH_PG."""
+cache simulation) twice: once with a warm-up only, once with the warm-up and --requests purchases; again for
+balance reads, and for the same purchases sent to bench/floor_app.py (bench/run's floor), for scale. The
+difference divided by the count is the instructions per request, client side only: the WSGI application called
+in-process (config.wsgi, DEBUG off), as granian calls it, with the database's own work excluded. Needs valgrind
+(installed with apt-get if missing) and PostgreSQL at BENCH_PG."""
 
 import argparse
 import io
@@ -30,9 +31,14 @@ WARM_UP = 100
 
 
 def client(seed_dir: Path, kind: str, count: int) -> None:
-    """Call the WSGI application `WARM_UP` + `count` times with requests like bench/earn.lua's and balance.lua's."""
+    """Call the WSGI application `WARM_UP` + `count` times with requests like bench/earn.lua's and balance.lua's;
+    for kind "floor", bench/floor_app.py with the purchases."""
     sys.path.insert(0, str(ROOT))
-    from config.wsgi import application
+    if kind == "floor":
+        sys.path.insert(0, str(ROOT / "bench"))
+        from floor_app import application
+    else:
+        from config.wsgi import application
 
     key = (seed_dir / "key").read_text().strip()
     members = (seed_dir / "members").read_text().split()
@@ -70,7 +76,7 @@ def client(seed_dir: Path, kind: str, count: int) -> None:
     def balance(n: int) -> tuple[str, str, bytes]:
         return "GET", f"/api/v1/members/{rng.choice(members)}/balance", b""
 
-    make = purchase if kind == "earn" else balance
+    make = balance if kind == "balance" else purchase
     for n in range(WARM_UP + count):
         method, path, body = make(n)
         environ = {
@@ -145,7 +151,7 @@ def main() -> None:
         seed_dir = Path(tmp)
         env = {**os.environ, "BENCH_RULES": str(args.rules)}
         subprocess.run([*python, str(ROOT / "bench" / "seed.py"), tmp, "10000"], check=True, env=env)
-        for kind in ("earn", "balance"):
+        for kind in ("earn", "balance", "floor"):
             base = instructions(seed_dir, kind, 0)
             total = instructions(seed_dir, kind, args.requests)
             per = (total - base) / args.requests
