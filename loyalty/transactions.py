@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core.db import insert_params, insert_plan, prepared_statements_kept, unsaved
+from core.db import insert_params, insert_plan, on_postgresql, prepared_statements_kept, unsaved
 from core.errors import ApplicationError, Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
 from loyalty import ledger, referrals, rules, tiers
@@ -206,7 +206,7 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
 def _one_statement_possible(program: Program) -> bool:
     """Whether one statement can write the programme's purchases (ledger_credit_new_transaction): on PostgreSQL, in
     a programme without tiers. Points to credit, claims and a member's pending referral are the callers' to weigh."""
-    return connection.vendor == "postgresql" and not program.has_tiers
+    return on_postgresql() and not program.has_tiers
 
 
 def _purchase(

@@ -9,7 +9,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Model
 from django.utils import timezone
 
-from core.db import insert_params, insert_plan, statement_cursor, unsaved
+from core.db import insert_params, insert_plan, on_postgresql, statement_cursor, unsaved
 from core.errors import InsufficientPoints
 from loyalty.models import Account, Draw, Entry, Lot
 
@@ -274,7 +274,7 @@ def ledger_credit_new_transaction(
     read `a`, the account's row as updated, which orders their locks after the account's), their parameters, and a
     condition over them that the statement must meet. When it does not, the statement undoes itself (it raises in
     the database, loyalty_statement_abort) and None is returned, with nothing written either."""
-    assert points > 0 and connection.vendor == "postgresql"
+    assert points > 0 and on_postgresql()
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
     entry = unsaved(Entry, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     also_ctes, also_params, also_condition = also or ("", [], "")
