@@ -1,6 +1,14 @@
 """Benchmark of `import_transactions`: N purchases for about N/10 members, imported into a fresh PostgreSQL
 database (loyalty_import_bench), then the ledger verified. Prints one line per figure.
 
+Then the baseline, in the same run: raw PostgreSQL doing the same writes. The rows the import wrote are read back,
+the ledger's tables emptied, and the rows written again chunk by chunk as the import writes them (COPY the
+transactions, open and lock the accounts, COPY the entries and the lots, set the balances; one database transaction
+a chunk, synchronous_commit off), from text made ready beforehand: no parsing, no points worked out, no Python per
+row while it runs. The same tables, indexes and constraints, foreign-key checks at commit included. Its rate is what
+this machine's PostgreSQL allows the import at most; the ratio of the two says how much the import's own work costs.
+The ledger is verified again after it, so it wrote what the import wrote.
+
 Usage: python bench/import_bench.py [--purchases 200000] [--members 20000] [--batch-size 5000] [--keep]
 Needs PostgreSQL at BENCH_PG (default postgres://postgres@127.0.0.1:5432). Amounts and dates come from the CDNOW
 sample in ../shared/data/cdnow_sample.txt when it is there (its dates moved forward to end last month, its dollar
@@ -106,13 +114,9 @@ def file_write(path: Path, *, purchases: int, members: list[str], rng: random.Ra
             out.writerow([f"S{i % 40:02d}", f"T{i:08d}", "pos", member, "purchase", "", at.isoformat(), "SEK", scaled])
 
 
-def backend_cpu_reader():
-    """CPU seconds of this connection's PostgreSQL backend, when the server runs on this machine (else None)."""
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        stat = Path(f"/proc/{cursor.fetchone()[0]}/stat")
+def backend_cpu_reader(pid: int):
+    """CPU seconds of the PostgreSQL backend `pid`, when the server runs on this machine (else None)."""
+    stat = Path(f"/proc/{pid}/stat")
 
     def read() -> float | None:
         if not stat.exists():
@@ -121,6 +125,110 @@ def backend_cpu_reader():
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     return read
+
+
+def baseline_prepare(batch_size: int) -> tuple[dict, list[dict]]:
+    """The columns of each table, and per chunk of `batch_size` transactions (in id order, as the import wrote
+    them) the COPY text of its transactions, entries and lots, its account ids, and each account's balances after
+    it, read back from the tables. The bench's file has no returns, so there are no draws to write."""
+    import psycopg
+
+    chunks: dict[int, dict] = {}
+
+    def chunk(number: int) -> dict:
+        return chunks.setdefault(
+            number, {"transactions": [], "entries": [], "lots": [], "accounts": [], "balances": [[], [], []]}
+        )
+
+    numbered = f"SELECT id, (row_number() OVER (ORDER BY id) - 1) / {int(batch_size)} AS chunk FROM loyalty_transaction"
+    exports = {
+        "transactions": f"SELECT c.chunk, t.* FROM loyalty_transaction t JOIN ({numbered}) c USING (id) ORDER BY t.id",
+        "entries": f"SELECT c.chunk, e.* FROM loyalty_entry e JOIN ({numbered}) c ON c.id = e.transaction_id "
+        "ORDER BY e.id",
+        "lots": f"SELECT c.chunk, l.* FROM loyalty_lot l JOIN loyalty_entry e ON e.id = l.entry_id "
+        f"JOIN ({numbered}) c ON c.id = e.transaction_id ORDER BY l.id",
+    }
+    with psycopg.connect(f"{SERVER}/{DATABASE}") as conn:
+        draws, other = conn.execute(
+            "SELECT (SELECT count(*) FROM loyalty_draw), "
+            "(SELECT count(*) FROM loyalty_entry WHERE transaction_id IS NULL)"
+        ).fetchone()
+        assert draws == 0 and other == 0, "the baseline writes purchases' entries and lots only"
+        columns = {}
+        for kind, query in exports.items():
+            with conn.cursor().copy(f"COPY ({query}) TO STDOUT") as copy:
+                text = b"".join(bytes(data) for data in copy).decode()
+            for line in text.splitlines(keepends=True):
+                number, rest = line.split("\t", 1)
+                chunk(int(number))[kind].append(rest)
+            columns[kind] = [d.name for d in conn.execute(f"SELECT * FROM ({query}) q LIMIT 0").description][1:]
+        balances = conn.execute(
+            f"SELECT DISTINCT ON (c.chunk, e.account_id) c.chunk, e.account_id, e.available_after, e.pending_after, "
+            "sum(e.points) OVER (PARTITION BY e.account_id ORDER BY e.id) "
+            f"FROM loyalty_entry e JOIN ({numbered}) c ON c.id = e.transaction_id "
+            "ORDER BY c.chunk, e.account_id, e.id DESC"
+        ).fetchall()
+    for number, account_id, available, pending, lifetime in balances:
+        found = chunk(number)
+        found["accounts"].append(account_id)
+        for i, value in enumerate((available, pending, lifetime)):
+            found["balances"][i].append(value)
+    return columns, [chunks[number] for number in sorted(chunks)]
+
+
+def baseline_run(columns: dict, chunks: list[dict]) -> tuple[float, float | None]:
+    """Write the prepared chunks (`baseline_prepare`) into the emptied ledger; (seconds, PostgreSQL CPU seconds or
+    None)."""
+    import psycopg
+
+    def array(values) -> str:
+        return "{" + ",".join(map(str, values)) + "}"
+
+    with psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) as conn:
+        ledger = "loyalty_draw, loyalty_lot, loyalty_entry, loyalty_transaction, loyalty_account"
+        # Tables that refer to the ledger's go with CASCADE: they must be empty here, or the baseline would lose rows.
+        others = conn.execute(
+            "WITH RECURSIVE refs(t) AS (SELECT unnest(%s::regclass[]) UNION "
+            "SELECT c.conrelid::regclass FROM pg_constraint c JOIN refs ON c.confrelid = refs.t WHERE c.contype = 'f') "
+            "SELECT t::text FROM refs WHERE NOT t = ANY(%s::regclass[])",
+            ["{" + ledger + "}"] * 2,
+        ).fetchall()
+        for (table,) in others:
+            assert conn.execute(f"SELECT NOT EXISTS (SELECT FROM {table})").fetchone()[0], f"{table} has rows"
+        conn.execute(f"TRUNCATE {ledger} CASCADE")
+        cpu = backend_cpu_reader(conn.info.backend_pid)
+
+        def write(cursor, chunk: dict, kind: str, table: str) -> None:
+            with cursor.copy(f"COPY {table} ({', '.join(columns[kind])}) FROM STDIN") as copy:
+                copy.write("".join(chunk[kind]))
+
+        cpu_before, started = cpu(), time.perf_counter()
+        for chunk in chunks:
+            accounts = array(chunk["accounts"])
+            with conn.transaction(), conn.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit = off")
+                write(cursor, chunk, "transactions", "loyalty_transaction")
+                cursor.execute(
+                    "INSERT INTO loyalty_account (member_id, available, pending, lifetime_earned, updated_at) "
+                    "SELECT id, 0, 0, 0, now() FROM unnest(%s::bigint[]) AS id ORDER BY id ON CONFLICT DO NOTHING",
+                    [accounts],
+                )
+                cursor.execute(
+                    "SELECT member_id FROM loyalty_account WHERE member_id = ANY(%s::bigint[]) "
+                    "ORDER BY member_id FOR UPDATE",
+                    [accounts],
+                )
+                write(cursor, chunk, "entries", "loyalty_entry")
+                write(cursor, chunk, "lots", "loyalty_lot")
+                cursor.execute(
+                    "UPDATE loyalty_account AS a SET available = v.available, pending = v.pending, "
+                    "lifetime_earned = v.lifetime, updated_at = now() "
+                    "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+                    "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
+                    [accounts, *(array(values) for values in chunk["balances"])],
+                )
+        seconds, cpu_after = time.perf_counter() - started, cpu()
+    return seconds, (cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None)
 
 
 def main() -> None:
@@ -153,7 +261,10 @@ def main() -> None:
     print(f"file: {path} ({path.stat().st_size / 1e6:.1f} MB, {args.purchases} purchases)")
 
     program = Program.objects.get(code="DEFAULT")
-    backend = backend_cpu_reader()
+    from django.db import connection
+
+    connection.ensure_connection()
+    backend = backend_cpu_reader(connection.connection.info.backend_pid)
     python_before, backend_before = time.process_time(), backend()
     report = transactions_import(program=program, rows=TransactionFile(path), batch_size=args.batch_size)
     python_cpu, backend_after = time.process_time() - python_before, backend()
@@ -175,13 +286,23 @@ def main() -> None:
     started = time.perf_counter()
     breaches = ledger_verify()
     print(f"verify: {len(breaches)} breaches in {time.perf_counter() - started:.2f} s")
-    print(
-        f"rows: {Transaction.objects.count()} transactions, {Entry.objects.count()} entries, {Lot.objects.count()} lots"
-    )
+    rows = Transaction.objects.count(), Entry.objects.count(), Lot.objects.count()
+    print(f"rows: {rows[0]} transactions, {rows[1]} entries, {rows[2]} lots")
+
+    seconds, baseline_cpu = baseline_run(*baseline_prepare(args.batch_size))
+    rate = rows[0] / seconds
+    print(f"baseline, raw PostgreSQL, same writes: {rows[0]} transactions in {seconds:.2f} s")
+    print(f"baseline rate: {rate:,.0f} transactions/s")
+    if baseline_cpu is not None:
+        print(f"baseline postgres cpu: {baseline_cpu:.2f} s ({baseline_cpu / rows[0] * 1e6:.1f} us/transaction)")
+    print(f"import / baseline: {report.imported / report.seconds / rate:.2f}")
+    breaches += ledger_verify()
+    replayed = Transaction.objects.count(), Entry.objects.count(), Lot.objects.count()
+    print(f"verify after the baseline: {len(breaches)} breaches; rows the same: {replayed == rows}")
     if not args.keep:
         path.unlink()
         workdir.rmdir()
-    if breaches or rerun.imported:
+    if breaches or rerun.imported or replayed != rows:
         sys.exit(1)
 
 
