@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from functools import cache
 from http.client import responses
+from typing import NamedTuple
 
 from django.conf import settings
 from django.core import signals
@@ -38,6 +39,7 @@ from django.utils import translation
 from django.utils.cache import patch_vary_headers
 from rest_framework.exceptions import ValidationError
 from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.utils import json as drf_json
 from rest_framework.views import APIView
@@ -66,8 +68,8 @@ _renderer = JSONRenderer()
 class HotRoute:
     """`api_view`'s handler of `method` serves `path` (a route as in config/urls.py, from /api/) here, for a key with
     the scope the view asks. The handler must read nothing of its request but `auth` (the API client) and
-    `data` (the parsed JSON body), and answer with a DRF Response; tests/test_hot_paths.py checks each route's
-    answers against the full stack's."""
+    `data` (the parsed JSON body), and answer with a DRF Response or `reply`; tests/test_hot_paths.py checks each
+    route's answers against the full stack's."""
 
     method: str
     path: str
@@ -95,6 +97,20 @@ class _Envelope:
     language: str
     inner: tuple[tuple[str, str], ...]
     outer: tuple[tuple[str, str], ...]
+
+
+class _Reply(NamedTuple):
+    data: object
+    status: int
+
+
+def reply(request, data, *, status: int = 200) -> Response | _Reply:
+    """A handler's answer without headers of its own: `Response(data, status=status)` for the full stack; on a hot
+    path, the data and status alone, which it renders itself. Making a Response costs ~15 µs, a tenth of a balance
+    read's Python."""
+    if type(request) is _ApiRequest:
+        return _Reply(data, status)
+    return Response(data, status=status)
 
 
 @dataclass(frozen=True)
@@ -193,8 +209,12 @@ class HotPaths:
             def view() -> Answer:
                 answer = getattr(route.api_view(), route.method.lower())(_ApiRequest(client, data), **kwargs)
                 headers = [("Content-Type", "application/json"), ("Allow", allow)]
-                headers += [h for h in answer.items() if h[0] not in ("Content-Type", "Allow")]
-                return Answer(answer.status_code, headers, _renderer.render(answer.data)).with_headers(envelope.inner)
+                if type(answer) is _Reply:
+                    status = answer.status
+                else:
+                    status = answer.status_code
+                    headers += [h for h in answer.items() if h[0] not in ("Content-Type", "Allow")]
+                return Answer(status, headers, _renderer.render(answer.data)).with_headers(envelope.inner)
 
             if IDEMPOTENCY_KEY in environ:
                 # A declined view raises through the middleware, which gives the key's claim back for the full stack.

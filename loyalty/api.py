@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.errors import ApplicationError, MemberNotFound, Unprocessable, problem_for
+from core.hotpath import reply
 from core.models import ApiClient, Program
 from core.money import CURRENCIES
 from core.pagination import CursorPagination
@@ -328,7 +329,7 @@ class TransactionApi(APIView):
                 client,
                 _transaction_input(client.program, checked or validate(TransactionInputSerializer, request.data)),
             )
-        return Response(_transaction_output(result), status=201 if result.created else 200)
+        return reply(request, _transaction_output(result), status=201 if result.created else 200)
 
 
 class TransactionPreviewApi(APIView):
@@ -394,7 +395,8 @@ class BalanceApi(APIView):
     def get(self, request, member_number: str):
         program = request.auth.program
         member, balance = balance_get(program=program, member_number=member_number)
-        return Response(
+        return reply(
+            request,
             {
                 "member": member.member_number,
                 "available": balance.available,
@@ -405,7 +407,7 @@ class BalanceApi(APIView):
                     {"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring
                 ],
                 **tier_balance_fields(member=member, program=program),
-            }
+            },
         )
 
 

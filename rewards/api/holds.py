@@ -7,6 +7,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.hotpath import reply
 from core.validation import validate
 from loyalty.ledger import ledger_balance
 from rewards.api.common import balance_output, member_from_body
@@ -59,7 +60,7 @@ class HoldApi(APIView):
         member.program = request.auth.program
         result = hold_place(member=member, points=v["points"], store=v["store"], api_client=request.auth)
         result.hold.program = request.auth.program
-        return Response(_hold_output(result), status=201)
+        return reply(request, _hold_output(result), status=201)
 
 
 class HoldDetailApi(APIView):
@@ -84,8 +85,9 @@ class HoldCaptureApi(APIView):
     def post(self, request, hold_id: int):
         hold = _hold(request, hold_id)
         v = validate(self.InputSerializer, request.data)
-        return Response(
-            _hold_output(hold_capture(hold=hold, transaction_external_id=v["external_id"], points=v.get("points")))
+        return reply(
+            request,
+            _hold_output(hold_capture(hold=hold, transaction_external_id=v["external_id"], points=v.get("points"))),
         )
 
 
@@ -94,4 +96,4 @@ class HoldReleaseApi(APIView):
 
     @extend_schema(request=None, responses=dict)
     def post(self, request, hold_id: int):
-        return Response(_hold_output(hold_release(hold=_hold(request, hold_id))))
+        return reply(request, _hold_output(hold_release(hold=_hold(request, hold_id))))

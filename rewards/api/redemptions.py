@@ -6,6 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.errors import Unprocessable
+from core.hotpath import reply
 from core.validation import validate
 from rewards.api.common import balance_output, voucher_output
 from rewards.codes import voucher_code_display
@@ -57,7 +58,7 @@ class RedemptionApi(APIView):
             raise Unprocessable(detail, code="unknown_reward", errors={"reward": [detail]})
         member.program = reward.program = program
         redemption = reward_redeem(member=member, reward=reward, api_client=request.auth)
-        return Response(_redemption_output(redemption), status=201)
+        return reply(request, _redemption_output(redemption), status=201)
 
 
 class RedemptionDetailApi(APIView):
