@@ -97,6 +97,31 @@ def test_a_revoked_key_is_refused(make_client):
     assert not Member.objects.exists()
 
 
+def test_a_known_key_is_remembered_for_the_cache_seconds_and_an_unknown_one_not_at_all(
+    make_client, settings, monkeypatch, django_assert_num_queries
+):
+    # given a key in use, remembered for 5 s, and a clock we move
+    settings.API_CLIENT_CACHE_SECONDS = 5
+    client, raw = make_client()
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    assert auth.api_client_for_key(raw) == client
+    # when it is revoked, it keeps working within the 5 s without asking the database
+    ApiClient.objects.filter(pk=client.pk).update(revoked_at=timezone.now())
+    clock[0] += 4.9
+    with django_assert_num_queries(0):
+        assert auth.api_client_for_key(raw) == client
+    # and after them it is refused, and stays refused
+    clock[0] += 0.2
+    assert auth.api_client_for_key(raw) is None
+    assert auth.api_client_for_key(raw) is None
+    assert raw not in auth._clients
+    # an unknown key is asked for every time: nothing is remembered of it
+    with django_assert_num_queries(2):
+        assert auth.api_client_for_key(raw + "x") is None
+        assert auth.api_client_for_key(raw + "x") is None
+
+
 def test_using_a_key_records_when_it_was_last_used(make_client):
     # given
     client, raw = make_client()
