@@ -3,6 +3,7 @@
 import json
 import re
 from io import StringIO
+from types import SimpleNamespace
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -104,7 +105,7 @@ def test_a_known_key_is_remembered_for_the_cache_seconds_and_an_unknown_one_not_
     settings.API_CLIENT_CACHE_SECONDS = 5
     client, raw = make_client()
     clock = [1000.0]
-    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(auth, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     assert auth.api_client_for_key(raw) == client
     # when it is revoked, it keeps working within the 5 s without asking the database
     ApiClient.objects.filter(pk=client.pk).update(revoked_at=timezone.now())
