@@ -209,17 +209,15 @@ def ids_reserve(model: type[Model], count: int) -> list[int]:
 def prepared_statements_kept():
     """Keep the connection's prepared statements through the rollbacks within. psycopg forgets them all on a
     ROLLBACK, a savepoint's included, and deallocates them, in case the rolled-back work created objects they name;
-    PostgreSQL itself keeps them. For work that is rolled back by design and touches no schema (a preview): with
-    psycopg's rule, every statement of the connection was parsed again for its next five executions and planned for
-    the values at hand for five more (docs/benchmarks.md, fourth round). Keep out of it whatever would leave
-    psycopg's record of the statements wrong: creating, altering or dropping objects, DISCARD ALL, DEALLOCATE ALL."""
-    if connection.vendor != "postgresql":
-        yield
-        return
-    connection.ensure_connection()
+    PostgreSQL itself keeps them. For work that touches no schema and is rolled back by design (a preview) or when
+    refused (a hot route's write): with psycopg's rule, every statement of the connection was parsed again for its
+    next five executions and planned for the values at hand for five more (docs/benchmarks.md, fourth round). Keep
+    out of it whatever would leave psycopg's record of the statements wrong: creating, altering or dropping objects,
+    DISCARD ALL, DEALLOCATE ALL. Without a connection open yet there is nothing to keep, and none is opened."""
+    raw = connections[DEFAULT_DB_ALIAS].connection if on_postgresql() else None
     # psycopg's statement cache, private: where it is not there as expected (another psycopg), psycopg's own rule
     # applies. An enclosing block that keeps them already restores them too.
-    manager = getattr(connection.connection, "_prepared", None)
+    manager = getattr(raw, "_prepared", None)
     attributes = getattr(manager, "__dict__", None)
     if attributes is None or "clear" in attributes:
         yield

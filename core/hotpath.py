@@ -45,6 +45,7 @@ from rest_framework.utils import json as drf_json
 from rest_framework.views import APIView
 
 from core.auth import api_client_for_key, raw_key_from_header
+from core.db import prepared_statements_kept
 from core.errors import ApplicationError
 from core.idempotency import HEADER as IDEMPOTENCY_KEY
 from core.idempotency import IdempotencyMiddleware
@@ -175,10 +176,13 @@ class HotPaths:
         # Django's handler sends these signals around each request; they close connections that are broken or
         # past CONN_MAX_AGE.
         signals.request_started.send(sender=self.__class__, environ=environ)
-        answer = self.respond(environ, route)
-        if answer is None:
-            signals.request_finished.send(sender=self.__class__)
-            return self.django_app(environ, start_response)
+        # A refused write is rolled back here, then again on the full stack, which answers it: the connection keeps
+        # its prepared statements through both (hot routes touch no schema), where psycopg would drop them all.
+        with prepared_statements_kept():
+            answer = self.respond(environ, route)
+            if answer is None:
+                signals.request_finished.send(sender=self.__class__)
+                return self.django_app(environ, start_response)
         start_response(f"{answer.status} {responses.get(answer.status, 'Unknown Status Code')}", answer.headers)
         return _Closing([answer.content])
 

@@ -425,3 +425,29 @@ def test_the_production_entry_point_serves_hot_routes_and_hands_the_rest_to_djan
     assert refused[0] == "401 Unauthorized"
     assert refused[1]["Content-Type"] == "application/problem+json"
     assert Transaction.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_write_keeps_the_connections_prepared_statements(member, make_client, prepared_plans):
+    # given: a till's purchases through the production entry point, often enough for the driver to prepare their
+    # statement and for PostgreSQL to settle on its generic plan
+    _, raw = make_client()
+    auth = {"HTTP_AUTHORIZATION": f"Api-Key {raw}"}
+    purchase_statement = ("WITH m AS (SELECT id FROM members_member WHERE member_number",)
+    for n in range(12):
+        assert _wsgi("POST", URL, json.dumps(_purchase(member, external_id=f"P-{n}")).encode(), **auth)[0][:3] == "201"
+    generic, custom = prepared_plans(*purchase_statement)
+    # when: a return of more than was bought, refused and rolled back (on the hot path, then again on the full
+    # stack, which answers), then the next purchase
+    body = _purchase(member, external_id="RET-1", type="return", original_external_id="P-0", total="999.00", lines=[])
+    refused = _wsgi("POST", URL, json.dumps(body).encode(), **auth)
+    after = _wsgi("POST", URL, json.dumps(_purchase(member, external_id="P-12")).encode(), **auth)
+    # then: the return is refused and wrote nothing, and the purchase statement is still prepared, its plans counted on
+    assert (refused[0], json.loads(refused[2])["code"], after[0]) == (
+        "422 Unprocessable Entity",
+        "return_exceeds_purchase",
+        "201 Created",
+    )
+    assert not Transaction.objects.filter(external_id="RET-1").exists()
+    assert Transaction.objects.count() == 13
+    assert prepared_plans(*purchase_statement) == (generic + 1, custom)
