@@ -55,7 +55,10 @@ class Transaction(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["program", "store", "external_id"], name="transaction_unique"),
+            # external_id before store: a return that does not name its purchase's store finds the purchase by
+            # (programme, external_id), which these leading columns serve; with store second, the lookup read every
+            # index entry of the programme.
+            models.UniqueConstraint(fields=["program", "external_id", "store"], name="transaction_unique"),
             models.CheckConstraint(condition=Q(total__gte=0), name="transaction_total_gte_0"),
             models.CheckConstraint(
                 condition=Q(paid_with_points__gte=0, paid_with_points__lte=F("total")), name="paid_with_points_in_total"

@@ -7,6 +7,7 @@ from zoneinfo import ZoneInfo
 import hypothesis
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from hypothesis import strategies as st
 from rest_framework import serializers
@@ -221,6 +222,41 @@ def test_input_the_programme_cannot_accept_is_refused_and_writes_nothing(api, me
     assert response.status_code == 422
     assert response.json()["code"] == code
     assert ledger_snapshot() == before
+
+
+def test_a_return_finds_its_purchase_without_reading_the_programmes_other_transactions(api, member):
+    # given: the member's purchase among 3,000 of the programme's, and a return that does not name its store
+    now = timezone.now()
+    Transaction.objects.bulk_create(
+        Transaction(
+            program=member.program,
+            store=f"S{i % 30}",
+            external_id=f"X-{i:05d}",
+            channel="pos",
+            kind=Transaction.Kind.PURCHASE,
+            occurred_at=now,
+            currency="SEK",
+            total=10,
+            lines=[],
+            points=0,
+            breakdown=[],
+            created_at=now,
+        )
+        for i in range(3000)
+    )
+    assert post(api, URL, purchase(member)).status_code == 201
+    body = purchase(member, external_id="RET-1", type="return", original_external_id="R-1001", total="29.90", lines=[])
+    # when
+    with CaptureQueriesContext(connection) as queries:
+        response = post(api, URL, body)
+    # then: the return is recorded, and its lookup of the purchase read a few pages, not the programme's index range
+    assert response.status_code == 201
+    lookup = [q["sql"] for q in queries if "LIMIT 50" in q["sql"] and '"external_id" =' in q["sql"]]
+    assert len(lookup) == 1
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {lookup[0]}")
+        plan = cursor.fetchone()[0][0]["Plan"]
+    assert plan["Shared Hit Blocks"] + plan["Shared Read Blocks"] <= 6, plan
 
 
 def test_a_return_of_more_than_was_bought_is_refused_and_changes_nothing(api, member):
