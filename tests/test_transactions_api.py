@@ -225,7 +225,7 @@ def test_input_the_programme_cannot_accept_is_refused_and_writes_nothing(api, me
 
 
 def test_a_return_finds_its_purchase_without_reading_the_programmes_other_transactions(api, member):
-    # given: the member's purchase among 3,000 of the programme's, and a return that does not name its store
+    # given: the member's purchase among 6,000 of the programme's, and a return that does not name its store
     now = timezone.now()
     Transaction.objects.bulk_create(
         Transaction(
@@ -242,21 +242,22 @@ def test_a_return_finds_its_purchase_without_reading_the_programmes_other_transa
             breakdown=[],
             created_at=now,
         )
-        for i in range(3000)
+        for i in range(6000)
     )
     assert post(api, URL, purchase(member)).status_code == 201
     body = purchase(member, external_id="RET-1", type="return", original_external_id="R-1001", total="29.90", lines=[])
     # when
     with CaptureQueriesContext(connection) as queries:
         response = post(api, URL, body)
-    # then: the return is recorded, and its lookup of the purchase read a few pages, not the programme's index range
+    # then: the return is recorded, and its lookup of the purchase read a few pages (6 here: the index's root and
+    # leaf, the purchase's row versions), not the programme's range of the index (41 pages with store second)
     assert response.status_code == 201
     lookup = [q["sql"] for q in queries if "LIMIT 50" in q["sql"] and '"external_id" =' in q["sql"]]
     assert len(lookup) == 1
     with connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {lookup[0]}")
         plan = cursor.fetchone()[0][0]["Plan"]
-    assert plan["Shared Hit Blocks"] + plan["Shared Read Blocks"] <= 6, plan
+    assert plan["Shared Hit Blocks"] + plan["Shared Read Blocks"] <= 10, plan
 
 
 def test_a_return_of_more_than_was_bought_is_refused_and_changes_nothing(api, member):
