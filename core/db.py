@@ -229,6 +229,22 @@ def prepared_statements_kept():
         del manager.clear
 
 
+class KeepPreparedStatementsMiddleware:
+    """API requests keep the connection's prepared statements through their rollbacks (prepared_statements_kept):
+    a refused write (a duplicate enrolment, a voucher already used, a batch's bad item in its savepoint) would
+    otherwise make every statement of the connection be parsed and planned again. API views create, alter and drop
+    nothing. Other requests (the admin, the portal) keep psycopg's rule."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if not request.path_info.startswith("/api/"):
+            return self.get_response(request)
+        with prepared_statements_kept():
+            return self.get_response(request)
+
+
 class batch_statements(ContextDecorator):
     """Statements bound client-side and never prepared within: for batch work (imports, periodic jobs, the tier
     review), which runs a few statements many times with arrays and bounds of very different sizes. Prepared,

@@ -176,13 +176,10 @@ class HotPaths:
         # Django's handler sends these signals around each request; they close connections that are broken or
         # past CONN_MAX_AGE.
         signals.request_started.send(sender=self.__class__, environ=environ)
-        # A refused write is rolled back here, then again on the full stack, which answers it: the connection keeps
-        # its prepared statements through both (hot routes touch no schema), where psycopg would drop them all.
-        with prepared_statements_kept():
-            answer = self.respond(environ, route)
-            if answer is None:
-                signals.request_finished.send(sender=self.__class__)
-                return self.django_app(environ, start_response)
+        answer = self.respond(environ, route)
+        if answer is None:
+            signals.request_finished.send(sender=self.__class__)
+            return self.django_app(environ, start_response)
         start_response(f"{answer.status} {responses.get(answer.status, 'Unknown Status Code')}", answer.headers)
         return _Closing([answer.content])
 
@@ -211,7 +208,10 @@ class HotPaths:
             data = _json_body(environ, body)
 
             def view() -> Answer:
-                answer = getattr(route.api_view(), route.method.lower())(_ApiRequest(client, data), **kwargs)
+                # A refused write is rolled back here, and again on the full stack, which answers it: the connection
+                # keeps its prepared statements through both (there, core.db.KeepPreparedStatementsMiddleware).
+                with prepared_statements_kept():
+                    answer = getattr(route.api_view(), route.method.lower())(_ApiRequest(client, data), **kwargs)
                 headers = [("Content-Type", "application/json"), ("Allow", allow)]
                 if type(answer) is _Reply:
                     status = answer.status

@@ -7,7 +7,6 @@ from rest_framework.test import APIClient as DrfAPIClient
 from rest_framework.test import ForceAuthClientHandler
 
 from config.urls import hot_routes
-from core.db import prepared_statements_kept
 from core.hotpath import HotPaths
 
 _hot = HotPaths(None, hot_routes)
@@ -16,12 +15,9 @@ _hot = HotPaths(None, hot_routes)
 class _Handler(ForceAuthClientHandler):
     def __call__(self, environ):
         route = _hot.route(environ) if settings.HOT_PATHS else None
-        if route is None:
+        answer = _hot.respond(environ, route) if route else None
+        if answer is None:
             return super().__call__(environ)
-        with prepared_statements_kept():  # as HotPaths keeps them, through the hot attempt and the full stack's
-            answer = _hot.respond(environ, route)
-            if answer is None:
-                return super().__call__(environ)
         response = answer.as_response()
         response.served_hot = True  # what production's HotPaths would have answered
         response.wsgi_request = WSGIRequest(environ)  # as Django's test handler sets it

@@ -18,6 +18,7 @@ from loyalty.models import Account, Entry, Lot, Transaction
 from loyalty.points import points_adjust
 from loyalty.selectors import EXPIRING_GROUPS
 from loyalty.verify import ledger_verify
+from members.models import Member
 from rewards.services.catalogue import reward_create
 from tests.clients import APIClient
 
@@ -428,7 +429,8 @@ def test_the_production_entry_point_serves_hot_routes_and_hands_the_rest_to_djan
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_refused_write_keeps_the_connections_prepared_statements(member, make_client, prepared_plans):
+@pytest.mark.parametrize("refusal", ["hot route: a return of more than was bought", "full stack: a duplicate email"])
+def test_a_refused_write_keeps_the_connections_prepared_statements(member, make_client, prepared_plans, refusal):
     # given: a till's purchases through the production entry point, often enough for the driver to prepare their
     # statement and for PostgreSQL to settle on its generic plan
     _, raw = make_client()
@@ -437,17 +439,18 @@ def test_a_refused_write_keeps_the_connections_prepared_statements(member, make_
     for n in range(12):
         assert _wsgi("POST", URL, json.dumps(_purchase(member, external_id=f"P-{n}")).encode(), **auth)[0][:3] == "201"
     generic, custom = prepared_plans(*purchase_statement)
-    # when: a return of more than was bought, refused and rolled back (on the hot path, then again on the full
-    # stack, which answers), then the next purchase
-    body = _purchase(member, external_id="RET-1", type="return", original_external_id="P-0", total="999.00", lines=[])
-    refused = _wsgi("POST", URL, json.dumps(body).encode(), **auth)
+    members_before = Member.objects.count()
+    # when: a write refused and rolled back (a hot route's twice: on the hot path, then on the full stack, which
+    # answers), then the next purchase
+    if refusal.startswith("hot route"):
+        body = _purchase(member, external_id="R-X", type="return", original_external_id="P-0", total="999.00", lines=[])
+        refused = _wsgi("POST", URL, json.dumps(body).encode(), **auth)
+        expected = ("422 Unprocessable Entity", "return_exceeds_purchase")
+    else:
+        refused = _wsgi("POST", "/api/v1/members", json.dumps({"email": member.email}).encode(), **auth)
+        expected = ("409 Conflict", "member_exists")
     after = _wsgi("POST", URL, json.dumps(_purchase(member, external_id="P-12")).encode(), **auth)
-    # then: the return is refused and wrote nothing, and the purchase statement is still prepared, its plans counted on
-    assert (refused[0], json.loads(refused[2])["code"], after[0]) == (
-        "422 Unprocessable Entity",
-        "return_exceeds_purchase",
-        "201 Created",
-    )
-    assert not Transaction.objects.filter(external_id="RET-1").exists()
-    assert Transaction.objects.count() == 13
+    # then: the write is refused and wrote nothing, and the purchase statement is still prepared, its plans counted on
+    assert (refused[0], json.loads(refused[2])["code"], after[0]) == (*expected, "201 Created")
+    assert (Transaction.objects.count(), Member.objects.count()) == (13, members_before)
     assert prepared_plans(*purchase_statement) == (generic + 1, custom)
