@@ -9,6 +9,7 @@ class CoreConfig(AppConfig):
         from django.db.backends.signals import connection_created
 
         import core.schema  # noqa: F401  registers the OpenAPI description of API keys
-        from core.db import timestamps_loaded_natively
+        from core.db import statements_kept_when_marked, timestamps_loaded_natively
 
         connection_created.connect(timestamps_loaded_natively)
+        connection_created.connect(statements_kept_when_marked)

@@ -1,6 +1,7 @@
 """Database plumbing for hot paths and batch work: plain-cursor reads (compiling an ORM query costs several times
 the query itself there), INSERT parameters, ids drawn up front, and how statements are bound and kept prepared."""
 
+import threading
 from contextlib import ContextDecorator, contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -205,28 +206,43 @@ def ids_reserve(model: type[Model], count: int) -> list[int]:
         return sorted(cursor.fetchone()[0])
 
 
-@contextmanager
-def prepared_statements_kept():
+class prepared_statements_kept:
     """Keep the connection's prepared statements through the rollbacks within. psycopg forgets them all on a
     ROLLBACK, a savepoint's included, and deallocates them, in case the rolled-back work created objects they name;
     PostgreSQL itself keeps them. For work that touches no schema and is rolled back by design (a preview) or when
-    refused (a hot route's write): with psycopg's rule, every statement of the connection was parsed again for its
-    next five executions and planned for the values at hand for five more (docs/benchmarks.md, fourth round). Keep
-    out of it whatever would leave psycopg's record of the statements wrong: creating, altering or dropping objects,
-    DISCARD ALL, DEALLOCATE ALL. Without a connection open yet there is nothing to keep, and none is opened."""
-    raw = connections[DEFAULT_DB_ALIAS].connection if on_postgresql() else None
-    # psycopg's statement cache, private: where it is not there as expected (another psycopg), psycopg's own rule
-    # applies. An enclosing block that keeps them already restores them too.
-    manager = getattr(raw, "_prepared", None)
-    attributes = getattr(manager, "__dict__", None)
-    if attributes is None or "clear" in attributes:
-        yield
+    refused (an API write): with psycopg's rule, every statement of the connection was parsed again for its next
+    five executions and planned for the values at hand for five more (docs/benchmarks.md, fourth round). Keep out
+    of it whatever would leave psycopg's record of the statements wrong: creating, altering or dropping objects,
+    DISCARD ALL, DEALLOCATE ALL. The block only marks its thread (a connection serves one thread at a time); every
+    PostgreSQL connection heeds the mark from its start (statements_kept_when_marked), so entering it costs no
+    lookup of the connection: it wraps every API request."""
+
+    __slots__ = ("before",)
+
+    def __enter__(self) -> None:
+        self.before = getattr(_keeping, "on", False)
+        _keeping.on = True
+
+    def __exit__(self, *exc) -> None:
+        _keeping.on = self.before
+
+
+_keeping = threading.local()
+
+
+def statements_kept_when_marked(sender, connection, **kwargs) -> None:
+    """Have a new PostgreSQL connection keep its prepared statements where psycopg would forget them, while its
+    thread is inside prepared_statements_kept. psycopg's statement cache is private: where it is not there as
+    expected (another psycopg), psycopg's own rule applies."""
+    manager = getattr(connection.connection, "_prepared", None) if connection.vendor == "postgresql" else None
+    if getattr(manager, "__dict__", None) is None:
         return
-    manager.clear = lambda: False  # called on ROLLBACK by the connection and by the cursor that ran it
-    try:
-        yield
-    finally:
-        del manager.clear
+    forget = manager.clear  # called on ROLLBACK by the connection and by the cursor that ran it
+
+    def clear() -> bool:
+        return False if getattr(_keeping, "on", False) else forget()
+
+    manager.clear = clear
 
 
 class KeepPreparedStatementsMiddleware:
