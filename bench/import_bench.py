@@ -181,8 +181,7 @@ def baseline_run(columns: dict, chunks: list[dict]) -> tuple[float, float | None
     None)."""
     import psycopg
 
-    def array(values) -> str:
-        return "{" + ",".join(map(str, values)) + "}"
+    from core.db import array_literal
 
     with psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) as conn:
         ledger = "loyalty_draw, loyalty_lot, loyalty_entry, loyalty_transaction, loyalty_account"
@@ -204,7 +203,7 @@ def baseline_run(columns: dict, chunks: list[dict]) -> tuple[float, float | None
 
         cpu_before, started = cpu(), time.perf_counter()
         for chunk in chunks:
-            accounts = array(chunk["accounts"])
+            accounts = array_literal(chunk["accounts"])
             with conn.transaction(), conn.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit = off")
                 write(cursor, chunk, "transactions", "loyalty_transaction")
@@ -225,7 +224,7 @@ def baseline_run(columns: dict, chunks: list[dict]) -> tuple[float, float | None
                     "lifetime_earned = v.lifetime, updated_at = now() "
                     "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
                     "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
-                    [accounts, *(array(values) for values in chunk["balances"])],
+                    [accounts, *(array_literal(values) for values in chunk["balances"])],
                 )
         seconds, cpu_after = time.perf_counter() - started, cpu()
     return seconds, (cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None)

@@ -11,7 +11,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from psycopg.pq import Format
 
-from core.db import statement_cursor, unsaved
+from core.db import prepared_statements_kept, statement_cursor, unsaved
 from loyalty.models import Entry, Transaction
 
 SERIES = (
@@ -140,3 +140,31 @@ def test_statement_cursor_leaves_logged_queries_and_broken_transactions_to_djang
         # then: refused as Django refuses it
         with pytest.raises(TransactionManagementError), statement_cursor() as cursor:
             cursor.execute("SELECT 6")
+
+
+def test_prepared_statements_are_kept_only_within_the_block_and_after_an_error_no_longer(db):
+    # given: a statement run often enough for the driver to prepare it
+    def run():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT %s::int + 1", [1])
+
+    for _ in range(6):
+        run()
+    prepared = connection.connection._prepared
+    assert prepared._names
+
+    def rolled_back():
+        with transaction.atomic():
+            run()
+            transaction.set_rollback(True)
+
+    # when: inside the block, a nested block ends, then a savepoint is rolled back, then the block ends on an error
+    with pytest.raises(ValueError), prepared_statements_kept():
+        with prepared_statements_kept():
+            pass
+        rolled_back()
+        assert prepared._names  # kept through the rollback: the nested block left the outer one's mark
+        raise ValueError
+    # then: outside it, psycopg's own rule holds again, and a rollback forgets every prepared statement
+    rolled_back()
+    assert not prepared._names
