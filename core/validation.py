@@ -18,3 +18,16 @@ def validate(serializer_class: type[serializers.Serializer], data) -> dict:
     if serializer is None:
         serializer = cache[serializer_class] = serializer_class()
     return serializer.run_validation(data)
+
+
+class UnknownFieldsRefused:
+    """A serializer mixin that refuses fields the serializer does not know, so a typo or a read-only field is a clear
+    400 rather than silently ignored: a misspelt condition of an earning rule would otherwise make it match every
+    purchase."""
+
+    def validate(self, attrs):
+        writable = {name for name, field in self.fields.items() if not field.read_only}
+        unknown = set(self.initial_data) - writable if isinstance(self.initial_data, dict) else set()
+        if unknown:
+            raise serializers.ValidationError({k: ["Unknown or read-only field."] for k in sorted(unknown)})
+        return super().validate(attrs)

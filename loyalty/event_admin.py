@@ -11,7 +11,10 @@ class EventTypeAdmin(admin.ModelAdmin):
     list_display = ["code", "name", "program", "points", "limit_count", "limit_period", "active"]
     list_filter = ["program", "active", "limit_period"]
     search_fields = ["code", "name"]
-    readonly_fields = ["created_at", "updated_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Integrations send the code, and recorded events were recorded under it.
+        return ["program", "code", "created_at", "updated_at"] if obj else ["created_at", "updated_at"]
 
     def has_delete_permission(self, request, obj=None):
         # Recorded events point at their type; retire it (active off) instead.

@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 
 from core.errors import MemberNotFound, NotFound, Unprocessable
 from core.schema import listing
+from core.validation import UnknownFieldsRefused
 from loyalty.api import AwareDateTimeField, balance_output
 from loyalty.event_models import EventType, MemberEvent
 from loyalty.event_services import event_type_create, event_type_retire, event_type_update
@@ -94,7 +95,7 @@ class EventApi(APIView):
         return Response(EventOutputSerializer(result).data, status=201 if result.created else 200)
 
 
-class EventTypeSerializer(serializers.ModelSerializer):
+class EventTypeSerializer(UnknownFieldsRefused, serializers.ModelSerializer):
     class Meta:
         model = EventType
         fields = [

@@ -41,7 +41,13 @@ def event_type_create(*, program: Program, **fields) -> EventType:
 
 
 def event_type_update(*, event_type: EventType, **changes) -> EventType:
-    """Change an event type from now on; events already recorded keep their points."""
+    """Change an event type from now on; events already recorded keep their points. Its code never changes:
+    integrations send it, and the events already recorded were recorded under it."""
+    if "code" in changes and changes["code"] != event_type.code:
+        raise InvalidInput(
+            "An event type's code cannot change: events recorded under it name it. Retire it and create another.",
+            errors={"code": ["Cannot change."]},
+        )
     for name, value in changes.items():
         if name in EDITABLE:
             setattr(event_type, name, value)

@@ -7,6 +7,7 @@ from rest_framework.views import APIView
 
 from core.errors import NotFound
 from core.schema import listing
+from core.validation import UnknownFieldsRefused
 from loyalty.rule_models import EarningRule
 from loyalty.rule_services import earning_rule_create, earning_rule_retire, earning_rule_update
 
@@ -38,7 +39,7 @@ FIELDS = [
 ]
 
 
-class RuleSerializer(serializers.ModelSerializer):
+class RuleSerializer(UnknownFieldsRefused, serializers.ModelSerializer):
     class Meta:
         model = EarningRule
         fields = FIELDS + ["budget_used", "created_at", "updated_at"]

@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 from core.errors import NotFound
 from core.models import Program
 from core.pagination import CursorPagination
+from core.validation import UnknownFieldsRefused
 from loyalty.tier_models import Tier
 from loyalty.tier_setup import CODE_RE, MAX_MULTIPLIER, tier_create, tier_retire, tier_update
 from loyalty.tiers import tier_progress_get
@@ -80,17 +81,7 @@ class PerksSerializer(serializers.Serializer):
     nb = serializers.CharField(max_length=2000, required=False, allow_blank=True)
 
 
-class StrictSerializer(serializers.Serializer):
-    """Refuses fields it does not know, so a typo or a read-only field is a clear 400, not silently ignored."""
-
-    def validate(self, attrs):
-        unknown = set(self.initial_data) - set(self.fields) if isinstance(self.initial_data, dict) else set()
-        if unknown:
-            raise serializers.ValidationError({k: ["Unknown or read-only field."] for k in sorted(unknown)})
-        return attrs
-
-
-class TierInputSerializer(StrictSerializer):
+class TierInputSerializer(UnknownFieldsRefused, serializers.Serializer):
     code = serializers.RegexField(CODE_RE, max_length=32)
     name = LocalizedSerializer()
     perks = PerksSerializer(required=False)

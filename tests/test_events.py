@@ -288,6 +288,7 @@ def test_event_types_are_managed_over_the_api(api, program, member):
         ({"code": "x", "name": "X", "points": 10, "limit_period": "fortnight"}, "limit_period"),
         ({"code": "not a slug", "name": "X", "points": 10}, "code"),
         ({"name": "X", "points": 10}, "code"),
+        ({"code": "x", "name": "X", "points": 10, "limit": 1}, "limit"),
     ],
 )
 def test_a_bad_event_type_is_refused_with_a_clear_error(api, program, payload, field):
@@ -297,6 +298,17 @@ def test_a_bad_event_type_is_refused_with_a_clear_error(api, program, payload, f
     assert response.status_code == 400, response.content
     assert field in response.json()["errors"]
     assert not EventType.objects.exists()
+
+
+def test_an_event_types_code_never_changes(api, program):
+    # given
+    api.post("/api/v1/event-types", {"code": "profile", "name": "Profile", "points": 10}, format="json")
+    # when
+    response = api.patch("/api/v1/event-types/profile", {"code": "survey"}, format="json")
+    # then
+    assert response.status_code == 400
+    assert "code" in response.json()["errors"]
+    assert list(EventType.objects.values_list("code", flat=True)) == ["profile"]
 
 
 def test_a_change_to_an_event_type_never_rewrites_points_already_given(program, member):
