@@ -131,4 +131,5 @@ class TransactionAdmin(ReadOnlyAdmin):
 
 
 import loyalty.event_admin  # noqa: E402,F401  (custom events and referrals)
-from loyalty import tier_admin  # noqa: E402,F401  (tiers: definitions, members, history)
+import loyalty.rule_admin  # noqa: E402,F401  (earning rules)
+import loyalty.tier_admin  # noqa: E402,F401  (tiers: definitions, members, history)
