@@ -17,6 +17,7 @@ from members.models import Member
 
 # A till's clock may run a little ahead; beyond this a transaction "in the future" is refused.
 CLOCK_SKEW = timedelta(minutes=5)
+MAX_POINTS = 2**31 - 1  # what Transaction.points, an integer column, holds
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,14 @@ def transaction_record(
     """Record a purchase or return and move its points. Idempotent on (store, external_id): a repeat returns the
     first result with created=False and moves nothing; concurrent repeats are serialised by the unique index."""
     now = now or timezone.now()
-    _validate(program, data, now)
+    try:
+        _validate(program, data, now)
+    except ApplicationError:
+        # A transaction sent again gets its first result, whatever changed since (its member suspended, the
+        # programme's maximum age shortened): the checks are for new transactions. Looked up only on this rare path.
+        if Transaction.objects.filter(program=program, store=data.store, external_id=data.external_id).exists():
+            return _replay(program, data)
+        raise
     if data.kind == Transaction.Kind.PURCHASE:
         return _record_purchase(program, data, api_client, now)
     return _record_return(program, data, api_client, now)
@@ -194,6 +202,7 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
         txn.points
         and _one_statement_possible(program)
         and not rules.awards_need_claim(awards)
+        and not _first_purchase_awards(awards)
         and not (member.referred_by_id and program.referrals_enabled)
     ):
         entry = ledger.ledger_credit_new_transaction(txn=txn, points=txn.points, member=member.pk, **credit)
@@ -201,6 +210,10 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
             return _result(txn, created=True, entry=entry, available_from=credit["available_from"])
     credit["member_id"] = member.pk if member else None
     return _record_purchase_in_steps(program, data, txn, awards, credit, now)
+
+
+def _first_purchase_awards(awards: list) -> list:
+    return [a for a in awards if a.rule is not None and a.rule.first_purchase]
 
 
 def _one_statement_possible(program: Program) -> bool:
@@ -220,6 +233,12 @@ def _purchase(
     earns = data.member is not None or not member_read
     awards = rules.earning_evaluate(basket=_basket(program, data, active), active=active) if earns else []
     points = sum(a.points for a in awards)
+    if points > MAX_POINTS:
+        raise Unprocessable(
+            f"The purchase would earn {points} points, more than one transaction can hold ({MAX_POINTS}).",
+            code="points_out_of_range",
+            errors={"total": ["Too large to earn points on."]},
+        )
     txn = _new_transaction(
         program, data, api_client, now, member=data.member, points=points, breakdown=[a.as_line() for a in awards]
     )
@@ -242,10 +261,22 @@ def _record_purchase_in_steps(program, data, txn, awards, credit: dict, now) -> 
         return _replay(program, data)
     # Before any account lock of this purchase: it locks the referrer's and this member's accounts in key order.
     referrals.referral_on_purchase(program=program, member=member, transaction=txn, now=now)
-    if rules.awards_need_claim(awards):
-        # Limits and budgets are claimed only for a purchase that is new, under the member's account lock.
+    first, claims = _first_purchase_awards(awards), rules.awards_need_claim(awards)
+    if first or claims:
+        # A first-purchase bonus, limits and budgets are weighed only for a purchase that is new, under the member's
+        # account lock, which serialises the member's purchases: of two first purchases at once, the second to
+        # take it sees the first, and only one earns the bonus.
         ledger.ledger_lock(member.pk)
-        granted = rules.awards_claim(awards=awards, member_id=member.pk, program=program, occurred_at=data.occurred_at)
+        granted = awards
+        if (
+            first
+            and Transaction.objects.filter(member=member, kind=Transaction.Kind.PURCHASE).exclude(pk=txn.pk).exists()
+        ):
+            granted = [a for a in awards if a not in first]
+        if claims:
+            granted = rules.awards_claim(
+                awards=granted, member_id=member.pk, program=program, occurred_at=data.occurred_at
+            )
         if granted != awards:
             txn.points, txn.breakdown = sum(a.points for a in granted), [a.as_line() for a in granted]
             Transaction.objects.filter(pk=txn.pk).update(points=txn.points, breakdown=txn.breakdown)
@@ -288,7 +319,16 @@ def _record_return(program, data, api_client, now) -> TransactionResult:
         purchase_total=original.total,
         returned_total=returned_total,
     )
-    txn = _new_transaction(program, data, api_client, now, member=member, original=original, points=-to_reverse)
+    txn = _new_transaction(
+        program,
+        data,
+        api_client,
+        now,
+        member=member,
+        original=original,
+        points=-to_reverse,
+        breakdown=_return_breakdown(original, to_reverse),
+    )
     txn.pk = _insert_ignoring_conflict(txn)
     if txn.pk is None:
         return _replay(program, data)
@@ -311,6 +351,29 @@ def _record_return(program, data, api_client, now) -> TransactionResult:
     if member is not None and program.has_tiers:
         tiers.tier_on_transaction(transaction=txn, now=now)
     return _result(txn, created=True, entry=entry, forgiven=to_reverse + (entry.points if entry else 0))
+
+
+def _return_breakdown(original: Transaction, to_reverse: int) -> list[dict]:
+    """A return's lines: the points it takes back shared among its purchase's lines (base, tier, each rule) in
+    proportion to what each has still to give back, largest remainders rounded up, so they add up exactly; a
+    return explains itself as its purchase does, and returns that end in a full return take back every line whole.
+    A return's lines are negative."""
+    left: dict[str, int] = {}
+    for line in original.breakdown:
+        left[line["rule"]] = left.get(line["rule"], 0) + line["points"]
+    for lines in Transaction.objects.filter(original=original).values_list("breakdown", flat=True):
+        for line in lines:
+            if line["rule"] in left:
+                left[line["rule"]] += line["points"]
+    left = {code: points for code, points in left.items() if points > 0}
+    whole = sum(left.values())
+    if not to_reverse or not whole:
+        return []
+    shares = {code: to_reverse * points // whole for code, points in left.items()}
+    by_remainder = sorted(left, key=lambda code: -(to_reverse * left[code] % whole))
+    for code in by_remainder[: to_reverse - sum(shares.values())]:
+        shares[code] += 1
+    return [{"rule": code, "points": -points} for code, points in shares.items() if points]
 
 
 def _basket(program: Program, data: TransactionInput, active: list) -> rules.Basket:

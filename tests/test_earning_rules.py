@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.db import DatabaseError, DataError, connection
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, Unprocessable
 from loyalty import rules
 from loyalty.models import Account, EarningRule, RuleUsage, Transaction
 from loyalty.points import points_adjust
@@ -182,6 +182,49 @@ def test_first_purchase_and_birthday_month(program):
     assert december.points == 100
 
 
+@pytest.mark.django_db(transaction=True)
+def test_of_first_purchases_sent_at_once_only_one_earns_the_first_purchase_bonus(program):
+    # given: a member whose account is open, and a welcome bonus
+    member = MemberFactory(program=program)
+    points_adjust(member=member, points=1, reason="seed")
+    rule(program, "welcome", first_purchase=True, benefit="fixed", value=Decimal(500))
+    barrier = threading.Barrier(6)
+    errors = []
+
+    def shop(n):
+        try:
+            barrier.wait()
+            buy(program, member, external_id=f"first-{n}")
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=shop, args=(n,)) for n in range(6)]
+    # when
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # then
+    assert errors == []
+    welcomes = [line for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == "welcome"]
+    assert welcomes == [{"rule": "welcome", "points": 500}]
+    assert Account.objects.get(pk=member.pk).available == 1 + 6 * 100 + 500
+    assert ledger_verify() == []
+
+
+def test_a_purchase_too_large_to_earn_points_on_is_refused_and_writes_nothing(program, member):
+    # given: a multiplier at its maximum
+    rule(program, "huge", benefit="multiplier", value=Decimal(100))
+    # when
+    with pytest.raises(Unprocessable) as refused:
+        buy(program, member, total="99999999.00", lines=[])
+    # then
+    assert refused.value.code == "points_out_of_range"
+    assert not Transaction.objects.exists()
+
+
 def test_a_member_limit_caps_the_bonus_per_month_and_the_breakdown_says_so(program, member):
     # given: 300 bonus points per purchase, at most 500 a month
     rule(program, "triple", benefit="multiplier", value=Decimal(4), member_limit=500, member_limit_period="month")
@@ -251,7 +294,42 @@ def test_a_return_reverses_bonus_points_in_the_same_proportion_as_base_points(pr
     result = transaction_record(program=program, data=data)
     # then
     assert result.points == -50
+    assert result.transaction.breakdown == [{"rule": "base", "points": -25}, {"rule": "double", "points": -25}]
     assert Account.objects.get(pk=member.pk).available == 150
+
+
+def test_returns_take_back_each_line_of_the_breakdown_in_proportion_and_a_full_return_all_of_it(program, member):
+    # given: 100 base and 3 x 7 bonus points
+    rule(program, "seven", benefit="fixed", value=Decimal(7))
+    rule(program, "dairy", categories=["dairy"], benefit="fixed", value=Decimal(7))
+    rule(program, "bakery", categories=["bakery"], benefit="fixed", value=Decimal(7))
+    purchase = buy(program, member, external_id="P")
+    breakdown = {line["rule"]: line["points"] for line in purchase.transaction.breakdown}
+
+    def give_back(external_id, total):
+        data = TransactionInput(
+            store="STHLM-01",
+            external_id=external_id,
+            channel="pos",
+            kind="return",
+            occurred_at=WEDNESDAY,
+            currency="SEK",
+            total=Decimal(total),
+            original_external_id="P",
+        )
+        return transaction_record(program=program, data=data)
+
+    # when: a third, then another third, then the rest
+    returns = [give_back("R1", "33.33"), give_back("R2", "33.33"), give_back("R3", "33.34")]
+    # then: each return's lines add up to its points, and together they take back every line whole
+    for result in returns:
+        assert sum(line["points"] for line in result.transaction.breakdown) == result.points < 0
+    taken = {}
+    for result in returns:
+        for line in result.transaction.breakdown:
+            taken[line["rule"]] = taken.get(line["rule"], 0) - line["points"]
+    assert taken == breakdown == {"base": 100, "seven": 7, "dairy": 7, "bakery": 7}
+    assert Account.objects.get(pk=member.pk).available == 0
 
 
 @pytest.mark.django_db(transaction=True)
@@ -475,6 +553,13 @@ def test_a_member_limit_holds_under_concurrent_purchases_of_one_member(program, 
         ),
         ({"benefit": "bogus", "value": "5"}, "benefit"),
         ({"benefit": "fixed", "value": "-5"}, "value"),
+        ({"benefit": "fixed", "value": "5", "channels": [["pos"]]}, "channels"),
+        ({"benefit": "fixed", "value": "5", "days_of_week": [True]}, "days_of_week"),
+        ({"benefit": "multiplier", "value": "1000000"}, "value"),
+        ({"benefit": "fixed", "value": "1000001"}, "value"),
+        ({"benefit": "per_unit", "value": "100001"}, "value"),
+        ({"benefit": "multiplier", "value": "2", "category": ["dairy"]}, "category"),
+        ({"benefit": "multiplier", "value": "2", "budget_used": 0}, "budget_used"),
     ],
 )
 def test_bad_rule_definitions_are_refused_with_a_clear_error(api, fields, field):
@@ -526,6 +611,40 @@ def test_a_key_without_program_manage_cannot_change_rules(make_client):
     # then
     assert response.status_code == 403
     assert not EarningRule.objects.exists()
+
+
+def test_a_rules_code_never_changes_so_breakdowns_keep_naming_it(api, program):
+    # given
+    earning_rule_create(program=program, code="promo", name="Promo", benefit="fixed", value=Decimal(10))
+    # when
+    response = api.patch("/api/v1/earning-rules/promo", json.dumps({"code": "old"}), content_type="application/json")
+    # then
+    assert response.status_code == 400
+    assert "code" in response.json()["errors"]
+    assert list(EarningRule.objects.values_list("code", flat=True)) == ["promo"]
+
+
+def test_staff_manage_rules_in_the_admin_with_the_apis_checks(program, admin_client):
+    # given
+    form = {
+        "program": program.pk,
+        "code": "dairy",
+        "name": "Dairy",
+        "priority": 0,
+        "benefit": "multiplier",
+        "member_limit_period": "month",
+        "active": "on",
+        **{name: "[]" for name in ("categories", "skus", "stores", "channels", "days_of_week", "tiers")},
+    }
+    # when
+    refused = admin_client.post("/admin/loyalty/earningrule/add/", {**form, "value": "0.5"})
+    created = admin_client.post("/admin/loyalty/earningrule/add/", {**form, "value": "2", "categories": '["dairy"]'})
+    # then
+    assert refused.status_code == 200 and "greater than 1" in refused.content.decode()
+    assert created.status_code == 302
+    dairy = EarningRule.objects.get()
+    assert (dairy.code, dairy.value, dairy.categories) == ("dairy", Decimal(2), ["dairy"])
+    assert rules.rules_active(program)[0].rule.code == "dairy"
 
 
 def test_a_rule_without_a_value_is_refused_by_the_service_too(program):

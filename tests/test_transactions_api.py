@@ -12,6 +12,7 @@ from django.utils import timezone
 from hypothesis import strategies as st
 from rest_framework import serializers
 
+from core import auth
 from core.models import IdempotencyRecord
 from core.validation import validate
 from loyalty.api import TransactionInputSerializer, _plain_purchase
@@ -107,6 +108,29 @@ def test_the_same_purchase_sent_again_returns_the_first_result_and_awards_nothin
     assert again.json() == first.json()
     assert Entry.objects.count() == 1
     assert Account.objects.get(pk=member.pk).available == 129
+
+
+@pytest.mark.parametrize("change", ["member suspended", "maximum age shortened"])
+def test_a_purchase_sent_again_after_its_checks_would_now_refuse_it_returns_the_first_result(
+    api, member, program, change
+):
+    # given: a 40-day-old purchase recorded, then its member suspended or the programme's maximum age cut to 30 days
+    body = purchase(member, occurred_at=(timezone.now() - timedelta(days=40)).isoformat())
+    first = post(api, URL, body)
+    if change == "member suspended":
+        member.status = "suspended"
+        member.save()
+    else:
+        program.max_transaction_age_days = 30
+        program.save()
+        auth._clients.clear()  # as after the few seconds API clients and their programme are remembered
+    before = ledger_snapshot()
+    # when: the till, never having seen the first answer, sends it again
+    again = post(api, URL, body)
+    # then
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+    assert ledger_snapshot() == before
 
 
 def test_another_purchase_under_a_used_external_id_is_a_conflict(api, member):
