@@ -73,7 +73,10 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
             "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",
             [array_literal(account_ids)],
         )
-        balances = {pk: [available, pending, lifetime, held] for pk, available, pending, lifetime, held in cursor}
+        # fetchall: iterating the cursor costs two driver calls a row, over a tenth of a chunk's Python in a profile.
+        balances = {
+            pk: [available, pending, lifetime, held] for pk, available, pending, lifetime, held in cursor.fetchall()
+        }
         # Ids drawn up front, so lots and draws can name their entries without a round trip per row.
         entry_ids = ids_reserve(Entry, len(credits))
         # COPY text built here rather than with write_row, which adapts value by value at ~6 µs a row: integers
