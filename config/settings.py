@@ -135,7 +135,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["core.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["core.auth.HasScopes"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["core.parsers.JSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "core.pagination.CursorPagination",
     "DEFAULT_SCHEMA_CLASS": "core.schema.AutoSchema",
@@ -176,6 +176,12 @@ LEDGER_BATCH_SIZE = env.int("LEDGER_BATCH_SIZE", default=1000)
 TIER_REVIEW_BATCH_SIZE = env.int("TIER_REVIEW_BATCH_SIZE", default=10000)
 TIER_REVIEW_WORKERS = env.int("TIER_REVIEW_WORKERS", default=2)
 TRANSACTION_BATCH_MAX = 1000
+# The largest request body read, in bytes (Django's default, 2.5 MB, refused a full batch). A batch of
+# TRANSACTION_BATCH_MAX purchases of 25 lines each is about 3 MB with everyday values; with every text as long as it
+# may be (sku and category 64 characters, external_id 128) and every amount at its largest it is
+# 1,000 x (395 + 25 x 244) bytes = 6.5 MB (tests/test_api_input.py). 10 MiB leaves room for longer baskets; it bounds
+# every request's memory, so change it with the batch size.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=10 * 1024 * 1024)
 # Serve the till's hottest calls (hot_routes in config/urls.py) without the middleware chain and DRF dispatch:
 # core/hotpath.py.
 HOT_PATHS = env.bool("HOT_PATHS", default=True)

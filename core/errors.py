@@ -3,7 +3,9 @@
 
 import logging
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
@@ -172,4 +174,9 @@ def handler500(request):
 
 
 def handler400(request, exception=None):
+    if isinstance(exception, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return problem_response(
+            413, "request_too_large", "Request too large", f"The body is over this service's limit of {limit} bytes."
+        )
     return problem_response(400, "bad_request", "Bad request", "The request could not be understood.")

@@ -1,17 +1,19 @@
 """REST endpoints for transactions, balances, activity and adjustments (API.md: Transactions, Members, Points)."""
 
+import logging
 import re
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from django.utils.dateparse import parse_datetime
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.errors import ApplicationError, MemberNotFound, Unprocessable, problem_for
+from core.errors import ApplicationError, InvalidInput, MemberNotFound, Unprocessable, problem, problem_for
 from core.hotpath import reply
 from core.models import ApiClient, Program
 from core.money import CURRENCIES
@@ -34,13 +36,16 @@ from members.models import Member
 from members.selectors import member_get, member_lookup
 from rewards.services.vouchers import vouchers_restore_for_purchase
 
+logger = logging.getLogger(__name__)
+
 
 class AwareDateTimeField(serializers.DateTimeField):
     """ISO 8601 with an offset; a time without one is ambiguous across the programme's time zones."""
 
     def to_internal_value(self, value):
         parsed = super().to_internal_value(value)
-        if isinstance(value, str) and not (value.endswith("Z") or value[-6] in "+-" or value[-5] in "+-"):
+        # Read again to see what was given: the field makes a time without an offset (2026-01-10, 2026-01-10T10) UTC.
+        if isinstance(value, str) and parse_datetime(value).tzinfo is None:
             raise serializers.ValidationError("Give the time with its offset, e.g. 2026-05-01T14:30:00+02:00.")
         return parsed
 
@@ -79,16 +84,24 @@ def _line_number(name: str, value) -> str:
 
 
 def _line_text(line: dict, name: str, *, required: bool) -> str:
+    """A line's text as CharField(max_length=64) takes it; ValueError says what is wrong."""
     value = line.get(name)
-    if value is None or value == "":
+    if value is not None and not isinstance(value, str):
+        raise ValueError("Not a valid string.")
+    value = (value or "").strip()
+    if not value:
         if required:
             raise ValueError("This field is required.")
         return ""
-    if not isinstance(value, str):
-        raise ValueError("Not a valid string.")
     if len(value) > 64:
         raise ValueError("Ensure this field has no more than 64 characters.")
-    return value.strip()
+    if not value.isprintable():  # a quick test first: NUL and surrogates are not printable, tabs and others neither
+        # CharField's checks: PostgreSQL refuses both in text and jsonb.
+        if "\x00" in value:
+            raise ValueError("Null characters are not allowed.")
+        if surrogate := next((c for c in value if "\ud800" <= c <= "\udfff"), None):
+            raise ValueError(f"Surrogate characters are not allowed: U+{ord(surrogate):X}.")
+    return value
 
 
 def _clean_line(line: dict) -> tuple[dict, dict]:
@@ -170,7 +183,7 @@ class TransactionInputSerializer(serializers.Serializer):
         return value
 
     def validate(self, attrs):
-        if attrs.get("member") and attrs.get("member_lookup"):
+        if attrs.get("member") and attrs.get("member_lookup") is not None:
             raise serializers.ValidationError({"member": ["Give member or member_lookup, not both."]})
         if attrs["type"] == Transaction.Kind.RETURN and not attrs.get("original_external_id"):
             raise serializers.ValidationError({"original_external_id": ["Required for a return."]})
@@ -241,10 +254,13 @@ def _transaction_input(program: Program, v: dict) -> TransactionInput:
     try:
         if v.get("member"):
             member = member_get(program=program, member_number=v["member"])
-        elif v.get("member_lookup"):
+        elif v.get("member_lookup") is not None:  # {} too, which member_lookup refuses: not an anonymous purchase
             member = member_lookup(program=program, **v["member_lookup"])
     except MemberNotFound as exc:
         raise Unprocessable(exc.detail, code="unknown_member", errors={"member": [exc.detail]}) from exc
+    except InvalidInput as exc:  # not exactly one identifier, or one that is no such identifier
+        errors = {f"member_lookup.{name}": messages for name, messages in (exc.errors or {}).items()}
+        raise InvalidInput(exc.detail, errors=errors or {"member_lookup": [exc.detail]}) from exc
     return _input(v, member)
 
 
@@ -343,6 +359,12 @@ class TransactionPreviewApi(APIView):
         return Response(_transaction_output(result, preview=True))
 
 
+# A batch item that failed unexpectedly, told as core.errors.handler500 tells a request that did.
+_ITEM_FAILED = problem(
+    status=500, code="server_error", title="Server error", detail="An unexpected error occurred; it has been logged."
+)
+
+
 class TransactionBatchApi(APIView):
     scopes = {"POST": "transactions:write"}
 
@@ -362,15 +384,21 @@ class TransactionBatchApi(APIView):
         serializer.is_valid(raise_exception=True)
         results = []
         for index, item in enumerate(serializer.validated_data["transactions"]):
-            # Each item stands alone: one bad transaction is reported and does not undo the others.
+            # Each item stands alone (API.md: a result for each): one bad transaction is reported and does not undo
+            # the others. Each is its own database transaction (a savepoint inside another), so one that fails
+            # unexpectedly, even after writing, leaves nothing; it is reported as a server error and the batch goes on.
             try:
-                result = _record(request.auth, _transaction_input(request.auth.program, _checked(item)))
+                with transaction.atomic():
+                    result = _record(request.auth, _transaction_input(request.auth.program, _checked(item)))
                 results.append(
                     {"index": index, "status": 201 if result.created else 200, "body": _transaction_output(result)}
                 )
             except (serializers.ValidationError, ApplicationError) as exc:
                 status, body, _ = problem_for(exc)
                 results.append({"index": index, "status": status, "body": body})
+            except Exception:
+                logger.exception("transaction batch item %d failed", index)
+                results.append({"index": index, "status": 500, "body": _ITEM_FAILED})
         return Response({"results": results})
 
 

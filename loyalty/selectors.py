@@ -9,6 +9,7 @@ from core.db import columns, instance_from_row, statement_cursor
 from core.models import Program
 from loyalty.models import Account, Entry, Lot
 from members.models import Member
+from members.numbers import is_valid_member_number
 from members.selectors import member_not_found
 
 
@@ -28,6 +29,8 @@ def balance_get(*, program: Program, member_number: str) -> tuple[Member, Member
     """The programme's member with this number (MemberNotFound if none), their balances and the points that will
     expire, soonest first, grouped by expiry time (the EXPIRING_GROUPS soonest). `available` is what may be spent
     now: points set aside by open holds are counted out of it (API.md: Points)."""
+    if not is_valid_member_number(member_number):
+        raise member_not_found(member_number)  # as member_get: never sent to the database
     # One plain statement: read on every till screen, where ORM compilation and more round trips cost more than
     # the reads. The first row is the member's with their account's balances (kind 0), the others the expiring
     # points (kind 1), soonest first.

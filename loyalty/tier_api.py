@@ -118,7 +118,10 @@ def _service_fields(data: dict) -> dict:
 
 
 def _tier_for(request, code: str) -> Tier:
-    tier = Tier.objects.select_related("program").filter(program=request.auth.program, code=code).first()
+    # A path's code that no tier can have is not looked for: PostgreSQL refuses some text (a NUL from %00).
+    tier = None
+    if CODE_RE.match(code):
+        tier = Tier.objects.select_related("program").filter(program=request.auth.program, code=code).first()
     if tier is None:
         raise NotFound(f"No tier {code} in this programme.", code="tier_not_found")
     return tier

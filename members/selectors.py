@@ -5,10 +5,14 @@ from core.errors import InvalidInput, MemberNotFound
 from core.models import Program
 from members.models import Identifier, Member
 from members.normalize import normalize_email, normalize_phone
+from members.numbers import is_valid_member_number
 
 
 def member_get(*, program: Program, member_number: str) -> Member:
     """The programme's member with this number, or NotFound."""
+    if not is_valid_member_number(member_number):
+        # No member has it; and some text PostgreSQL would refuse, not answer (a NUL from a path's %00).
+        raise member_not_found(member_number)
     # The number is unique, so the programme condition only keeps other programmes' members out.
     member = fetch_instance(Member, "member_number = %s AND program_id = %s", [member_number, program.pk])
     if member is None:
@@ -46,7 +50,7 @@ def member_lookup(
         else:
             member = members.filter(
                 identifiers__kind=Identifier.Kind.EXTERNAL,
-                identifiers__channel=channel,
+                identifiers__channel=channel.strip().lower(),  # as enrolment keeps it
                 identifiers__value=external_id.strip(),
             ).first()
     except ValidationError as exc:
