@@ -9,6 +9,7 @@ from django.utils.translation import gettext_lazy as _
 from core.errors import ApplicationError
 from loyalty.models import Account, Entry, Lot, Transaction
 from loyalty.points import MAX_ADJUSTMENT, points_adjust
+from members.models import Member
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -60,33 +61,33 @@ class EntryInline(admin.TabularInline):
         return super().get_queryset(request).select_related("transaction", "staff_user")
 
 
-@admin.register(Account)
-class AccountAdmin(ReadOnlyAdmin):
-    list_display = ["member", "available", "pending", "lifetime_earned", "updated_at"]
-    search_fields = ["member__member_number", "member__email", "member__phone", "member__identifiers__value"]
-    list_select_related = ["member"]
-    readonly_fields = ["member", "available", "pending", "lifetime_earned", "updated_at"]
-    inlines = [EntryInline]
+class PointsAdjustmentAdmin:
+    """The adjustment action with its reason, for the admins of accounts and of members. An account is keyed by its
+    member, so either admin's selection names the members; a member's account need not be opened yet (a newly
+    enrolled member): the first adjustment opens it."""
+
     actions = ["adjust_points"]
 
     @admin.action(description=_("Adjust points of the selected members"), permissions=["adjust"])
     def adjust_points(self, request, queryset):
+        members = Member.objects.filter(pk__in=queryset.values("pk")).select_related("program").order_by("pk")
         if "apply" in request.POST:
             form = AdjustmentForm(request.POST)
             if form.is_valid():
                 try:
                     # All or nothing: one member short of points leaves every account as it was.
                     with transaction.atomic():
-                        for account in queryset.select_related("member__program").order_by("pk"):
-                            points_adjust(member=account.member, staff_user=request.user, **form.cleaned_data)
+                        for member in members:
+                            points_adjust(member=member, staff_user=request.user, **form.cleaned_data)
                 except ApplicationError as exc:
                     self.message_user(request, f"Nothing was adjusted: {exc.detail}", messages.ERROR)
                     return None
-                done = {"n": queryset.count(), "p": form.cleaned_data["points"]}
+                done = {"n": len(members), "p": form.cleaned_data["points"]}
                 self.message_user(request, _("Adjusted %(n)d account(s) by %(p)+d points.") % done)
                 return None
         else:
             form = AdjustmentForm()
+        opened = Account.objects.in_bulk([member.pk for member in members])
         return TemplateResponse(
             request,
             "admin/loyalty/adjust_points.html",
@@ -94,7 +95,8 @@ class AccountAdmin(ReadOnlyAdmin):
                 **self.admin_site.each_context(request),
                 "title": _("Adjust points"),
                 "form": form,
-                "accounts": queryset.select_related("member"),
+                # An account not opened yet shows as the empty one its first write opens.
+                "accounts": [opened.get(member.pk) or Account(member=member) for member in members],
                 "opts": self.model._meta,
                 "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
             },
@@ -102,6 +104,15 @@ class AccountAdmin(ReadOnlyAdmin):
 
     def has_adjust_permission(self, request):
         return request.user.has_perm("loyalty.add_entry") or request.user.is_superuser
+
+
+@admin.register(Account)
+class AccountAdmin(PointsAdjustmentAdmin, ReadOnlyAdmin):
+    list_display = ["member", "available", "pending", "lifetime_earned", "updated_at"]
+    search_fields = ["member__member_number", "member__email", "member__phone", "member__identifiers__value"]
+    list_select_related = ["member"]
+    readonly_fields = ["member", "available", "pending", "lifetime_earned", "updated_at"]
+    inlines = [EntryInline]
 
 
 @admin.register(Entry)

@@ -78,6 +78,29 @@ def _checks() -> list[tuple[str, str]]:
                 WHERE e.kind = 'earn' AND e.points <> t.points""",
         ),
         (
+            "a member's purchase that earned points has exactly one earn entry",
+            f"""SELECT t.id, COALESCE(s.n, 0), 1 FROM {t} t
+                LEFT JOIN (SELECT transaction_id, COUNT(*) AS n FROM {e}
+                           WHERE kind = 'earn' AND transaction_id IS NOT NULL
+                           GROUP BY transaction_id) s ON s.transaction_id = t.id
+                WHERE t.kind = 'purchase' AND t.member_id IS NOT NULL AND t.points > 0
+                      AND COALESCE(s.n, 0) <> 1""",
+        ),
+        (
+            "an entry of a transaction is on its member's account",
+            f"""SELECT e.id, e.account_id, t.member_id FROM {e} e JOIN {t} t ON t.id = e.transaction_id
+                WHERE t.member_id IS DISTINCT FROM e.account_id""",
+        ),
+        (
+            # A return records what it should take back (negative); its reversal takes all of it (allow_negative),
+            # or what was there to take, possibly nothing and then without an entry (available_only). The policy
+            # may have changed since, so only the bounds are checked.
+            "a return's entries take back at most the points it recorded",
+            f"""SELECT t.id, SUM(e.points), t.points || ' to 0' FROM {t} t JOIN {e} e ON e.transaction_id = t.id
+                WHERE t.kind = 'return'
+                GROUP BY t.id, t.points HAVING SUM(e.points) < t.points OR SUM(e.points) > 0""",
+        ),
+        (
             "a purchase's returns never reverse more than it earned",
             f"""SELECT t.id, t.points, t.points_reversed FROM {t} t
                 WHERE t.kind = 'purchase' AND (t.points_reversed > t.points OR t.points_reversed < 0

@@ -9,6 +9,7 @@ from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
 from core.errors import ApplicationError
+from loyalty.admin import PointsAdjustmentAdmin
 from members.models import ConsentEvent, Identifier, Member
 from members.normalize import normalize_email, normalize_phone
 from members.services import member_enroll, member_update
@@ -106,7 +107,7 @@ class ConsentEventInline(admin.TabularInline):
 
 
 @admin.register(Member)
-class MemberAdmin(admin.ModelAdmin):
+class MemberAdmin(PointsAdjustmentAdmin, admin.ModelAdmin):
     form = MemberForm
     list_display = ["member_number", "email", "phone", "first_name", "last_name", "status", "enrolled_at"]
     list_filter = ["status", "enrollment_channel", "locale", "program"]

@@ -143,17 +143,22 @@ def _purchases(members, count, start):
     ]
 
 
-def test_import_makes_the_same_ledger_as_the_per_row_path(program, tmp_path):
-    # given
+@pytest.mark.parametrize("recent", [True, False], ids=["recent", "around a leap day, expired before it arrives"])
+def test_import_makes_the_same_ledger_as_the_per_row_path(program, tmp_path, recent):
+    # given: purchases over the last four months, or around 29 February 2024, whose points (24 months) expired
+    # before they were imported
     members = [MemberFactory() for _ in range(5)]
-    rows = _purchases(members, 60, datetime(2024, 1, 30, 9, 30, tzinfo=UTC))
+    start = datetime(2024, 1, 30, 9, 30, tzinfo=UTC)
+    if recent:
+        start = (timezone.now() - timedelta(days=120)).replace(hour=9, minute=30, second=0, microsecond=0)
+    rows = _purchases(members, 60, start)
     expected = _per_row_state(program, rows, members)
     # when
     report = _import(program, _csv(tmp_path, rows), batch_size=7)
     # then
     assert _ledger_state() == expected
     assert report.read == report.imported == 60
-    assert report.points_credited == sum(e[2] for e in expected["entries"])
+    assert report.points_credited == sum(e[2] for e in expected["entries"] if e[1] == "earn")
     assert ledger_verify() == []
 
 

@@ -26,6 +26,7 @@ from hypothesis.stateful import (
 from core.errors import InsufficientPoints, Unprocessable
 from core.models import Program
 from loyalty.ledger import (
+    ledger_balance,
     ledger_capture,
     ledger_credit,
     ledger_debit,
@@ -129,15 +130,16 @@ class Model:
         return True
 
     def reverse(self, member, points, *, lot: ModelLot, allow_negative: bool) -> int:
-        spendable = max(self.available[member], 0)
+        in_lots = max(self.available[member], 0)
         from_pending = min(points, lot.remaining) if not lot.matured else 0
         rest = points - from_pending
-        from_available = rest if allow_negative else min(rest, spendable)
+        # Only allow_negative takes points that holds set aside; available_only forgives them.
+        from_available = rest if allow_negative else min(rest, self.free(member))
         lot.remaining -= from_pending
         self.pending[member] -= from_pending
         self.available[member] -= from_available
         self.lifetime[member] -= from_pending + from_available
-        self.draw(member, min(from_available, spendable), first=lot)
+        self.draw(member, min(from_available, in_lots), first=lot)
         return from_pending + from_available
 
     def mature(self, now) -> int:
@@ -163,6 +165,12 @@ class Model:
 
 def _points_for(total: Decimal) -> int:
     return floor(total)  # the programme: 1 point per 1.00, rounded down
+
+
+def _free(member_pk: int) -> int:
+    """The account's available points less those held (negative when holds are no longer covered)."""
+    balance = ledger_balance(member_id=member_pk)
+    return balance.available - balance.held
 
 
 def _rows() -> tuple[int, int, int, int]:
@@ -264,9 +272,13 @@ class LedgerMachine(RuleBasedStateMachine):
             total=amount,
             original_external_id=purchase.external_id,
         )
+        free_before = _free(purchase.member)
 
         result = self._record(sent)
 
+        if policy == Program.ReturnPolicy.AVAILABLE_ONLY:
+            # Never takes what holds set aside: what was free stays at least 0, what was short stays as short.
+            assert _free(purchase.member) >= min(free_before, 0)
         returned = purchase.returned + amount
         target = floor(Fraction(purchase.points) * Fraction(returned) / Fraction(purchase.total))
         to_reverse = max(0, min(target, purchase.points) - purchase.reversed)
@@ -303,6 +315,16 @@ class LedgerMachine(RuleBasedStateMachine):
         purchase = data.draw(st.sampled_from(candidates), label="purchase")
         if self.model.available[purchase.member] > 0:
             self._spend(purchase.member, self.model.available[purchase.member], Entry.Kind.REDEEM)
+        self._return(purchase, self._amount(data, purchase, full), policy)
+
+    @precondition(lambda self: any(p.lot and p.returned < p.total for p in self.purchases))
+    @rule(data=st.data(), policy=policies, full=st.booleans())
+    def hold_then_return(self, data, policy, full):
+        # Points held for a till when the goods come back: available_only must leave the hold covered.
+        candidates = [p for p in self.purchases if p.lot and p.returned < p.total]
+        purchase = data.draw(st.sampled_from(candidates), label="purchase")
+        if self.model.free(purchase.member) > 0:
+            self._hold(purchase.member, self.model.free(purchase.member))
         self._return(purchase, self._amount(data, purchase, full), policy)
 
     @precondition(lambda self: self.purchases)
@@ -379,7 +401,9 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), member=members, affordable=st.booleans())
     def hold(self, data, member, affordable):
         member_pk = self.members[member]
-        points = self._points(data, member_pk, affordable)
+        self._hold(member_pk, self._points(data, member_pk, affordable))
+
+    def _hold(self, member_pk: int, points: int) -> None:
         rows = _rows()
 
         if not self.model.hold(member_pk, points):

@@ -77,13 +77,19 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
         balances = {
             pk: [available, pending, lifetime, held] for pk, available, pending, lifetime, held in cursor.fetchall()
         }
-        # Ids drawn up front, so lots and draws can name their entries without a round trip per row.
-        entry_ids = ids_reserve(Entry, len(credits))
+        # Ids drawn up front, so lots and draws can name their entries without a round trip per row: one for each
+        # credit's entry, and one for the expire entry of each credit whose expiry passed before it arrived (as
+        # ledger_credit, it expires at once; an id is left unused where settling took all of it).
+        expired = sum(1 for credit in credits if credit["expires_at"] is not None and credit["expires_at"] <= now)
+        ids = iter(ids_reserve(Entry, len(credits) + expired))
+        entry_ids = []
         # COPY text built here rather than with write_row, which adapts value by value at ~6 µs a row: integers
         # and timestamps print as PostgreSQL reads them, NULL is \N, and only free text needs escaping.
         escape = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
         null, now_text, kinds, entries, lots, draws = "\\N", str(now), {}, [], [], []
-        for credit, entry_id in zip(credits, entry_ids, strict=True):
+        for credit in credits:
+            entry_id = next(ids)
+            entry_ids.append(entry_id)
             points, kind, member_id = credit["points"], credit["kind"], credit["member_id"]
             available_from, expires_at = credit["available_from"], credit["expires_at"]
             balance = balances[member_id]
@@ -106,12 +112,23 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
                 f"{null if api_client_id is None else api_client_id}\t"
                 f"{null if staff_user_id is None else staff_user_id}\t{reason.translate(escape) if reason else ''}\n"
             )
+            left = points - settle
+            if settle:
+                draws.append((entry_id, entry_id, settle))
+            if left and expires_at is not None and expires_at <= now:
+                # Expired before it arrived: the expiry job's entry and draw, at once (loyalty.ledger.jobs).
+                expire_id = next(ids)
+                balance[0 if matured else 1] -= left
+                entries.append(
+                    f"{expire_id}\t{member_id}\texpire\t{-left}\t{balance[0]}\t{balance[1]}\t{balance[3]}\t"
+                    f"{expires_at}\t{now_text}\t{null}\t{null}\t{null}\t\n"
+                )
+                draws.append((expire_id, entry_id, left))
+                left = 0
             lots.append(
-                f"{member_id}\t{entry_id}\t{points}\t{points - settle}\t{available_from}\t"
+                f"{member_id}\t{entry_id}\t{points}\t{left}\t{available_from}\t"
                 f"{null if expires_at is None else expires_at}\t{'t' if matured else 'f'}\n"
             )
-            if settle:
-                draws.append((entry_id, settle))
         with cursor.copy(
             f"COPY {e} (id, account_id, kind, points, available_after, pending_after, held_after, occurred_at, "
             "created_at, transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
@@ -122,12 +139,12 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
         ) as copy:
             copy.write("".join(lots))
         if draws:
-            # A lot is found by its entry (one lot per credit entry), which spares reserving lot ids as well.
+            # A lot is found by its credit's entry (one lot per credit entry), which spares reserving lot ids.
             cursor.execute(
                 f"INSERT INTO {d} (entry_id, lot_id, points) SELECT v.entry_id, l.id, v.points "
-                "FROM unnest(%s::bigint[], %s::bigint[]) AS v(entry_id, points) "
-                f"JOIN {lot_t} l ON l.entry_id = v.entry_id",
-                [array_literal(entry_id for entry_id, _ in draws), array_literal(points for _, points in draws)],
+                "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS v(entry_id, credit_id, points) "
+                f"JOIN {lot_t} l ON l.entry_id = v.credit_id",
+                [array_literal(draw[i] for draw in draws) for i in range(3)],
             )
         # Absolute values are safe: they were computed from the rows as locked above.
         cursor.execute(

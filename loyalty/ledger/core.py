@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from core.db import insert_params, insert_plan, on_postgresql, statement_cursor, unsaved
 from core.errors import InsufficientPoints
+from loyalty.ledger.jobs import lots_expire
 from loyalty.models import Account, Draw, Entry, Lot
 
 # Points earned; bonus points (events, referrals) are earned too.
@@ -207,18 +208,27 @@ def ledger_credit(
     **fields,
 ) -> Entry:
     """Credit points as a new lot, pending until `available_from`. Points that become available first settle a
-    negative balance. Locks the account row (opened on first use). On PostgreSQL in one statement."""
+    negative balance. Points whose expiry has passed already (a late purchase) expire at once, as the expiry job
+    would expire them, so they are never spendable. Locks the account row (opened on first use). On PostgreSQL in
+    one statement, and a few more when the points expire at once."""
     assert points > 0
     entry = Entry(account_id=member_id, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
-    if connection.vendor == "postgresql":
-        return _credit_in_one_statement(entry, available_from=available_from, expires_at=expires_at, now=now)
-    # The embedded SQLite default has no data-modifying WITH: the same writes step by step.
-    matured = available_from <= now
+    credit = _credit_in_one_statement if connection.vendor == "postgresql" else _credit_in_steps
+    entry = credit(entry, available_from=available_from, expires_at=expires_at, now=now)
+    if expires_at is not None and expires_at <= now and entry.lot.remaining:
+        lots_expire([entry.lot], now=now)
+    return entry
+
+
+def _credit_in_steps(entry: Entry, *, available_from, expires_at, now) -> Entry:
+    """ledger_credit's writes where the embedded SQLite default has no data-modifying WITH: the same writes step by
+    step."""
+    points, matured = entry.points, available_from <= now
     after = _lock_and_add(
-        member_id,
+        entry.account_id,
         available=points if matured else 0,
         pending=0 if matured else points,
-        lifetime=points if kind in LIFETIME_KINDS else 0,
+        lifetime=points if entry.kind in LIFETIME_KINDS else 0,
     )
     entry.available_after, entry.pending_after, entry.held_after = after.available, after.pending, after.held
     entry.save(force_insert=True)
@@ -267,14 +277,17 @@ def ledger_credit_new_transaction(
     path takes several. `member` is the member's id, or a query selecting it as `id` with its parameters, which
     saves reading the member first; a query that finds no one writes nothing. The INSERT is `ON CONFLICT DO
     NOTHING`; when it inserts nothing, or the member has no account yet, nothing at all is written and None is
-    returned: the caller takes the general path. PostgreSQL only (data-modifying WITH). Sets `txn.pk` and
-    `txn.member_id`.
+    returned: the caller takes the general path. So it is, without a statement, for points already expired
+    (`expires_at` <= `now`, a late purchase): ledger_credit expires them at once in the credit's own transaction.
+    PostgreSQL only (data-modifying WITH). Sets `txn.pk` and `txn.member_id`.
 
     `also` adds writes of the caller's to the statement: common table expressions after the credit's own (they may
     read `a`, the account's row as updated, which orders their locks after the account's), their parameters, and a
     condition over them that the statement must meet. When it does not, the statement undoes itself (it raises in
     the database, loyalty_statement_abort) and None is returned, with nothing written either."""
     assert points > 0 and on_postgresql()
+    if expires_at is not None and expires_at <= now:
+        return None
     member_sql, member_params = ("SELECT %s::bigint AS id", [member]) if isinstance(member, int) else member
     entry = unsaved(Entry, kind=kind, points=points, occurred_at=occurred_at, created_at=now, **fields)
     also_ctes, also_params, also_condition = also or ("", [], "")
@@ -364,14 +377,14 @@ def ledger_reverse(
     **fields,
 ) -> Entry | None:
     """Take back points a purchase earned: first from that purchase's own lot (pending or not), then from other
-    available lots; what is still missing makes the balance negative if `allow_negative`, else is forgiven.
-    Returns the reversal entry, or None when nothing could be taken. Locks the account row."""
+    available lots; what is still missing makes the balance negative if `allow_negative`, else is forgiven, as are
+    points open holds set aside (they stay covered). Returns the reversal entry, or None when nothing could be
+    taken. Locks the account row."""
     assert points > 0
     before = ledger_lock(member_id)
     lot = Lot.objects.filter(entry_id=earn_entry_id).first() if earn_entry_id else None
     from_pending = min(points, lot.remaining) if lot is not None and not lot.matured else 0
-    spendable = max(before.available, 0)
-    from_available = min(points - from_pending, spendable) if not allow_negative else points - from_pending
+    from_available = points - from_pending if allow_negative else min(points - from_pending, before.spendable)
     taken = from_pending + from_available
     if taken == 0:
         return None
@@ -381,5 +394,7 @@ def ledger_reverse(
         Lot.objects.filter(pk=lot.pk).update(remaining=F("remaining") - from_pending)
         Draw.objects.create(entry=entry, lot=lot, points=from_pending)
     if from_available:
-        _draw(member_id, entry, min(from_available, spendable), first_lot_ids=(lot.pk,) if lot else ())
+        # Matured lots hold max(available, 0): what is taken beyond it (allow_negative) is owed, not drawn.
+        in_lots = max(before.available, 0)
+        _draw(member_id, entry, min(from_available, in_lots), first_lot_ids=(lot.pk,) if lot else ())
     return entry

@@ -60,34 +60,41 @@ def ledger_expire_due(*, now: datetime, batch_size: int = 1000) -> int:
             if not account_ids:
                 return done
             lots = list(due.filter(account_id__in=account_ids).order_by("account_id", "expires_at", "pk"))
-            accounts = {a.pk: a for a in Account.objects.filter(pk__in=account_ids)}
-            entries = []
-            for lot in lots:
-                account = accounts[lot.account_id]
-                if lot.matured:
-                    account.available -= lot.remaining
-                else:
-                    account.pending -= lot.remaining
-                entries.append(
-                    Entry(
-                        account_id=account.pk,
-                        kind=Entry.Kind.EXPIRE,
-                        points=-lot.remaining,
-                        available_after=account.available,
-                        pending_after=account.pending,
-                        held_after=account.held,
-                        occurred_at=lot.expires_at,
-                        created_at=now,
-                    )
-                )
-            Entry.objects.bulk_create(entries)
-            Draw.objects.bulk_create(
-                Draw(entry=entry, lot=lot, points=lot.remaining) for entry, lot in zip(entries, lots, strict=True)
-            )
-            for lot in lots:
-                lot.remaining = 0
-            Lot.objects.bulk_update(lots, ["remaining"])
-            for account in accounts.values():
-                account.updated_at = now
-            Account.objects.bulk_update(accounts.values(), ["available", "pending", "updated_at"])
+            lots_expire(lots, now=now)
             done += len(lots)
+
+
+def lots_expire(lots: list[Lot], *, now: datetime) -> None:
+    """Expire what is left of `lots`, past their expiry and not empty, in their accounts' order: one expire entry
+    per lot, with its draw, and the accounts' balances. The caller holds the accounts' locks. Also ledger_credit's,
+    for points whose expiry passed before they arrived."""
+    accounts = {a.pk: a for a in Account.objects.filter(pk__in={lot.account_id for lot in lots})}
+    entries = []
+    for lot in lots:
+        account = accounts[lot.account_id]
+        if lot.matured:
+            account.available -= lot.remaining
+        else:
+            account.pending -= lot.remaining
+        entries.append(
+            Entry(
+                account_id=account.pk,
+                kind=Entry.Kind.EXPIRE,
+                points=-lot.remaining,
+                available_after=account.available,
+                pending_after=account.pending,
+                held_after=account.held,
+                occurred_at=lot.expires_at,
+                created_at=now,
+            )
+        )
+    Entry.objects.bulk_create(entries)
+    Draw.objects.bulk_create(
+        Draw(entry=entry, lot=lot, points=lot.remaining) for entry, lot in zip(entries, lots, strict=True)
+    )
+    for lot in lots:
+        lot.remaining = 0
+    Lot.objects.bulk_update(lots, ["remaining"])
+    for account in accounts.values():
+        account.updated_at = now
+    Account.objects.bulk_update(accounts.values(), ["available", "pending", "updated_at"])
