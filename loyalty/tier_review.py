@@ -1,6 +1,7 @@
 """The periodic tier review: members whose review date (plus the grace days) has passed keep their tier for another
 period if their window supports it, or move down (one tier, or to the supported tier: the programme's choice);
-manual tiers past their end fall back to what the window supports.
+manual tiers past their end give way to the tier the member had earned, until its review, or to a higher one that
+their window supports.
 
 Set-based on PostgreSQL: one statement per batch claims the due rows in primary-key order (FOR UPDATE SKIP LOCKED),
 sums their counters over each member's own window, decides, updates and writes the history rows. A reviewed member's
@@ -131,6 +132,22 @@ def _window_sql(program: Program) -> tuple[str, str]:
         f"(d.r - make_interval(months => {months}))::date",
         f"(date_trunc('month', d.r) + make_interval(months => {months}))::date",
     )
+
+
+def _current_end_sql(program: Program) -> str:
+    """SQL for the review date at which the current window of a member whose local date is `d.today` ends: the next
+    window's first day. _window_sql of it gives the current window's first period (tier_windows.current_window_start)
+    and the first review of a tier reached today (tier_windows.first_review_at)."""
+    if program.tier_window == Program.TierWindow.CALENDAR_YEAR:
+        return "(date_trunc('year', d.today) + interval '1 year')::date"
+    if program.tier_window == Program.TierWindow.ANNIVERSARY_YEAR:
+        years = "(extract(year from d.today) - extract(year from d.enrolled))::int"
+        return (
+            f"(CASE WHEN d.enrolled + make_interval(years => {years}) <= d.today "
+            f"THEN d.enrolled + make_interval(years => {years} + 1) "
+            f"ELSE d.enrolled + make_interval(years => {years}) END)::date"
+        )
+    return "(date_trunc('month', d.today) + interval '1 month')::date"
 
 
 def _review_batch_sql(
@@ -282,8 +299,10 @@ def _review_batch_rows(
 
 
 def _expire_manual(program: Program, now: datetime, batch_size: int) -> ReviewResult:
-    """Manual tiers past their end fall back to what the member's current window supports. Rare: row by row."""
-    from loyalty.tiers import _supported, measure_in_window, threshold_units, tier_info_list
+    """Manual tiers past their end give way to the tier the member earned before them, with its review date (which
+    the status row kept meanwhile): members move down only at a review. Or to the tier their current window
+    supports, if higher: members move up as soon as they qualify. Rare: row by row."""
+    from loyalty.tiers import _by_id, _needs_review, _rank, _supported, measure_in_window, tier_info_list
 
     tiers = tier_info_list(program_id=program.pk)
     expired = 0
@@ -298,12 +317,25 @@ def _expire_manual(program: Program, now: datetime, batch_size: int) -> ReviewRe
             for status in batch:
                 member = status.member
                 start = current_window_start(program=program, member=member, now=now)
-                new = _supported(program, tiers, measure_in_window(program=program, member=member, since_period=start))
-                review = new is not None and threshold_units(program, new.threshold) > 0
+                supported = _supported(
+                    program, tiers, measure_in_window(program=program, member=member, since_period=start)
+                )
+                # The tier earned is where the last change not made by hand led; with none, the base tier.
+                last = (
+                    TierChange.objects.filter(member_id=member.pk)
+                    .exclude(reason=TierChange.Reason.MANUAL)
+                    .order_by("-id")
+                    .values_list("to_tier_id", flat=True)[:1]
+                )
+                earned = _by_id(tiers, last[0]) if last else _supported(program, tiers, 0)
+                # A row whose manual tier was set before rows kept the review date has none: review it at once.
+                new, review_at = earned, status.review_at or now
+                if _rank(supported) > _rank(earned):
+                    new, review_at = supported, first_review_at(program=program, member=member, since=now)
                 TierStatus.objects.filter(member_id=member.pk).update(
                     tier_id=new.id if new else None,
                     since=now,
-                    review_at=first_review_at(program=program, member=member, since=now) if review else None,
+                    review_at=review_at if _needs_review(program, new) else None,
                     manual_until=None,
                     manual_reason="",
                     manual_by=None,

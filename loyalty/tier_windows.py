@@ -10,7 +10,7 @@ reached in; there the member keeps it if that period supports it. loyalty.tier_r
 SQL; tests check that the two agree."""
 
 import calendar
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from dateutil.relativedelta import relativedelta
@@ -101,3 +101,28 @@ def review_window(*, program: Program, member: Member, review_at: datetime) -> t
     else:
         start = day - relativedelta(months=program.tier_window_months)
     return start, day + relativedelta(days=program.tier_grace_days)
+
+
+def earning_window(*, program: Program, member: Member, review_at: datetime) -> tuple[date, date]:
+    """The periods that hold a tier until its review at `review_at`: [start, end), the window before the one that
+    review counts. A tier reached by moving up was reached in it (see first_review_at); one kept at a review was
+    kept on it."""
+    end, _ = review_window(program=program, member=member, review_at=review_at)
+    day = review_at.astimezone(member.tz).date()
+    if program.tier_window == Program.TierWindow.CALENDAR_YEAR:
+        return date(day.year - 2, 1, 1), end
+    if program.tier_window == Program.TierWindow.ANNIVERSARY_YEAR:
+        enrolled = member.enrolled_at.astimezone(member.tz).date()
+        return enrolled + relativedelta(years=day.year - enrolled.year - 2), end
+    return day - relativedelta(months=2 * program.tier_window_months), end
+
+
+def counted_since(*, program: Program, now: datetime) -> date:
+    """The first period that any member's current window, or the window before it, can hold at `now`: what moving
+    up, a return's re-evaluation and the reviews due about now read. A day early, for every time zone's today."""
+    day = (now.astimezone(UTC) - timedelta(days=1)).date()
+    if program.tier_window == Program.TierWindow.CALENDAR_YEAR:
+        return date(day.year - 1, 1, 1)
+    if program.tier_window == Program.TierWindow.ANNIVERSARY_YEAR:
+        return day - relativedelta(years=2, days=1)
+    return day.replace(day=1) - relativedelta(months=2 * program.tier_window_months - 1)

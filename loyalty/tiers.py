@@ -18,7 +18,7 @@ from core.errors import InvalidInput
 from core.models import ApiClient, Program
 from loyalty.models import Transaction
 from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
-from loyalty.tier_windows import anchor_day, current_window_start, first_review_at, period_of
+from loyalty.tier_windows import anchor_day, current_window_start, earning_window, first_review_at, period_of
 from members.models import Member
 
 # Tier definitions are read on every purchase of a programme with tiers, so they are remembered in-process for a
@@ -88,45 +88,50 @@ def _needs_review(program: Program, tier: TierInfo | Tier | None) -> bool:
     return tier is not None and threshold_units(program, tier.threshold) > 0
 
 
-def measure_in_window(*, program: Program, member: Member, since_period) -> int:
-    """The member's qualifying measure, in counter units, over the periods from `since_period` on."""
-    column = MEASURE_COLUMN[program.tier_measure]
+def measure_in_window(*, program: Program, member: Member, since_period, before_period=None) -> int:
+    """The member's qualifying measure, in counter units, over the periods from `since_period` on (and before
+    `before_period`, if given)."""
+    sql = (
+        f"SELECT COALESCE(SUM({MEASURE_COLUMN[program.tier_measure]}), 0) FROM {TierCounter._meta.db_table} "
+        "WHERE member_id = %s AND period >= %s"
+    )
+    params = [member.pk, since_period]
+    if before_period is not None:
+        sql, params = f"{sql} AND period < %s", [*params, before_period]
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT COALESCE(SUM({column}), 0) FROM {TierCounter._meta.db_table} "
-            "WHERE member_id = %s AND period >= %s",
-            [member.pk, since_period],
-        )
+        cursor.execute(sql, params)
         return int(cursor.fetchone()[0])
 
 
 def _count(txn: Transaction, member: Member, program: Program) -> None:
-    """One upsert: add the transaction's qualifying activity to its period (a return's to its purchase's)."""
+    """One statement: add a purchase's qualifying activity to its period (an upsert), or take a return's off its
+    purchase's period (an update: without a row there, the purchase never counted, and there is nothing to take)."""
     is_return = txn.kind == Transaction.Kind.RETURN
     source = txn.original if is_return else txn
     period = period_of(source.occurred_at.astimezone(member.tz).date(), anchor_day(program=program, member=member))
     cents = int(txn.total * 100)
     table = TierCounter._meta.db_table
-    if is_return:
-        # A purchase stops counting as one only when it has been returned in full; the return's own update of the
-        # purchase's returned_total is already visible in this database transaction.
-        purchases_sql = (
-            f"(SELECT CASE WHEN returned_total >= total THEN -1 ELSE 0 END "
-            f"FROM {Transaction._meta.db_table} WHERE id = %s)"
-        )
-        params = [member.pk, period, txn.points, -cents, source.pk]
-    else:
-        purchases_sql = "%s"
-        params = [member.pk, period, txn.points, cents, 1]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} (member_id, period, points, spend_cents, purchases) "
-            f"VALUES (%s, %s, %s, %s, {purchases_sql}) "
+    if not is_return:
+        sql = (
+            f"INSERT INTO {table} (member_id, period, points, spend_cents, purchases) VALUES (%s, %s, %s, %s, 1) "
             f"ON CONFLICT (member_id, period) DO UPDATE SET points = {table}.points + excluded.points, "
-            f"spend_cents = {table}.spend_cents + excluded.spend_cents, "
-            f"purchases = {table}.purchases + excluded.purchases",
-            params,
+            f"spend_cents = {table}.spend_cents + excluded.spend_cents, purchases = {table}.purchases + 1"
         )
+        params = [member.pk, period, txn.points, cents]
+    else:
+        # A purchase stops counting as one when the return that completes it comes (the return's own update of the
+        # purchase's returned_total is already visible in this database transaction). Never below zero: the period
+        # may hold other purchases while this one, bought before the counters were rebuilt, never counted.
+        greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+        sql = (
+            f"UPDATE {table} SET points = {greatest}(points + %s, 0), spend_cents = {greatest}(spend_cents - %s, 0), "
+            f"purchases = {greatest}(purchases - (SELECT CASE WHEN returned_total >= total "
+            f"AND returned_total - %s < total THEN 1 ELSE 0 END FROM {Transaction._meta.db_table} WHERE id = %s), 0) "
+            "WHERE member_id = %s AND period = %s"
+        )
+        params = [txn.points, cents, txn.total, source.pk, member.pk, period]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def _lock_status(member: Member) -> None:
@@ -137,19 +142,22 @@ def _lock_status(member: Member) -> None:
         cursor.execute(f"SELECT 1 FROM {TierStatus._meta.db_table} WHERE member_id = %s FOR NO KEY UPDATE", [member.pk])
 
 
-def _status_and_measure(program: Program, member: Member, now: datetime) -> tuple[bool, int | None, datetime, int]:
-    """(has a status row, its tier id, its manual end, the measure in the current window) in one read."""
+def _status_and_measure(
+    program: Program, member: Member, now: datetime
+) -> tuple[bool, int | None, datetime | None, datetime | None, int]:
+    """(has a status row, its tier id, its manual end, its review date, the measure in the current window) in one
+    read."""
     column = MEASURE_COLUMN[program.tier_measure]
     since_period = current_window_start(program=program, member=member, now=now)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT s.member_id, s.tier_id, s.manual_until, (SELECT COALESCE(SUM(c.{column}), 0) "
+            f"SELECT s.member_id, s.tier_id, s.manual_until, s.review_at, (SELECT COALESCE(SUM(c.{column}), 0) "
             f"FROM {TierCounter._meta.db_table} c WHERE c.member_id = %s AND c.period >= %s) "
             f"FROM (SELECT 1 AS one) AS x LEFT JOIN {TierStatus._meta.db_table} s ON s.member_id = %s",
             [member.pk, since_period, member.pk],
         )
-        found, tier_id, manual_until, measure = cursor.fetchone()
-    return found is not None, tier_id, manual_until, int(measure)
+        found, tier_id, manual_until, review_at, measure = cursor.fetchone()
+    return found is not None, tier_id, manual_until, review_at, int(measure)
 
 
 def _insert_status(member: Member, program: Program, tier_id: int | None, now: datetime, review_at) -> bool:
@@ -219,34 +227,78 @@ def tier_on_transaction(*, transaction: Transaction, now: datetime) -> TierChang
     is_return = transaction.kind == Transaction.Kind.RETURN
     if is_return and program.tier_return_policy != Program.TierReturnPolicy.REEVALUATE:
         return None
+    return tier_reevaluate(program=program, member=member, now=now, transaction=transaction)
+
+
+def tier_reevaluate(
+    *, program: Program, member: Member, now: datetime, transaction: Transaction | None = None
+) -> TierChange | None:
+    """Move the member up at once if their current window supports a higher tier; after a return (`transaction`),
+    down if nothing holds their tier any more. Compare-and-set on the status row; the caller holds its lock."""
+    is_return = transaction is not None and transaction.kind == Transaction.Kind.RETURN
     tiers = tier_info_list(program_id=program.pk)
     for _attempt in range(3):
-        exists, tier_id, manual_until, measure = _status_and_measure(program, member, now)
+        exists, tier_id, manual_until, review_at, measure = _status_and_measure(program, member, now)
         supported = _supported(program, tiers, measure)
         current = _by_id(tiers, tier_id) if exists else _supported(program, tiers, 0)
         manual = manual_until is not None and manual_until > now
         if _rank(supported) > _rank(current):
-            reason, clear_manual = TierChange.Reason.UPGRADE, True
+            to, reason, clear_manual = supported, TierChange.Reason.UPGRADE, True
+            review_at = first_review_at(program=program, member=member, since=now)
         elif is_return and not manual and _rank(supported) < _rank(current):
+            to, review_at = _after_return(program, member, tiers, current, supported, review_at, now)
+            if to == current:
+                return None
             reason, clear_manual = TierChange.Reason.RETURN, False
         else:
             return None
-        review_at = first_review_at(program=program, member=member, since=now)
         change = _move(
             program=program,
             member=member,
             exists=exists,
             from_id=tier_id if exists else (current.id if current else None),
-            to=supported,
+            to=to,
             reason=reason,
             now=now,
-            review_at=review_at if _needs_review(program, supported) else None,
+            review_at=review_at if _needs_review(program, to) else None,
             clear_manual=clear_manual,
             transaction=transaction,
         )
         if change is not None:
             return change
     return None
+
+
+def _after_return(
+    program: Program,
+    member: Member,
+    tiers: tuple[TierInfo, ...],
+    current: TierInfo,
+    supported: TierInfo | None,
+    review_at: datetime | None,
+    now: datetime,
+) -> tuple[TierInfo | None, datetime | None]:
+    """The tier, and its review date, that a return leaves a member with under the re-evaluate policy. Until its
+    review, a tier is held by the window it was earned in (or kept on), not only by the current one: a return moves
+    the member down only if it took that window below the tier too, and then one tier or to what the windows still
+    support, as the review would."""
+    held = supported
+    if review_at is not None:
+        start, end = earning_window(program=program, member=member, review_at=review_at)
+        earned = measure_in_window(program=program, member=member, since_period=start, before_period=end)
+        held = max(supported, _supported(program, tiers, earned), key=_rank)
+    if _rank(held) >= _rank(current):
+        return current, review_at
+    if program.tier_downgrade == Program.TierDowngrade.ONE_STEP:
+        below = [t for t in tiers if not t.retired and t.rank < current.rank]
+        to = below[-1] if below else None
+    else:
+        to = held
+    # A tier the current window supports is reviewed as if reached now, like an upgrade; any other at the review
+    # the lost tier had, where the window that earned it is judged again.
+    if _rank(supported) >= _rank(to):
+        return to, first_review_at(program=program, member=member, since=now)
+    return to, review_at
 
 
 @db_transaction.atomic
@@ -260,8 +312,9 @@ def tier_set_manual(
     staff_user=None,
     api_client: ApiClient | None = None,
 ) -> TierChange:
-    """Staff give a member a tier until `until`, with a reason; the review leaves it alone until then and it then
-    falls back to what the window supports. Locks the member's status row; writes the history row with it."""
+    """Staff give a member a tier until `until`, with a reason; the review leaves it alone until then. It then gives
+    way to the tier the member had earned, whose review date the status row keeps meanwhile, or to a higher one
+    their window supports by then. Locks the member's status row; writes the history row with it."""
     now = now or timezone.now()
     errors = {}
     if tier.program_id != member.program_id or tier.retired_at is not None:
@@ -286,7 +339,6 @@ def tier_set_manual(
     TierStatus.objects.filter(member_id=member.pk).update(
         tier=tier,
         since=now,
-        review_at=None,
         manual_until=until,
         manual_reason=reason.strip(),
         manual_by=staff_user,
@@ -331,21 +383,23 @@ def tier_progress_get(
         return None
     now = now or timezone.now()
     tiers = tier_info_list(program_id=program.pk)
-    exists, tier_id, manual_until, measure = _status_and_measure(program, member, now)
+    exists, tier_id, manual_until, review_at, measure = _status_and_measure(program, member, now)
     current = _by_id(tiers, tier_id) if exists else _supported(program, tiers, 0)
+    manual = manual_until is not None and manual_until > now
     following = [t for t in tiers if not t.retired and t.rank > _rank(current)]
     wanted = {t.id for t in (current, following[0] if following else None) if t}
     loaded = Tier.objects.in_bulk(wanted)
-    status = TierStatus.objects.filter(member_id=member.pk).values("since", "review_at").first() if exists else None
+    since = TierStatus.objects.filter(member_id=member.pk).values_list("since", flat=True).first() if exists else None
     next_tier = loaded.get(following[0].id) if following else None
     needed = None
     if next_tier is not None:
         needed = _in_unit(program, max(0, threshold_units(program, next_tier.threshold) - measure))
     return TierProgress(
         tier=loaded.get(current.id) if current else None,
-        since=status["since"] if status else None,
-        review_at=status["review_at"] if status else None,
-        manual_until=manual_until if manual_until and manual_until > now else None,
+        since=since,
+        # While a manual tier lasts, the row keeps the review date of the tier earned before it: not this tier's.
+        review_at=None if manual else review_at,
+        manual_until=manual_until if manual else None,
         measure=program.tier_measure,
         value=_in_unit(program, measure),
         next_tier=next_tier,
