@@ -221,5 +221,5 @@ class Draw(models.Model):
 
 
 from loyalty.event_models import EventType, MemberEvent, Referral  # noqa: E402,F401
-from loyalty.rule_models import EarningRule, Period, RuleUsage  # noqa: E402,F401
+from loyalty.rule_models import BudgetSlice, EarningRule, Period, RuleUsage  # noqa: E402,F401
 from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus  # noqa: E402,F401

@@ -29,7 +29,7 @@ class EarningRuleForm(forms.ModelForm):
         # On a change, programme and code are read-only and so not in the form.
         program = cleaned.get("program") or self.instance.program
         code = cleaned.get("code") or self.instance.code
-        candidate = EarningRule(pk=self.instance.pk, program=program, budget_used=self.instance.budget_used)
+        candidate = EarningRule(pk=self.instance.pk, program=program)
         for name in EDITABLE:
             setattr(candidate, name, cleaned[name] if name in cleaned else getattr(self.instance, name))
         candidate.code = code
@@ -67,6 +67,9 @@ class EarningRuleAdmin(admin.ModelAdmin):
     search_fields = ["code", "name"]
     ordering = ["program", "-priority", "pk"]
     actions = ["retire"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("budget_slices")
 
     def get_readonly_fields(self, request, obj=None):
         # Breakdowns name the rule by its code, and a rule belongs to one programme for life.

@@ -40,6 +40,8 @@ FIELDS = [
 
 
 class RuleSerializer(UnknownFieldsRefused, serializers.ModelSerializer):
+    budget_used = serializers.IntegerField(read_only=True, help_text="Points given from the budget so far.")
+
     class Meta:
         model = EarningRule
         fields = FIELDS + ["budget_used", "created_at", "updated_at"]
@@ -63,7 +65,7 @@ class EarningRuleListApi(APIView):
         responses=listing(RuleSerializer, name="EarningRuleList", paginated=False),
     )
     def get(self, request):
-        rules = EarningRule.objects.filter(program=request.auth.program)
+        rules = EarningRule.objects.filter(program=request.auth.program).prefetch_related("budget_slices")
         return Response({"results": RuleSerializer(rules, many=True).data})
 
     @extend_schema(request=RuleSerializer, responses={201: RuleSerializer})

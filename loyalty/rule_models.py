@@ -53,7 +53,6 @@ class EarningRule(models.Model):
     member_limit = models.PositiveIntegerField(null=True, blank=True, help_text=_("Points per member per period."))
     member_limit_period = models.CharField(max_length=8, choices=Period.choices, default=Period.MONTH)
     budget = models.PositiveBigIntegerField(null=True, blank=True, help_text=_("Points this rule may give in all."))
-    budget_used = models.PositiveBigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -62,9 +61,6 @@ class EarningRule(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["program", "code"], name="earning_rule_code_unique"),
             models.CheckConstraint(
-                condition=Q(budget__isnull=True) | Q(budget_used__lte=F("budget")), name="rule_budget_not_exceeded"
-            ),
-            models.CheckConstraint(
                 condition=Q(valid_from__isnull=True) | Q(valid_until__isnull=True) | Q(valid_from__lt=F("valid_until")),
                 name="rule_validity_ordered",
             ),
@@ -72,6 +68,39 @@ class EarningRule(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.code})"
+
+    @property
+    def budget_used(self) -> int:
+        """Points the rule has given from its budget: its slices' (prefetch `budget_slices` for many rules)."""
+        return sum(s.used for s in self.budget_slices.all()) if self.pk else 0
+
+
+# A budget is cut into this many slices. Purchases claim from the slice their member's id picks, so concurrent
+# purchases lock different rows: with the budget in one row, every purchase that claimed from it waited for the one
+# before to commit.
+BUDGET_SLICES = 16
+
+
+class BudgetSlice(models.Model):
+    """A share of an earning rule's budget: no slice gives more than its size, and the sizes add up to the budget
+    (the budget's slices are all locked whenever sizes change: loyalty.rules, budget_slices_set and awards_claim;
+    loyalty.verify checks the sum). So the rule never gives more than its budget, whichever slices purchases claim
+    from. A slice that runs short sends its purchases to the careful claim, which takes from the other slices and
+    shares out what is left again."""
+
+    rule = models.ForeignKey(EarningRule, on_delete=models.CASCADE, related_name="budget_slices")
+    number = models.PositiveSmallIntegerField()
+    size = models.PositiveBigIntegerField()
+    used = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["rule", "number"], name="budget_slice_unique"),
+            models.CheckConstraint(condition=Q(used__lte=F("size")), name="budget_slice_not_exceeded"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule_id}/{self.number}: {self.used} of {self.size}"
 
 
 class RuleUsage(models.Model):

@@ -9,7 +9,7 @@ from core.errors import Conflict, InvalidInput
 from core.models import Program
 from loyalty.models import Transaction
 from loyalty.rule_models import EarningRule
-from loyalty.rules import rules_changed
+from loyalty.rules import budget_slices_set, rules_changed
 
 # The most a rule may give, so that no purchase's points overflow: a multiplier of the base points, fixed points, or
 # points per unit bought.
@@ -18,7 +18,7 @@ MAX_VALUE = {"multiplier": Decimal(100), "fixed": Decimal(1_000_000), "per_unit"
 EDITABLE = [
     f.name
     for f in EarningRule._meta.concrete_fields
-    if f.editable and f.name not in {"id", "program", "budget_used", "created_at", "updated_at"}
+    if f.editable and f.name not in {"id", "program", "created_at", "updated_at"}
 ]
 
 
@@ -58,8 +58,8 @@ def _save(rule: EarningRule) -> EarningRule:
     earning_rule_check(rule)
     try:
         with transaction.atomic():
-            # Never save budget_used from this (possibly stale) copy: purchases move it concurrently.
             rule.save(update_fields=[*EDITABLE, "updated_at"] if rule.pk else None)
+            budget_slices_set(rule)
     except IntegrityError as exc:
         raise Conflict(f"The programme already has a rule '{rule.code}'.", code="rule_exists") from exc
     # Both after commit and now: this process drops its cache at once, other processes within seconds.

@@ -16,9 +16,10 @@ from django.conf import settings
 from django.db import connection
 
 from core.db import array_literal
+from core.errors import InvalidInput
 from core.models import Program
 from loyalty.earning import points_for_amount
-from loyalty.rule_models import EarningRule, Period, RuleUsage
+from loyalty.rule_models import BUDGET_SLICES, BudgetSlice, EarningRule, Period, RuleUsage
 
 
 @dataclass(frozen=True)
@@ -228,13 +229,14 @@ def period_start_at(period: str, at: datetime, tz: ZoneInfo) -> datetime | None:
 def awards_claim(*, awards: list[Award], member_id: int, program: Program, occurred_at: datetime) -> list[Award]:
     """Cut awards down to what their rules' per-member limits and budgets still allow, and record the use, in at
     most four statements whatever the number of rules. The caller holds the member's account lock, which serialises
-    the member's purchases, so their usage rows need no lock of their own. Budgets are shared by every member: their
-    rows are locked, in primary-key order so two purchases never wait on each other crosswise, until the purchase
-    commits."""
+    the member's purchases, so their usage rows need no lock of their own. Budgets are shared by every member: all
+    their slices are locked, in primary-key order so two purchases never wait on each other crosswise, until the
+    purchase commits; what is used is taken from the member's slice, and what is left shared out again over the
+    slices (budget_shares), so that purchases claiming at once find room in each."""
     local = occurred_at.astimezone(ZoneInfo(program.timezone))
     limited = {a.rule.pk: period_start(a.rule.member_limit_period, local) for a in awards if _limited(a)}
     budgeted = sorted({a.rule.pk for a in awards if a.rule is not None and a.rule.budget is not None})
-    rule_t, usage_t = EarningRule._meta.db_table, RuleUsage._meta.db_table
+    usage_t = RuleUsage._meta.db_table
     with connection.cursor() as cursor:
         used = {}
         if limited:
@@ -244,18 +246,12 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
                 [member_id, *limited, *set(limited.values())],
             )
             used = {rule_id: points for rule_id, start, points in cursor.fetchall() if limited[rule_id] == start}
-        # Budgets are locked last, so that every purchase holds the row all of them share for as short a time as
+        # Budgets are locked last, so that every purchase holds the rows all of them share for as short a time as
         # possible.
-        budget_left = {}
-        if budgeted:
-            # SQLite has no row locks: its IMMEDIATE transactions already hold the whole database's write lock.
-            lock = " FOR UPDATE" if connection.vendor == "postgresql" else ""
-            cursor.execute(
-                f"SELECT id, budget - budget_used FROM {rule_t} WHERE id IN ({_marks(budgeted)}) ORDER BY id{lock}",
-                budgeted,
-            )
-            budget_left = dict(cursor.fetchall())
-        granted, budget_use, usage_rows = [], [], []
+        slices = _budget_slices_lock(cursor, budgeted)
+        # A budgeted rule without slices gives nothing: a missing slice must not mean a budget without end.
+        budget_left = {pk: sum(size - used_ for _, _, size, used_ in slices.get(pk, ())) for pk in budgeted}
+        granted, budget_use, usage_rows = [], {}, []
         for award in awards:
             rule, points = award.rule, award.points
             if rule is not None and rule.pk in limited:
@@ -266,17 +262,19 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
                 continue
             if rule is not None and rule.pk in budget_left:
                 budget_left[rule.pk] -= points
-                budget_use.append((rule.pk, points))
+                budget_use[rule.pk] = budget_use.get(rule.pk, 0) + points
             if rule is not None and rule.pk in limited:
                 usage_rows.append((rule.pk, member_id, limited[rule.pk], points))
             granted.append(Award(award.code, points, rule))
         if budget_use:
-            cases = " ".join("WHEN %s THEN %s" for _ in budget_use)
-            cursor.execute(
-                f"UPDATE {rule_t} SET budget_used = budget_used + CASE id {cases} END "
-                f"WHERE id IN ({_marks(budget_use)})",
-                [v for pair in budget_use for v in pair] + [pk for pk, _ in budget_use],
-            )
+            # What is used is taken from the member's slice; _budget_slices_write shares out what is left.
+            mine, budgets = member_id % BUDGET_SLICES, []
+            for pk, points in budget_use.items():
+                budget = sum(size for _, _, size, _ in slices[pk])  # the sizes add up to the budget
+                budgets.append(
+                    (budget, [(i, n, size, used + points if n == mine else used) for i, n, size, used in slices[pk]])
+                )
+            _budget_slices_write(cursor, budgets)
         if usage_rows:
             cursor.execute(
                 f"INSERT INTO {usage_t} (rule_id, member_id, period_start, points) VALUES "
@@ -288,11 +286,71 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
     return granted
 
 
+def budget_shares(room: int) -> list[int]:
+    """`room` points shared out over the slices as evenly as whole points allow."""
+    return [room // BUDGET_SLICES + (1 if number < room % BUDGET_SLICES else 0) for number in range(BUDGET_SLICES)]
+
+
+def _budget_slices_lock(cursor, rule_ids: list[int]) -> dict[int, list[tuple]]:
+    """{rule id: [(slice id, number, size, used), ...]} of the rules' budget slices, locked in key order."""
+    if not rule_ids:
+        return {}
+    # SQLite has no row locks: its IMMEDIATE transactions already hold the whole database's write lock.
+    lock = " FOR UPDATE" if connection.vendor == "postgresql" else ""
+    cursor.execute(
+        f"SELECT rule_id, id, number, size, used FROM {BudgetSlice._meta.db_table} "
+        f"WHERE rule_id IN ({_marks(rule_ids)}) ORDER BY id{lock}",
+        rule_ids,
+    )
+    slices: dict[int, list[tuple]] = {}
+    for rule_id, *row in cursor.fetchall():
+        slices.setdefault(rule_id, []).append(tuple(row))
+    return slices
+
+
+def _budget_slices_write(cursor, budgets: list[tuple[int, list[tuple]]]) -> None:
+    """Write budgets' slices back, locked, each budget given as (its points, [(slice id, number, size, used)]),
+    with what is left of it shared out again: every size becomes its used plus an even share of the room, so the
+    sizes add up to the budget and no slice stays empty while another has room."""
+    rows = []
+    for budget, slices in budgets:
+        room = budget - sum(used for _, _, _, used in slices)
+        for (pk, _, _, used), share in zip(sorted(slices, key=lambda s: s[1]), budget_shares(room), strict=True):
+            rows.append((pk, used + share, used))
+    cursor.execute(
+        f"UPDATE {BudgetSlice._meta.db_table} SET size = v.size, used = v.used "
+        f"FROM (VALUES {', '.join('(%s, %s, %s)' for _ in rows)}) AS v(id, size, used) "
+        f"WHERE {BudgetSlice._meta.db_table}.id = v.id",
+        [value for row in rows for value in row],
+    )
+
+
+def budget_slices_set(rule: EarningRule) -> None:
+    """Give a rule with a budget its slices, or share a changed budget out over them again: each slice keeps what
+    it has given, and what is left of the budget is shared out evenly. InvalidInput when the budget is below
+    what the rule has given already. Call inside the database transaction that saves the rule."""
+    if rule.budget is None:
+        return  # the slices, if any, keep what was given; the rule claims nothing while it has no budget
+    with connection.cursor() as cursor:
+        slices = _budget_slices_lock(cursor, [rule.pk]).get(rule.pk)
+        if not slices:
+            BudgetSlice.objects.bulk_create(
+                BudgetSlice(rule=rule, number=number, size=0) for number in range(BUDGET_SLICES)
+            )
+            slices = _budget_slices_lock(cursor, [rule.pk])[rule.pk]
+        given = sum(used for _, _, _, used in slices)
+        if rule.budget < given:
+            raise InvalidInput(
+                "The earning rule is not valid.", errors={"budget": [f"{given} points have already been given."]}
+            )
+        _budget_slices_write(cursor, [(rule.budget, slices)])
+
+
 @dataclass(frozen=True)
 class ClaimAtOnce:
-    """Per-member limits claimed inside a purchase's own statement (awards_claim_at_once)."""
+    """Per-member limits and budgets claimed inside a purchase's own statement (awards_claim_at_once)."""
 
-    guard: str  # a condition on the member's row (`member_table`.id), false where the usage already read is too high
+    guard: str | None  # a condition on the member's row (`member_table`.id), false where the usage read is too high
     guard_params: list
     also: tuple[str, list, str]  # as ledger_credit_new_transaction takes it
 
@@ -300,52 +358,73 @@ class ClaimAtOnce:
 def awards_claim_at_once(
     *, awards: list[Award], program: Program, occurred_at: datetime, member_table: str
 ) -> ClaimAtOnce:
-    """The per-member limits of `awards` claimed inside the purchase's own statement, each whole or not at all: the
-    member's usage rows upserted, each only while it stays within its rule's limit, which PostgreSQL checks on the
-    row as it is when the statement reaches it (a concurrent purchase's claim included). `also` is the common
-    table expression `u`, its parameters, and the condition, that every claim was had, which the statement must
-    meet; the member is the statement's `a`, the account's row as updated, so the account's lock comes before
-    the usage rows', as in awards_claim. A condition that fails means a claim fell short: the statement undoes
-    itself, and the caller claims with awards_claim, which cuts it. `guard` keeps the member out of the statement
-    (so it writes nothing) where the usage the statement reads already leaves too little; it may be stale, `u` is
-    what holds. For awards without budgets, each within its limit on its own (awards_claim_possible_at_once)."""
-    limited = [a for a in awards if _limited(a)]
-    assert len({a.rule.pk for a in limited}) == len(limited), "one award per rule"
-    local = occurred_at.astimezone(ZoneInfo(program.timezone))
-    usage_t = RuleUsage._meta.db_table
+    """The per-member limits and budgets of `awards` claimed inside the purchase's own statement, each whole or not
+    at all. `also` holds the common table expressions, their parameters, and the condition, that every claim was
+    had, which the statement must meet; the member is the statement's `a`, the account's row as updated, so the
+    account's lock comes before the rows claimed, as in awards_claim. A condition that fails means a claim fell
+    short: the statement undoes itself, and the caller claims with awards_claim, which cuts it.
 
+    Limits (`u`): the member's usage rows upserted, each only while it stays within its rule's limit, which
+    PostgreSQL checks on the row as it is when the statement reaches it (a concurrent purchase's claim included).
+    `guard` keeps the member out of the statement (so it writes nothing) where the usage it reads already leaves
+    too little; it may be stale, `u` is what holds. Budgets (`bl`, `b`): the member's slice of each budget (the
+    slice their id picks) locked in key order, as every path locks slices, then charged while it has room.
+    For awards each within its limit on its own (awards_claim_possible_at_once)."""
+    limited = [a for a in awards if _limited(a)]
+    budgeted = [a for a in awards if a.rule is not None and a.rule.budget is not None]
+    assert len({a.rule.pk for a in limited}) == len(limited), "one award per rule"
+    assert len({a.rule.pk for a in budgeted}) == len(budgeted), "one award per rule"
     # The claims as arrays, so the statement's text and its parameters are the same whatever the number of claims:
     # one prepared statement, and few enough parameters for the driver to keep the statement's parsed form.
-    rule_ids = array_literal(a.rule.pk for a in limited)
-    starts = array_literal(period_start(a.rule.member_limit_period, local) for a in limited)
-    u = (
-        f"u AS (INSERT INTO {usage_t} (rule_id, member_id, period_start, points) "
-        "SELECT v.rule_id, a.member_id, v.period_start, v.points FROM a, "
-        "unnest(%s::bigint[], %s::date[], %s::bigint[]) AS v(rule_id, period_start, points) "
-        f"ON CONFLICT (rule_id, member_id, period_start) DO UPDATE SET points = {usage_t}.points + excluded.points "
-        f"WHERE {usage_t}.points + excluded.points <= (%s::bigint[])[array_position(%s::bigint[], {usage_t}.rule_id)] "
-        "RETURNING 1)"
-    )
-    guard = (
-        f"NOT EXISTS (SELECT 1 FROM {usage_t} x "
-        "JOIN unnest(%s::bigint[], %s::date[], %s::bigint[]) AS v(rule_id, period_start, room) "
-        "ON x.rule_id = v.rule_id AND x.period_start = v.period_start "
-        f"WHERE x.member_id = {member_table}.id AND x.points > v.room)"
-    )
-    rooms = [rule_ids, starts, array_literal(a.rule.member_limit - a.points for a in limited)]
-    points, limits = array_literal(a.points for a in limited), array_literal(a.rule.member_limit for a in limited)
-    # In the order of their placeholders: the upsert's rows, each rule's limit, then the count in the condition.
-    also_params = [rule_ids, starts, points, limits, rule_ids, rule_ids]
-    return ClaimAtOnce(guard, rooms, (u, also_params, "(SELECT count(*) FROM u) = cardinality(%s::bigint[])"))
+    ctes, cte_params, conditions, condition_params = [], [], [], []
+    guard, guard_params = None, []
+    if limited:
+        local = occurred_at.astimezone(ZoneInfo(program.timezone))
+        usage_t = RuleUsage._meta.db_table
+        rule_ids = array_literal(a.rule.pk for a in limited)
+        starts = array_literal(period_start(a.rule.member_limit_period, local) for a in limited)
+        ctes.append(
+            f"u AS (INSERT INTO {usage_t} (rule_id, member_id, period_start, points) "
+            "SELECT v.rule_id, a.member_id, v.period_start, v.points FROM a, "
+            "unnest(%s::bigint[], %s::date[], %s::bigint[]) AS v(rule_id, period_start, points) "
+            f"ON CONFLICT (rule_id, member_id, period_start) DO UPDATE SET points = {usage_t}.points + excluded.points "
+            f"WHERE {usage_t}.points + excluded.points <= "
+            f"(%s::bigint[])[array_position(%s::bigint[], {usage_t}.rule_id)] "
+            "RETURNING 1)"
+        )
+        points, limits = array_literal(a.points for a in limited), array_literal(a.rule.member_limit for a in limited)
+        # In the order of their placeholders: the upsert's rows, then each rule's limit.
+        cte_params += [rule_ids, starts, points, limits, rule_ids]
+        conditions.append("(SELECT count(*) FROM u) = cardinality(%s::bigint[])")
+        condition_params.append(rule_ids)
+        guard = (
+            f"NOT EXISTS (SELECT 1 FROM {usage_t} x "
+            "JOIN unnest(%s::bigint[], %s::date[], %s::bigint[]) AS v(rule_id, period_start, room) "
+            "ON x.rule_id = v.rule_id AND x.period_start = v.period_start "
+            f"WHERE x.member_id = {member_table}.id AND x.points > v.room)"
+        )
+        guard_params = [rule_ids, starts, array_literal(a.rule.member_limit - a.points for a in limited)]
+    if budgeted:
+        slice_t = BudgetSlice._meta.db_table
+        rule_ids = array_literal(a.rule.pk for a in budgeted)
+        # Locked first, in key order (ORDER BY comes before the lock), then charged: an UPDATE locks rows in the
+        # order its plan meets them, which two purchases could meet differently, and wait on each other crosswise.
+        ctes.append(
+            f"bl AS (SELECT s.id, v.points FROM a, unnest(%s::bigint[], %s::bigint[]) AS v(rule_id, points), "
+            f"{slice_t} s WHERE s.rule_id = v.rule_id AND s.number = mod(a.member_id, {BUDGET_SLICES}) "
+            "ORDER BY s.id FOR UPDATE OF s), "
+            f"b AS (UPDATE {slice_t} s SET used = s.used + bl.points FROM bl "
+            "WHERE s.id = bl.id AND s.used + bl.points <= s.size RETURNING 1)"
+        )
+        cte_params += [rule_ids, array_literal(a.points for a in budgeted)]
+        conditions.append("(SELECT count(*) FROM b) = cardinality(%s::bigint[])")
+        condition_params.append(rule_ids)
+    return ClaimAtOnce(guard, guard_params, (", ".join(ctes), cte_params + condition_params, " AND ".join(conditions)))
 
 
 def awards_claim_possible_at_once(awards: list[Award]) -> bool:
-    """Whether awards_claim_at_once can claim these: no budget (budget rows are locked in key order, by
-    awards_claim), and no award over its limit on its own."""
-    return not any(
-        a.rule is not None and (a.rule.budget is not None or (_limited(a) and a.points > a.rule.member_limit))
-        for a in awards
-    )
+    """Whether awards_claim_at_once can claim these: no award over its limit on its own."""
+    return not any(_limited(a) and a.points > a.rule.member_limit for a in awards)
 
 
 def _limited(award: Award) -> bool:

@@ -152,9 +152,9 @@ def transaction_record_by_number(
     """transaction_record for a purchase by the member with `member_number`, in the one statement of the common
     purchase, which finds the member too: it saves reading the member first (a round trip and a fifth of a
     purchase's CPU). Possible where earning needs nothing of the member: a programme without tiers, no active rule on
-    birthdays, first purchases or tiers, no budget to claim; and the member active, with no referral pending.
-    Per-member limits are claimed in the same statement, each whole or not at all (rules.awards_claim_at_once);
-    a claim that falls short undoes the whole statement. None, having written nothing, when the purchase is not
+    birthdays, first purchases or tiers; and the member active, with no referral pending. Per-member limits and
+    budgets are claimed in the same statement, each whole or not at all (rules.awards_claim_at_once); a claim that
+    falls short undoes the whole statement. None, having written nothing, when the purchase is not
     such a one or the statement wrote nothing or fell short of a claim (an unknown member, a repeat, no account yet,
     a limit nearly reached, bad input): the caller then reads the member and calls transaction_record, which
     records it or explains why not, in its own order of checks."""
@@ -185,7 +185,9 @@ def transaction_record_by_number(
         claim = rules.awards_claim_at_once(
             awards=awards, program=program, occurred_at=data.occurred_at, member_table=members
         )
-        where, params, also = f"{where} AND {claim.guard}", params + claim.guard_params, claim.also
+        if claim.guard:
+            where, params = f"{where} AND {claim.guard}", params + claim.guard_params
+        also = claim.also
     # None also where a claim fell short, having written nothing: the careful way cuts it.
     entry = ledger.ledger_credit_new_transaction(
         txn=txn, points=txn.points, member=(f"SELECT id FROM {members} WHERE {where}", params), also=also, **credit
@@ -476,9 +478,15 @@ def _result(
     pending, available_at, balance = 0, None, None
     if entry is not None:
         balance = ledger.Balance.after(entry)
-        if available_from is None and entry.kind == Entry.Kind.EARN:
-            lot = getattr(entry, "lot", None)
-            available_from = lot.available_from if lot is not None else None
+        lot = None
+        if entry.kind == Entry.Kind.EARN and (available_from is None or Entry.lot.is_cached(entry)):
+            lot = getattr(entry, "lot", None)  # read only where not known: the one statement knows its lot's
+        if lot is not None and lot.expires_at is not None and lot.expires_at <= entry.created_at:
+            # Points that expired before they arrived were expired at once (ledger_credit): the balance is after that.
+            expiry = Entry.objects.filter(kind=Entry.Kind.EXPIRE, draws__lot=lot).first()
+            balance = ledger.Balance.after(expiry) if expiry is not None else balance
+        if available_from is None and lot is not None:
+            available_from = lot.available_from
         if available_from is not None and available_from > entry.created_at:
             pending, available_at = entry.points, available_from
     elif txn.member_id:

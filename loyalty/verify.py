@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from django.db import connection
 
-from loyalty.models import Account, Draw, Entry, Lot, Transaction
+from loyalty.models import Account, BudgetSlice, Draw, EarningRule, Entry, Lot, Transaction
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,15 @@ def _checks() -> list[tuple[str, str]]:
             "a refund gives back exactly what its spend took, to the same account",
             f"""SELECT r.id, r.points, -s.points FROM {e} r JOIN {e} s ON s.id = r.refund_of_id
                 WHERE r.points <> -s.points OR r.account_id <> s.account_id""",
+        ),
+        (
+            # Each slice is held within its size by a CHECK; this is what makes that hold the budget.
+            "a budget's slices add up to the budget",
+            f"""SELECT r.id, r.budget, SUM(b.size) FROM {_t(EarningRule)} r JOIN {_t(BudgetSlice)} b ON b.rule_id = r.id
+                WHERE r.budget IS NOT NULL GROUP BY r.id, r.budget HAVING SUM(b.size) <> r.budget
+                UNION ALL
+                SELECT r.id, r.budget, 0 FROM {_t(EarningRule)} r WHERE r.budget IS NOT NULL
+                  AND NOT EXISTS (SELECT 1 FROM {_t(BudgetSlice)} b WHERE b.rule_id = r.id)""",
         ),
     ]
 

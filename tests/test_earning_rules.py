@@ -12,7 +12,7 @@ from django.db import DatabaseError, DataError, connection
 
 from core.errors import InvalidInput, Unprocessable
 from loyalty import rules
-from loyalty.models import Account, EarningRule, RuleUsage, Transaction
+from loyalty.models import Account, BudgetSlice, EarningRule, RuleUsage, Transaction
 from loyalty.points import points_adjust
 from loyalty.rule_services import earning_rule_create, earning_rule_update
 from loyalty.transactions import (
@@ -363,6 +363,97 @@ def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program, b
     given = sum(line["points"] for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == "launch")
     assert promo.budget_used == given == 1000
     assert ledger_verify() == []
+
+
+def _slices(rule_):
+    return list(BudgetSlice.objects.filter(rule=rule_).order_by("number").values_list("size", "used"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_budget_claimed_at_once_by_many_members_gives_exactly_the_budget_and_no_more(program):
+    # given: two budgets of 16,000 that 40 members, 5 purchases each, would overdraw (20,000 each)
+    first = rule(program, "first", benefit="fixed", value=Decimal(100), budget=16_000)
+    second = rule(program, "second", benefit="fixed", value=Decimal(100), budget=16_000)
+    members = [MemberFactory(program=program) for _ in range(40)]
+    for member in members:
+        points_adjust(member=member, points=1, reason="seed")  # an open account: the one statement can be used
+    barrier = threading.Barrier(8)
+    errors, at_once = [], []
+
+    def shop(group):
+        try:
+            barrier.wait()
+            for n in range(5):
+                for member in group:
+                    at_once.append(
+                        buy(program, member, external_id=f"{member.pk}-{n}", by_number=True).known_member_number
+                    )
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=shop, args=(members[i::8],)) for i in range(8)]
+    # when
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # then: most claimed in the one statement; the budgets are spent to the point and never beyond
+    assert errors == []
+    assert sum(number is not None for number in at_once) > 100
+    for promo in (first, second):
+        given = sum(
+            line["points"] for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == promo.code
+        )
+        assert promo.budget_used == given == 16_000
+        assert sum(size for size, _ in _slices(promo)) == 16_000
+    assert ledger_verify() == []
+
+
+def test_a_slice_run_short_is_made_up_from_the_others_and_what_is_left_shared_out_again(program, member):
+    # given: a budget of 320, 20 a slice, and a purchase that earns 50 from it
+    promo = rule(program, "promo", benefit="fixed", value=Decimal(50), budget=320)
+    assert _slices(promo) == [(20, 0)] * 16
+    # when
+    result = buy(program, member)
+    # then: 50 given, from the member's slice, and the 270 left shared out: 16 slices of 16 or 17
+    assert result.transaction.breakdown[-1] == {"rule": "promo", "points": 50}
+    slices = _slices(promo)
+    assert [used for _, used in slices] == [50 if n == member.pk % 16 else 0 for n in range(16)]
+    assert sorted(size - used for size, used in slices) == [16] * 2 + [17] * 14
+    assert promo.budget_used == 50
+
+
+def test_a_changed_budget_is_shared_out_again_and_cannot_fall_below_what_was_given(program, member):
+    # given
+    promo = rule(program, "promo", benefit="fixed", value=Decimal(50), budget=1600)
+    buy(program, member)
+    # when
+    earning_rule_update(rule=promo, budget=3200)
+    with pytest.raises(InvalidInput) as refused:
+        earning_rule_update(rule=promo, budget=40)
+    # then
+    assert sum(size for size, _ in _slices(promo)) == 3200
+    assert promo.budget_used == 50
+    assert "budget" in refused.value.errors
+    promo.refresh_from_db()
+    assert promo.budget == 3200
+
+
+def test_verify_finds_a_budget_whose_slices_do_not_add_up_to_it(program):
+    # given: one budget's slice grown behind the rules' back, another budget with its slices gone
+    grown = rule(program, "grown", benefit="fixed", value=Decimal(5), budget=1600)
+    gone = rule(program, "gone", benefit="fixed", value=Decimal(5), budget=1600)
+    BudgetSlice.objects.filter(rule=grown, number=3).update(size=500)
+    BudgetSlice.objects.filter(rule=gone).delete()
+    # when
+    breaches = ledger_verify()
+    # then
+    assert {(b.check, b.subject) for b in breaches} == {
+        ("a budget's slices add up to the budget", str(grown.pk)),
+        ("a budget's slices add up to the budget", str(gone.pk)),
+    }
 
 
 def test_a_member_limit_is_claimed_in_the_purchase_by_numbers_one_statement_or_cut_the_careful_way(program):
