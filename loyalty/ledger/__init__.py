@@ -19,9 +19,9 @@ primary-key order; a path may skip steps but never goes back to an earlier one (
   2. purchase rows a return locks (FOR UPDATE; an import chunk's returns: all of them first, in key order);
   3. accounts: ledger_lock or any ledger write; two or more strictly in key order (referrals, the jobs, imports
      through ledger_lock_many and ledger_credit_many);
-  4. shared counters: budgeted earning rules (key order), then a reward's stock; a member's rule usage rows are
-     written only under that member's account lock (after 3; in a purchase's one statement, which claims no
-     budget, right after it);
+  4. shared counters: earning rules' budget slices (key order; a purchase's one statement locks one slice a
+     budget, the careful claim all of them), then a reward's stock; a member's rule usage rows are written only
+     under that member's account lock (after 3; in a purchase's one statement, right after it);
   5. the member's tier status row (locked before the count, so the review job, which skips locked rows, never
      decides on a window missing uncommitted activity), then their tier counter row.
 Unique keys inserted later (a return's own row, an event's external_id) can only make a path wait for a repeat of
