@@ -317,11 +317,13 @@ def _budget_slices_write(cursor, budgets: list[tuple[int, list[tuple]]]) -> None
         room = budget - sum(used for _, _, _, used in slices)
         for (pk, _, _, used), share in zip(sorted(slices, key=lambda s: s[1]), budget_shares(room), strict=True):
             rows.append((pk, used + share, used))
+    cases = " ".join("WHEN %s THEN %s" for _ in rows)  # CASE rather than a VALUES list: SQLite takes it too
     cursor.execute(
-        f"UPDATE {BudgetSlice._meta.db_table} SET size = v.size, used = v.used "
-        f"FROM (VALUES {', '.join('(%s, %s, %s)' for _ in rows)}) AS v(id, size, used) "
-        f"WHERE {BudgetSlice._meta.db_table}.id = v.id",
-        [value for row in rows for value in row],
+        f"UPDATE {BudgetSlice._meta.db_table} SET size = CASE id {cases} END, used = CASE id {cases} END "
+        f"WHERE id IN ({_marks(rows)})",
+        [v for pk, size, _ in rows for v in (pk, size)]
+        + [v for pk, _, used in rows for v in (pk, used)]
+        + [pk for pk, _, _ in rows],
     )
 
 
