@@ -169,8 +169,16 @@ def handler404(request, exception=None):
     return problem_response(404, "not_found", "Not found", f"No resource at {request.path}.")
 
 
+# What an unexpected error is told as: a request's (handler500) and a batch item's.
+SERVER_ERROR = {
+    "code": "server_error",
+    "title": "Server error",
+    "detail": "An unexpected error occurred; it has been logged.",
+}
+
+
 def handler500(request):
-    return problem_response(500, "server_error", "Server error", "An unexpected error occurred; it has been logged.")
+    return problem_response(500, **SERVER_ERROR)
 
 
 def handler400(request, exception=None):

@@ -13,7 +13,15 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.errors import ApplicationError, InvalidInput, MemberNotFound, Unprocessable, problem, problem_for
+from core.errors import (
+    SERVER_ERROR,
+    ApplicationError,
+    InvalidInput,
+    MemberNotFound,
+    Unprocessable,
+    problem,
+    problem_for,
+)
 from core.hotpath import reply
 from core.models import ApiClient, Program
 from core.money import CURRENCIES
@@ -359,12 +367,6 @@ class TransactionPreviewApi(APIView):
         return Response(_transaction_output(result, preview=True))
 
 
-# A batch item that failed unexpectedly, told as core.errors.handler500 tells a request that did.
-_ITEM_FAILED = problem(
-    status=500, code="server_error", title="Server error", detail="An unexpected error occurred; it has been logged."
-)
-
-
 class TransactionBatchApi(APIView):
     scopes = {"POST": "transactions:write"}
 
@@ -398,7 +400,7 @@ class TransactionBatchApi(APIView):
                 results.append({"index": index, "status": status, "body": body})
             except Exception:
                 logger.exception("transaction batch item %d failed", index)
-                results.append({"index": index, "status": 500, "body": _ITEM_FAILED})
+                results.append({"index": index, "status": 500, "body": problem(status=500, **SERVER_ERROR)})
         return Response({"results": results})
 
 

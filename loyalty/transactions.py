@@ -66,12 +66,13 @@ def transaction_record(
     now = now or timezone.now()
     try:
         _validate(program, data, now)
-    except ApplicationError:
+    except ApplicationError as exc:
         # A transaction sent again gets its first result, whatever changed since (its member suspended, the
         # programme's maximum age shortened): the checks are for new transactions. Looked up only on this rare path.
-        if Transaction.objects.filter(program=program, store=data.store, external_id=data.external_id).exists():
+        try:
             return _replay(program, data)
-        raise
+        except Transaction.DoesNotExist:
+            raise exc from None
     if data.kind == Transaction.Kind.PURCHASE:
         return _record_purchase(program, data, api_client, now)
     return _record_return(program, data, api_client, now)

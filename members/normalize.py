@@ -6,6 +6,11 @@ from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
 
+def normalize_channel(value: str) -> str:
+    """An external id's channel as it is kept: trimmed and lower-cased."""
+    return value.strip().lower()
+
+
 def normalize_email(value: str) -> str:
     """Trimmed and lower-cased; raises ValidationError when it is not an email address."""
     email = value.strip().lower()

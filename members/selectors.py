@@ -4,7 +4,7 @@ from core.db import fetch_instance
 from core.errors import InvalidInput, MemberNotFound
 from core.models import Program
 from members.models import Identifier, Member
-from members.normalize import normalize_email, normalize_phone
+from members.normalize import normalize_channel, normalize_email, normalize_phone
 from members.numbers import is_valid_member_number
 
 
@@ -50,7 +50,7 @@ def member_lookup(
         else:
             member = members.filter(
                 identifiers__kind=Identifier.Kind.EXTERNAL,
-                identifiers__channel=channel.strip().lower(),  # as enrolment keeps it
+                identifiers__channel=normalize_channel(channel),
                 identifiers__value=external_id.strip(),
             ).first()
     except ValidationError as exc:

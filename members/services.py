@@ -15,7 +15,7 @@ from django.utils import timezone as dj_timezone
 from core.errors import InvalidInput, MemberExists
 from core.models import Program
 from members.models import Channel, ConsentEvent, Identifier, Member
-from members.normalize import normalize_email, normalize_phone
+from members.normalize import normalize_channel, normalize_email, normalize_phone
 from members.numbers import new_member_number
 from members.referrals import attach_referrer, new_referral_code, referrer_for_code
 
@@ -150,7 +150,7 @@ def _clean_external_ids(errors: _Errors, value, *, allow_removal: bool) -> dict[
         return {}
     cleaned: dict[str, str | None] = {}
     for raw_channel, raw_id in value.items():
-        channel = raw_channel.strip().lower() if isinstance(raw_channel, str) else ""
+        channel = normalize_channel(raw_channel) if isinstance(raw_channel, str) else ""
         if not EXTERNAL_CHANNEL_RE.match(channel):
             errors.add("external_ids", f"'{raw_channel}' is not a channel name (a-z, 0-9, '_', '.', '-'; 32 at most).")
             continue
