@@ -31,7 +31,7 @@ class EarningRule(models.Model):
     description = models.TextField(blank=True)
     active = models.BooleanField(default=True)
     priority = models.IntegerField(default=0, help_text=_("Higher runs first."))
-    exclusive = models.BooleanField(default=False, help_text=_("When it applies, rules of lower priority do not."))
+    exclusive = models.BooleanField(default=False, help_text=_("When it earns points, rules of lower priority do not."))
     valid_from = models.DateTimeField(null=True, blank=True)
     valid_until = models.DateTimeField(null=True, blank=True)
     # Conditions

@@ -186,8 +186,10 @@ def rules_need(active: list[CompiledRule]) -> set[str]:
 
 
 def earning_evaluate(*, basket: Basket, active: list[CompiledRule]) -> list[Award]:
-    """Every line a purchase earns: base, tier multiplier, then bonus rules by priority (an exclusive rule that
-    applies stops the rules below it). Writes nothing."""
+    """Every line a purchase may earn: base, tier multiplier, then the bonus rules that apply, by priority. An
+    exclusive rule that earns stops the rules below it (awards_stacked). Whether one with a per-member limit, a
+    budget or a first-purchase condition earns is known only once the purchase has claimed it, under locks, so the
+    rules below such a one are evaluated too: awards_claim gives them what it cannot. Writes nothing."""
     program = basket.program
     base = points_for_amount(program=program, amount=basket.total - basket.paid_with_points)
     awards = [Award("base", base)] if base else []
@@ -201,9 +203,18 @@ def earning_evaluate(*, basket: Basket, active: list[CompiledRule]) -> list[Awar
     for compiled in active:
         points = compiled.points(at)
         if points > 0:
-            awards.append(Award(compiled.rule.code, points, compiled.rule))
-            if compiled.rule.exclusive:
+            rule = compiled.rule
+            awards.append(Award(rule.code, points, rule))
+            if rule.exclusive and rule.member_limit is None and rule.budget is None and not rule.first_purchase:
                 break
+    return awards
+
+
+def awards_stacked(awards: list[Award]) -> list[Award]:
+    """What the awards earn where nothing cuts them: those down to the first exclusive one."""
+    for n, award in enumerate(awards):
+        if award.rule is not None and award.rule.exclusive:
+            return awards[: n + 1]
     return awards
 
 
@@ -227,8 +238,9 @@ def period_start_at(period: str, at: datetime, tz: ZoneInfo) -> datetime | None:
 
 
 def awards_claim(*, awards: list[Award], member_id: int, program: Program, occurred_at: datetime) -> list[Award]:
-    """Cut awards down to what their rules' per-member limits and budgets still allow, and record the use, in at
-    most four statements whatever the number of rules. The caller holds the member's account lock, which serialises
+    """Cut awards (earning_evaluate's) down to what their rules' per-member limits and budgets still allow, and
+    stack them: an exclusive award stops those below it if anything of it is left. Records the use, in at most
+    four statements whatever the number of rules. The caller holds the member's account lock, which serialises
     the member's purchases, so their usage rows need no lock of their own. Budgets are shared by every member: all
     their slices are locked, in primary-key order so two purchases never wait on each other crosswise, until the
     purchase commits; what is used is taken from the member's slice, and what is left shared out again over the
@@ -266,6 +278,8 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
             if rule is not None and rule.pk in limited:
                 usage_rows.append((rule.pk, member_id, limited[rule.pk], points))
             granted.append(Award(award.code, points, rule))
+            if rule is not None and rule.exclusive:
+                break
         if budget_use:
             # What is used is taken from the member's slice; _budget_slices_write shares out what is left.
             mine, budgets = member_id % BUDGET_SLICES, []

@@ -173,6 +173,7 @@ def transaction_record_by_number(
     except ApplicationError:
         return None
     txn, awards, credit = _purchase(program, data, api_client, now, active, member_read=False)
+    awards = rules.awards_stacked(awards)  # claimed whole or not at all: one cut sends the purchase the careful way
     claims = rules.awards_need_claim(awards)
     if not txn.points or (claims and not rules.awards_claim_possible_at_once(awards)):
         return None
@@ -228,23 +229,23 @@ def _one_statement_possible(program: Program) -> bool:
 def _purchase(
     program, data, api_client, now, active: list, *, member_read: bool = True
 ) -> tuple[Transaction, list, dict]:
-    """The unsaved purchase with its points, the awards the `active` rules give it, and its credit as the ledger
-    takes it (but for the member). `member_read` is False for a member not read yet (transaction_record_by_number),
-    who earns as a member of whom no rule asks anything."""
+    """The unsaved purchase with its points, the awards the `active` rules may give it (earning_evaluate's: the
+    transaction has those rules.awards_stacked keeps), and its credit as the ledger takes it (but for the member).
+    `member_read` is False for a member not read yet (transaction_record_by_number), who earns as a member of whom
+    no rule asks anything."""
     earning = earning_for_purchase(program=program, total=data.total, occurred_at=data.occurred_at)
     # Anonymous purchases are kept for analytics and earn nothing.
     earns = data.member is not None or not member_read
     awards = rules.earning_evaluate(basket=_basket(program, data, active), active=active) if earns else []
-    points = sum(a.points for a in awards)
+    points = sum(a.points for a in rules.awards_stacked(awards))
     if points > MAX_POINTS:
         raise Unprocessable(
             f"The purchase would earn {points} points, more than one transaction can hold ({MAX_POINTS}).",
             code="points_out_of_range",
             errors={"total": ["Too large to earn points on."]},
         )
-    txn = _new_transaction(
-        program, data, api_client, now, member=data.member, points=points, breakdown=[a.as_line() for a in awards]
-    )
+    breakdown = [a.as_line() for a in rules.awards_stacked(awards)]
+    txn = _new_transaction(program, data, api_client, now, member=data.member, points=points, breakdown=breakdown)
     credit = {
         "kind": Entry.Kind.EARN,
         "occurred_at": data.occurred_at,
@@ -276,12 +277,11 @@ def _record_purchase_in_steps(program, data, txn, awards, credit: dict, now) -> 
             and Transaction.objects.filter(member=member, kind=Transaction.Kind.PURCHASE).exclude(pk=txn.pk).exists()
         ):
             granted = [a for a in awards if a not in first]
-        if claims:
-            granted = rules.awards_claim(
-                awards=granted, member_id=member.pk, program=program, occurred_at=data.occurred_at
-            )
-        if granted != awards:
-            txn.points, txn.breakdown = sum(a.points for a in granted), [a.as_line() for a in granted]
+        # Stacked after the cuts, so that an exclusive rule cut to nothing leaves the rules below it their points.
+        granted = rules.awards_claim(awards=granted, member_id=member.pk, program=program, occurred_at=data.occurred_at)
+        breakdown = [a.as_line() for a in granted]
+        if breakdown != txn.breakdown:
+            txn.points, txn.breakdown = sum(a.points for a in granted), breakdown
             Transaction.objects.filter(pk=txn.pk).update(points=txn.points, breakdown=txn.breakdown)
             points = txn.points
     entry = None

@@ -167,6 +167,64 @@ def test_an_exclusive_rule_stops_the_rules_below_it_and_priority_orders_them(pro
     assert [line["rule"] for line in result.transaction.breakdown] == ["base", "top", "vip"]
 
 
+@pytest.mark.parametrize("by_number", [False, True])
+def test_an_exclusive_rule_whose_limit_is_used_up_leaves_the_rules_below_it_their_points(program, by_number):
+    # given: an exclusive 300-point bonus, at most 500 a month, above a 7-point one
+    member = MemberFactory(program=program)
+    rule(program, "low", priority=1, benefit="fixed", value=Decimal(7))
+    rule(program, "vip", priority=10, exclusive=True, benefit="fixed", value=Decimal(300), member_limit=500)
+    # when
+    results = [buy(program, member, external_id=str(n), by_number=by_number) for n in range(3)]
+    # then: cut to 200, it still stops the one below; used up, it no longer does
+    assert [r.transaction.breakdown for r in results] == [
+        [{"rule": "base", "points": 100}, {"rule": "vip", "points": 300}],
+        [{"rule": "base", "points": 100}, {"rule": "vip", "points": 200}],
+        [{"rule": "base", "points": 100}, {"rule": "low", "points": 7}],
+    ]
+    assert Account.objects.get(pk=member.pk).available == 400 + 300 + 107
+    assert ledger_verify() == []
+
+
+def test_an_exclusive_rule_whose_budget_is_spent_leaves_the_rules_below_it_their_points(program, member):
+    # given: an exclusive bonus whose budget the first purchase spends
+    rule(program, "low", priority=1, benefit="fixed", value=Decimal(7), budget=1000)
+    rule(program, "promo", priority=10, exclusive=True, benefit="fixed", value=Decimal(50), budget=50)
+    # when
+    first = buy(program, member, external_id="1")
+    second = buy(program, member, external_id="2")
+    # then: the lower rule's budget is charged only when it earns
+    assert [line["rule"] for line in first.transaction.breakdown] == ["base", "promo"]
+    assert second.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "low", "points": 7}]
+    low = EarningRule.objects.get(code="low")
+    assert sum(s.used for s in BudgetSlice.objects.filter(rule=low)) == 7
+    assert ledger_verify() == []
+
+
+def test_an_exclusive_welcome_bonus_not_earned_leaves_the_rules_below_it_their_points(program):
+    # given: a member with a purchase already recorded, whose basket is read as a first purchase (the case of two
+    # first purchases at once, the second of which sees the first only under the account lock)
+    member = MemberFactory(program=program)
+    rule(program, "low", priority=1, benefit="fixed", value=Decimal(7))
+    rule(program, "welcome", priority=10, exclusive=True, first_purchase=True, benefit="fixed", value=Decimal(500))
+    buy(program, member, external_id="1")
+    basket = rules.Basket(
+        program=program,
+        total=Decimal(100),
+        lines=[],
+        store="S",
+        channel="pos",
+        occurred_at=WEDNESDAY,
+        first_purchase=True,
+    )
+    # when
+    awards = rules.earning_evaluate(basket=basket, active=rules.rules_active(program))
+    second = buy(program, member, external_id="2")
+    # then: the evaluation keeps the rule below in reserve, and a purchase that is not the first earns it
+    assert [a.code for a in awards] == ["base", "welcome", "low"]
+    assert [a.code for a in rules.awards_stacked(awards)] == ["base", "welcome"]
+    assert second.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "low", "points": 7}]
+
+
 def test_first_purchase_and_birthday_month(program):
     # given
     member = MemberFactory(program=program, birth_date=datetime(1990, 11, 3).date())
