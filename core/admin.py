@@ -2,14 +2,47 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from core.errors import ApplicationError
 from core.models import ApiClient, Program
+from loyalty.tier_models import Tier
+from loyalty.tier_setup import PROGRAM_FIELDS, program_measure_check, program_settings_update
+
+
+class ProgramForm(forms.ModelForm):
+    class Meta:
+        model = Program
+        fields = [
+            "code",
+            "currency",
+            "timezone",
+            *PROGRAM_FIELDS,
+            "hold_minutes",
+            "point_value",
+            "voucher_return_policy",
+            "referrals_enabled",
+            "referral_referrer_points",
+            "referral_referee_points",
+            "referral_min_purchase",
+        ]
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.instance.pk and "tier_measure" in self.changed_data and "tier_measure" in cleaned:
+            try:
+                program_measure_check(list(Tier.objects.filter(program=self.instance)), cleaned["tier_measure"])
+            except ApplicationError as exc:
+                raise ValidationError(exc.detail) from exc
+        return cleaned
 
 
 @admin.register(Program)
 class ProgramAdmin(admin.ModelAdmin):
+    form = ProgramForm
     list_display = ["code", "name", "currency", "points_per_unit", "rounding", "pending_days", "expiry_months"]
     search_fields = ["code", "name"]
     readonly_fields = ["created_at", "updated_at"]
@@ -17,6 +50,21 @@ class ProgramAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         # Members, keys and ledger rows refer to the programme by its code in integrations; it does not change.
         return [*self.readonly_fields, "code"] if obj else self.readonly_fields
+
+    @transaction.atomic
+    def save_model(self, request, obj: Program, form, change):
+        if not change:
+            super().save_model(request, obj, form, change)
+            return
+        # The earning and tier settings through the service the API uses: a new measure or window recounts the
+        # members' qualifying counters, and the programme's tier cache is dropped. It compares with the settings as
+        # stored, so it is handed the programme as read, not the form's instance, which holds the new values.
+        settings = {name: form.cleaned_data[name] for name in form.changed_data if name in PROGRAM_FIELDS}
+        others = [name for name in form.changed_data if name not in PROGRAM_FIELDS]
+        if others:
+            obj.save(update_fields=[*others, "updated_at"])
+        if settings:
+            program_settings_update(program=Program.objects.get(pk=obj.pk), **settings)
 
 
 class ApiClientForm(forms.ModelForm):

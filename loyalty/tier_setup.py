@@ -206,15 +206,7 @@ def program_settings_update(*, program: Program, now: datetime | None = None, **
     if unknown:
         raise InvalidInput(f"These programme settings cannot be changed: {', '.join(sorted(unknown))}.")
     tiers = _locked_tiers(program)
-    measure = fields.get("tier_measure", program.tier_measure)
-    if measure != Program.TierMeasure.SPEND:
-        fractional = [t.code for t in tiers if t.retired_at is None and t.threshold != t.threshold.to_integral_value()]
-        if fractional:
-            raise InvalidInput(
-                f"Tiers {', '.join(fractional)} have thresholds that are not whole {measure}; change them first.",
-                code="tier_thresholds_not_whole",
-                errors={"tier_measure": [f"Thresholds of {', '.join(fractional)} are not whole numbers."]},
-            )
+    program_measure_check(tiers, fields.get("tier_measure", program.tier_measure))
     qualification = _qualification(program)
     for name, value in fields.items():
         setattr(program, name, value)
@@ -230,6 +222,18 @@ def program_settings_update(*, program: Program, now: datetime | None = None, **
         tier_counters_backfill(program=program, now=now or timezone.now(), counting=True)
     tier_cache_clear(program.pk)
     return program
+
+
+def program_measure_check(tiers: list[Tier], measure: str) -> None:
+    """InvalidInput where active tiers' thresholds are not whole numbers of a measure that counts in whole ones."""
+    if measure != Program.TierMeasure.SPEND:
+        fractional = [t.code for t in tiers if t.retired_at is None and t.threshold != t.threshold.to_integral_value()]
+        if fractional:
+            raise InvalidInput(
+                f"Tiers {', '.join(fractional)} have thresholds that are not whole {measure}; change them first.",
+                code="tier_thresholds_not_whole",
+                errors={"tier_measure": [f"Thresholds of {', '.join(fractional)} are not whole numbers."]},
+            )
 
 
 def _qualification(program: Program) -> tuple:

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from core.models import Program
 from loyalty import tier_setup
@@ -336,3 +337,46 @@ def test_a_new_window_recounts_the_periods_and_moves_up_who_qualifies_in_it(prog
     # and a member already at the tier their new window supports is left as they were
     assert TierStatus.objects.filter(member=kept).values_list("tier_id", "since", "review_at").get() == kept_before
     assert _history(kept) == [("member", "silver", "upgrade")]
+
+
+def _program_form(program, **changes) -> dict:
+    """The admin's change form for the programme as a browser sends it, with `changes`."""
+    from core.admin import ProgramForm
+
+    form = ProgramForm(instance=program)
+    data = {name: form[name].value() for name in form.fields}
+    data = {name: "on" if value is True else value for name, value in data.items() if value not in (None, "")}
+    data = {name: value for name, value in data.items() if value is not False}  # an unticked box is not sent
+    return {**data, **changes}
+
+
+def test_a_window_changed_in_the_admin_recounts_and_moves_up_at_once_as_over_the_api(program, member, admin_client):
+    # given: a three-month window, in which neither of two 600 purchases five months apart reaches Silver
+    now = timezone.now()
+    _ladder(program, tier_window_months=3)
+    _buy(program, member, "600", key="1", at=now - timedelta(days=150))
+    _buy(program, member, "600", key="2", at=now - timedelta(days=5))
+    assert _status(member)[0] is None  # the base tier: no row
+    # when: staff widen the window to twelve months
+    response = admin_client.post(
+        f"/admin/core/program/{program.pk}/change/", _program_form(program, tier_window_months=12)
+    )
+    # then
+    assert response.status_code == 302
+    program.refresh_from_db()
+    assert program.tier_window_months == 12
+    assert _status(member)[0] == "silver"
+
+
+def test_a_measure_the_tiers_thresholds_do_not_fit_is_a_form_error_in_the_admin(program, admin_client):
+    # given: a Silver threshold of 999.50, which only money can reach
+    _ladder(program, tier_measure=Program.TierMeasure.SPEND)
+    tier_setup.tier_update(tier=tier_setup.Tier.objects.get(code="silver"), threshold=Decimal("999.50"))
+    # when
+    response = admin_client.post(
+        f"/admin/core/program/{program.pk}/change/", _program_form(program, tier_measure="purchases")
+    )
+    # then
+    assert response.status_code == 200 and "not whole" in response.content.decode()
+    program.refresh_from_db()
+    assert program.tier_measure == Program.TierMeasure.SPEND
