@@ -1,5 +1,6 @@
 """Defining tiers and the programme's tier settings. A change applies from now on and never rewrites history:
-members keep their tier until something moves them (a purchase up, the review down), and history rows stay.
+whoever a new or lowered tier fits moves up at once (members_move_up), as a purchase would move them; nobody moves
+down before their review; history rows stay.
 
 The qualifying counters are kept only while the programme has tiers, so its first tier recounts them from the
 recorded purchases and returns, as does a new measure or window (periods may start on other days), and moves up at
@@ -160,13 +161,15 @@ def tier_create(
     _sync(program)
     if not any(t.retired_at is None for t in tiers):
         tier_counters_backfill(program=program, now=now or timezone.now(), counting=False)
+    else:
+        members_move_up(program=program, now=now or timezone.now())
     return tier
 
 
 @transaction.atomic
-def tier_update(*, tier: Tier, **fields) -> Tier:
-    """Change a tier's names, perks, rank, threshold or multiplier. Members are not moved by it: purchases move
-    them up by the new threshold, the review down. The code never changes."""
+def tier_update(*, tier: Tier, now: datetime | None = None, **fields) -> Tier:
+    """Change a tier's names, perks, rank, threshold or multiplier. Whoever qualifies under a new threshold or rank
+    moves up at once; moving down waits for each member's review. The code never changes."""
     unknown = set(fields) - set(TIER_FIELDS)
     if unknown:
         raise InvalidInput(f"These tier fields cannot be changed: {', '.join(sorted(unknown))}.")
@@ -176,11 +179,14 @@ def tier_update(*, tier: Tier, **fields) -> Tier:
     current = next(t for t in tiers if t.pk == tier.pk)
     if current.retired_at is not None:
         raise TierRetired(f"Tier {current.code} is retired and cannot be changed.")
+    ladder = (current.rank, current.threshold)
     for name, value in fields.items():
         setattr(current, name, value)
     _check_ladder(program, tiers)
     current.save()
     _sync(program)
+    if (current.rank, current.threshold) != ladder:
+        members_move_up(program=program, now=now or timezone.now())
     return current
 
 
@@ -268,6 +274,20 @@ def tier_counters_backfill(*, program: Program, now: datetime, counting: bool, s
         params = _backfill_params(program, now, since, start)
         for sql in (*_recount_sql(program), _upgrade_sql(program)):
             cursor.execute(sql, params)
+        return cursor.fetchone()[0]
+
+
+def members_move_up(*, program: Program, now: datetime) -> int:
+    """Move up at once every member whose current window reaches a higher tier than they hold, as a purchase
+    would: after a tier is added or its threshold or rank changed. The number moved up. Compare-and-set on each
+    status row, so a member a concurrent purchase moves meanwhile is left as it moved them. Runs in the caller's
+    transaction, which holds the programme row."""
+    since = counted_since(program=program, now=now)
+    start = datetime.combine(since - timedelta(days=1), time.min, tzinfo=UTC)
+    if connection.vendor != "postgresql":  # SQLite's IMMEDIATE transaction holds the whole database already
+        return _move_up_rows(program, now, since)
+    with connection.cursor() as cursor:
+        cursor.execute(_upgrade_sql(program), _backfill_params(program, now, since, start))
         return cursor.fetchone()[0]
 
 
@@ -391,5 +411,11 @@ def _backfill_rows(program: Program, now: datetime, since, start: datetime) -> i
         TierCounter(member_id=member_id, period=period, points=points, spend_cents=cents, purchases=count)
         for (member_id, period), (points, cents, count) in sums.items()
     )
-    members = Member.objects.filter(pk__in={member_id for member_id, _ in sums}).order_by("pk")
+    return _move_up_rows(program, now, since)
+
+
+def _move_up_rows(program: Program, now: datetime, since) -> int:
+    """_upgrade_sql's move up, member by member, for everyone with counters from `since` on."""
+    counted = TierCounter.objects.filter(period__gte=since).values("member_id")
+    members = Member.objects.filter(program=program, pk__in=counted).order_by("pk")
     return sum(tier_reevaluate(program=program, member=member, now=now) is not None for member in members)

@@ -292,8 +292,10 @@ def test_the_backfill_counts_what_counting_at_each_purchase_would_have(program, 
                     "member_id", "from_tier__code", "to_tier__code", "reason", "occurred_at"
                 )
             )
+            # what each member has yet to earn for the next tier: nothing reached and not moved up to
+            needed = [tier_progress_get(member=m, program=program, now=now).needed for m in people]
             transaction.set_rollback(True)
-        return counters, statuses, history
+        return counters, statuses, history, needed
 
     # when
     live = run(tiers_first=True)
@@ -303,7 +305,8 @@ def test_the_backfill_counts_what_counting_at_each_purchase_would_have(program, 
     assert set_based[0] == live[0]
     assert len(set_based[0]) >= 3 * 13
     assert set_based == row_by_row
-    assert set_based[1] and all(code == "silver" for _, code, *_ in set_based[1])
+    assert set_based[1] and all(code in ("silver", "gold") for _, code, *_ in set_based[1])
+    assert all(needed is None or needed > 0 for needed in set_based[3])
     assert all((reason, at) == ("upgrade", now) for *_, reason, at in set_based[2])
     for member_id, _, since, review_at, manual_until in set_based[1]:
         member = next(m for m in people if m.pk == member_id)
@@ -380,3 +383,36 @@ def test_a_measure_the_tiers_thresholds_do_not_fit_is_a_form_error_in_the_admin(
     assert response.status_code == 200 and "not whole" in response.content.decode()
     program.refresh_from_db()
     assert program.tier_measure == Program.TierMeasure.SPEND
+
+
+@pytest.mark.parametrize("set_based", [True, False])
+def test_a_tier_added_or_lowered_moves_up_at_once_whoever_it_fits(program, member, set_based, monkeypatch):
+    # given: a member at 26,000 points in Platinum, and another at 400 in the base tier
+    if not set_based:  # as on SQLite, member by member
+        monkeypatch.setattr(tier_setup.connection, "vendor", "sqlite")
+    now = timezone.now()
+    _ladder(program)
+    other = MemberFactory(program=program)
+    _buy(program, member, "26000", key="1", at=now - timedelta(days=3))
+    _buy(program, other, "400", key="2", at=now - timedelta(days=3))
+    # when: a tier above Platinum at 25,000, then Silver lowered to 300
+    tier_create(program=program, code="diamond", name_en="Diamond", rank=4, threshold=Decimal(25000), now=now)
+    tier_setup.tier_update(tier=tier_setup.Tier.objects.get(code="silver"), threshold=Decimal(300), now=now)
+    # then
+    assert _status(member)[0] == "diamond"
+    assert _status(other)[0] == "silver"
+    assert _history(member)[-1] == ("plat", "diamond", TierChange.Reason.UPGRADE)
+    assert _history(other) == [("member", "silver", TierChange.Reason.UPGRADE)]
+
+
+def test_a_tier_raised_or_renamed_moves_nobody(program, member):
+    # given: a member in Silver
+    now = timezone.now()
+    silver = _ladder(program)[1]
+    _buy(program, member, "1200", key="1", at=now - timedelta(days=3))
+    before = _history(member)
+    # when
+    tier_setup.tier_update(tier=silver, threshold=Decimal(1500), name_en="Sølv", now=now)
+    # then: moving down waits for the review
+    assert _status(member)[0] == "silver"
+    assert _history(member) == before
