@@ -9,7 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.models import Program
-from loyalty import tier_setup
+from loyalty import tier_counts, tier_setup
 from loyalty.tier_models import TierChange, TierCounter, TierStatus
 from loyalty.tier_setup import program_settings_update, tier_create
 from loyalty.tier_windows import first_review_at
@@ -389,7 +389,7 @@ def test_a_measure_the_tiers_thresholds_do_not_fit_is_a_form_error_in_the_admin(
 def test_a_tier_added_or_lowered_moves_up_at_once_whoever_it_fits(program, member, set_based, monkeypatch):
     # given: a member at 26,000 points in Platinum, and another at 400 in the base tier
     if not set_based:  # as on SQLite, member by member
-        monkeypatch.setattr(tier_setup.connection, "vendor", "sqlite")
+        monkeypatch.setattr(tier_counts.connection, "vendor", "sqlite")
     now = timezone.now()
     _ladder(program)
     other = MemberFactory(program=program)
