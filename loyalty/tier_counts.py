@@ -8,6 +8,7 @@ from datetime import UTC, datetime, time, timedelta
 
 from django.db import connection
 
+from core.db import array_literal
 from core.models import Program
 from loyalty.models import Transaction
 from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
@@ -60,6 +61,28 @@ def members_move_up(*, program: Program, now: datetime) -> int:
         return cursor.fetchone()[0]
 
 
+def tier_counts_add(*, program: Program, transaction_ids: list[int], now: datetime) -> int:
+    """Count newly recorded purchases (an import's chunk) as tiers.tier_on_transaction counts one at a time: each
+    added to its period's counter, set-based, and their members moved up at once where their window now reaches a
+    higher tier. The number moved up. In the lock order of that path: the caller holds whatever accounts it
+    credited, then the members' status rows are locked here in key order, then the counters written. PostgreSQL
+    only, as the import is."""
+    if not program.has_tiers or not transaction_ids:
+        return 0
+    since = counted_since(program=program, now=now)
+    start = datetime.combine(since - timedelta(days=1), time.min, tzinfo=UTC)
+    params = {**_backfill_params(program, now, since, start), "added": array_literal(transaction_ids)}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 1 FROM {TierStatus._meta.db_table} WHERE member_id IN (SELECT member_id FROM "
+            f"{Transaction._meta.db_table} WHERE id = ANY(%(added)s::bigint[])) ORDER BY member_id FOR NO KEY UPDATE",
+            params,
+        )
+        cursor.execute(_recount_sql(program, added=True)[1], params)
+        cursor.execute(_upgrade_sql(program, added=True), params)
+        return cursor.fetchone()[0]
+
+
 def _backfill_params(program: Program, now: datetime, since, start: datetime) -> dict:
     return {
         "program": program.pk,
@@ -72,9 +95,10 @@ def _backfill_params(program: Program, now: datetime, since, start: datetime) ->
     }
 
 
-def _recount_sql(program: Program) -> tuple[str, str]:
+def _recount_sql(program: Program, *, added: bool = False) -> tuple[str, str]:
     """Each purchase as it stands after its returns (what counting it and each return added up to), in the period
-    of its day in the member's time zone: the month, or the month from the enrolment day (tier_windows.period_of)."""
+    of its day in the member's time zone: the month, or the month from the enrolment day (tier_windows.period_of).
+    `added`: only the purchases `%(added)s` names, added to the counters as they stand (tier_counts_add)."""
     counter, member, txn = TierCounter._meta.db_table, Member._meta.db_table, Transaction._meta.db_table
     anniversary = program.tier_window == Program.TierWindow.ANNIVERSARY_YEAR
     anchor = "extract(day from m.enrolled_at AT TIME ZONE m.timezone)::int" if anniversary else "1"
@@ -97,19 +121,27 @@ CROSS JOIN LATERAL (
 ) s
 CROSS JOIN LATERAL (SELECT CASE WHEN l.day >= s.this_start THEN s.this_start ELSE s.prev_start END AS period) b
 WHERE p.program_id = %(program)s AND p.kind = %(purchase)s AND p.occurred_at >= %(start)s AND b.period >= %(since)s
+{"AND p.id = ANY(%(added)s::bigint[])" if added else ""}
 GROUP BY p.member_id, b.period
 """
+    if added:
+        insert += (
+            f"ON CONFLICT (member_id, period) DO UPDATE SET points = {counter}.points + excluded.points, "
+            f"spend_cents = {counter}.spend_cents + excluded.spend_cents, "
+            f"purchases = {counter}.purchases + excluded.purchases"
+        )
     return delete, insert
 
 
-def _upgrade_sql(program: Program) -> str:
+def _upgrade_sql(program: Program, *, added: bool = False) -> str:
     """tiers.tier_reevaluate's move up for every member with counters, at once: the measure of their current
     window, the highest active tier it reaches, and where that is above their tier (or the base tier, without a
-    status row), that tier, a first review as tier_windows.first_review_at gives it, and an upgrade row."""
+    status row), that tier, a first review as tier_windows.first_review_at gives it, and an upgrade row. `added`:
+    only for the members of the purchases `%(added)s` names."""
     column, _ = _measure_sql(program)
     window_start, next_review = _window_sql(program)
     status, member, tier = TierStatus._meta.db_table, Member._meta.db_table, Tier._meta.db_table
-    counter, change = TierCounter._meta.db_table, TierChange._meta.db_table
+    counter, change, txn = TierCounter._meta.db_table, TierChange._meta.db_table, Transaction._meta.db_table
     review_at = "CASE WHEN u.new_threshold > 0 THEN (u.next_r::timestamp AT TIME ZONE u.tz) END"
     return f"""
 WITH cand AS (
@@ -118,6 +150,7 @@ WITH cand AS (
     FROM {member} m
     WHERE m.program_id = %(program)s
       AND EXISTS (SELECT 1 FROM {counter} c WHERE c.member_id = m.id AND c.period >= %(since)s)
+      {f"AND m.id IN (SELECT member_id FROM {txn} WHERE id = ANY(%(added)s::bigint[]))" if added else ""}
 ), ends AS (
     SELECT d.*, {_current_end_sql(program)} AS r FROM cand d
 ), win AS (

@@ -583,3 +583,49 @@ def _waiting_on_a_lock() -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
         return cursor.fetchone()[0] > 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_imported_purchases_and_returns_count_for_tiers_as_recorded_ones_do(program, tmp_path, batch_size):
+    # given: a ladder on points, and members who cross it in the file, one of them back down by a return
+    from loyalty.tier_models import TierChange, TierCounter, TierStatus
+    from loyalty.tier_setup import tier_create
+
+    for rank, (code, threshold) in enumerate([("base", 0), ("silver", 100), ("gold", 300)]):
+        tier_create(program=program, code=code, name_en=code, rank=rank, threshold=Decimal(threshold))
+    program.refresh_from_db()
+    members = [MemberFactory(timezone=tz) for tz in ("Europe/Stockholm", "America/New_York", "Asia/Tokyo")]
+    at = (timezone.now() - timedelta(days=40)).replace(hour=23, minute=30, second=0, microsecond=0)
+    rows = [
+        _row("P1", members[0], 80, at),
+        _row("P2", members[0], 250, at + timedelta(days=1)),
+        _row("P3", members[1], 120, at + timedelta(days=2)),
+        _row("P4", None, 500, at + timedelta(days=2)),
+        _row("R1", None, 120, at + timedelta(days=3), type="return", original_external_id="P3"),
+        _row("P5", members[2], 99, at + timedelta(days=30)),
+        _row("P6", members[1], 40, at + timedelta(days=31)),
+    ]
+
+    def tier_state():
+        return (
+            sorted(TierCounter.objects.values_list("member_id", "period", "points", "spend_cents", "purchases")),
+            sorted(TierStatus.objects.values_list("member_id", "tier__code")),
+            sorted(TierChange.objects.values_list("member_id", "from_tier__code", "to_tier__code", "reason")),
+        )
+
+    with transaction.atomic():
+        _record_per_row(program, rows, members)
+        counters, statuses, history = tier_state()
+        transaction.set_rollback(True)
+    # when
+    _import(program, _csv(tmp_path, rows), batch_size=batch_size)
+    # then: the same counters and tiers; with several purchases to a chunk, a member who crosses two thresholds in
+    # one chunk moves up once, straight to the higher tier
+    imported = tier_state()
+    assert (imported[0], imported[1]) == (counters, statuses)
+    assert statuses == [(members[0].pk, "gold"), (members[1].pk, "silver")]  # a return keeps the tier till review
+    if batch_size == 1:
+        assert imported[2] == history
+    else:
+        assert imported[2] == [(members[0].pk, "base", "gold", "upgrade"), (members[1].pk, "base", "silver", "upgrade")]
+    assert ledger_verify() == []

@@ -18,6 +18,7 @@ from loyalty.earning import earning_for_purchase
 from loyalty.imports.report import ImportAborted, ImportReport
 from loyalty.imports.rows import Row
 from loyalty.models import Entry, Transaction
+from loyalty.tier_counts import tier_counts_add
 from loyalty.transactions import TransactionInput, transaction_record
 from members.models import Member
 
@@ -137,6 +138,8 @@ def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip
         )
         report.points_credited += points
     ledger.ledger_credit_many(credits=credits, now=now)
+    # Imported purchases qualify for tiers as recorded ones do (before the returns, which take off what they count).
+    tier_counts_add(program=program, transaction_ids=list(inserted.values()), now=now)
     if chunk.returns:
         _returns_record(program, chunk.returns, members, report, skip_invalid, now)
 
