@@ -8,8 +8,8 @@ from loyalty.event_models import EventType, MemberEvent, Referral
 
 @admin.register(EventType)
 class EventTypeAdmin(admin.ModelAdmin):
-    list_display = ["code", "name", "program", "points", "limit_count", "limit_period", "active"]
-    list_filter = ["program", "active", "limit_period"]
+    list_display = ["code", "name", "program", "points", "limit_count", "limit_period", "qualifying", "active"]
+    list_filter = ["program", "active", "qualifying", "limit_period"]
     search_fields = ["code", "name"]
 
     def get_readonly_fields(self, request, obj=None):

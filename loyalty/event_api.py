@@ -105,6 +105,7 @@ class EventTypeSerializer(UnknownFieldsRefused, serializers.ModelSerializer):
             "points",
             "limit_count",
             "limit_period",
+            "qualifying",
             "active",
             "created_at",
             "updated_at",

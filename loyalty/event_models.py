@@ -25,6 +25,14 @@ class EventType(models.Model):
         null=True, blank=True, help_text=_("Times per member per period that give points; empty means no limit.")
     )
     limit_period = models.CharField(max_length=8, choices=Period.choices, default=Period.EVER)
+    qualifying = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text=_(
+            "Its points count toward tier qualification, as purchases' points do. Most programmes keep bonus "
+            "points out of it."
+        ),
+    )
     active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

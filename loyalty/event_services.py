@@ -7,7 +7,7 @@ from core.errors import Conflict, InvalidInput
 from core.models import Program
 from loyalty.event_models import EventType
 
-EDITABLE = ["code", "name", "description", "points", "limit_count", "limit_period", "active"]
+EDITABLE = ["code", "name", "description", "points", "limit_count", "limit_period", "qualifying", "active"]
 
 
 def _check(event_type: EventType) -> None:

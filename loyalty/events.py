@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from core.errors import Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
-from loyalty import ledger
+from loyalty import ledger, tiers
 from loyalty.earning import earning_for_purchase
 from loyalty.event_models import EventType, MemberEvent
 from loyalty.models import Entry
@@ -136,6 +136,8 @@ def _record(program, member, event_type, external_id, occurred_at, attributes, a
         )
         MemberEvent.objects.filter(pk=event.pk).update(entry=event.entry)
         balance = ledger.Balance.after(event.entry)
+        if event_type.qualifying:
+            tiers.tier_on_event(program=program, member=member, points=event.points, occurred_at=occurred_at, now=now)
     return EventResult(event=event, created=True, balance=balance)
 
 

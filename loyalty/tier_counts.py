@@ -1,7 +1,8 @@
-"""Counting qualifying activity set-based: the counters recounted from the recorded purchases and returns
-(tier_counters_backfill: a programme's first tier, a new measure or window), and every member whose window reaches a
-higher tier moved up at once, as a purchase would move them (members_move_up: a tier added or lowered). The live
-path counts one transaction at a time (loyalty.tiers.tier_on_transaction)."""
+"""Counting qualifying activity set-based: the counters recounted from the recorded purchases and returns, and
+the points of events whose type qualifies (tier_counters_backfill: a programme's first tier, a new measure or
+window); every member whose window reaches a higher tier moved up at once, as a purchase would move them
+(members_move_up: a tier added or lowered); an import's purchases added (tier_counts_add). The live path counts
+one transaction or event at a time (loyalty.tiers)."""
 
 from collections import defaultdict
 from datetime import UTC, datetime, time, timedelta
@@ -10,6 +11,7 @@ from django.db import connection
 
 from core.db import array_literal
 from core.models import Program
+from loyalty.event_models import EventType, MemberEvent
 from loyalty.models import Transaction
 from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
 from loyalty.tier_review import _current_end_sql, _measure_sql, _window_sql
@@ -19,7 +21,8 @@ from members.models import Member
 
 
 def tier_counters_backfill(*, program: Program, now: datetime, counting: bool, set_based: bool | None = None) -> int:
-    """Recount the qualifying counters of the programme's members from its recorded purchases and returns, over
+    """Recount the qualifying counters of the programme's members from its recorded purchases and returns, and the
+    points of events whose type qualifies (as it does now: its flag applies to the events before it too), over
     the periods that any window at `now` reads (tier_windows.counted_since), and move up at once every member whose
     current window supports a higher tier, as a purchase would. The number moved up. Runs in the caller's
     transaction, which holds the programme row; `counting`: the earn path counts the programme's purchases
@@ -106,11 +109,25 @@ def _recount_sql(program: Program, *, added: bool = False) -> tuple[str, str]:
 DELETE FROM {counter} c USING {member} m
 WHERE c.member_id = m.id AND m.program_id = %(program)s AND c.period >= %(since)s
 """
+    # Purchases as they stand after their returns, and the points of events whose type qualifies (not for `added`).
+    events = f"""
+UNION ALL
+SELECT e.member_id, e.occurred_at, e.points, 0, 0
+FROM {MemberEvent._meta.db_table} e JOIN {EventType._meta.db_table} t ON t.id = e.event_type_id
+WHERE e.program_id = %(program)s AND t.qualifying AND e.points > 0 AND e.occurred_at >= %(start)s
+"""
     insert = f"""
 INSERT INTO {counter} (member_id, period, points, spend_cents, purchases)
-SELECT p.member_id, b.period, SUM(p.points - p.points_reversed), SUM(((p.total - p.returned_total) * 100)::bigint),
-       COUNT(*) FILTER (WHERE p.returned_total < p.total OR p.total = 0)
-FROM {txn} p JOIN {member} m ON m.id = p.member_id
+SELECT p.member_id, b.period, SUM(p.points), SUM(p.cents), SUM(p.purchases)
+FROM (
+    SELECT p.member_id, p.occurred_at, p.points - p.points_reversed AS points,
+           ((p.total - p.returned_total) * 100)::bigint AS cents,
+           CASE WHEN p.returned_total < p.total OR p.total = 0 THEN 1 ELSE 0 END AS purchases
+    FROM {txn} p
+    WHERE p.program_id = %(program)s AND p.kind = %(purchase)s AND p.occurred_at >= %(start)s
+    {"AND p.id = ANY(%(added)s::bigint[])" if added else ""}
+    {"" if added else events}
+) p JOIN {member} m ON m.id = p.member_id
 CROSS JOIN LATERAL (SELECT (p.occurred_at AT TIME ZONE m.timezone)::date AS day, {anchor} AS anchor) l
 CROSS JOIN LATERAL (SELECT date_trunc('month', l.day)::date AS ms) a
 CROSS JOIN LATERAL (
@@ -120,8 +137,7 @@ CROSS JOIN LATERAL (
            AS prev_start
 ) s
 CROSS JOIN LATERAL (SELECT CASE WHEN l.day >= s.this_start THEN s.this_start ELSE s.prev_start END AS period) b
-WHERE p.program_id = %(program)s AND p.kind = %(purchase)s AND p.occurred_at >= %(start)s AND b.period >= %(since)s
-{"AND p.id = ANY(%(added)s::bigint[])" if added else ""}
+WHERE b.period >= %(since)s
 GROUP BY p.member_id, b.period
 """
     if added:
@@ -209,6 +225,14 @@ def _backfill_rows(program: Program, now: datetime, since, start: datetime) -> i
             row[0] += p.points - p.points_reversed
             row[1] += int((p.total - p.returned_total) * 100)
             row[2] += p.returned_total < p.total or p.total == 0
+    events = MemberEvent.objects.filter(
+        program=program, event_type__qualifying=True, points__gt=0, occurred_at__gte=start
+    ).select_related("member")
+    for e in events.iterator():
+        member = e.member
+        period = period_of(e.occurred_at.astimezone(member.tz).date(), anchor_day(program=program, member=member))
+        if period >= since:
+            sums[member.pk, period][0] += e.points
     TierCounter.objects.bulk_create(
         TierCounter(member_id=member_id, period=period, points=points, spend_cents=cents, purchases=count)
         for (member_id, period), (points, cents, count) in sums.items()

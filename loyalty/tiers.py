@@ -106,32 +106,38 @@ def measure_in_window(*, program: Program, member: Member, since_period, before_
 def _count(txn: Transaction, member: Member, program: Program) -> None:
     """One statement: add a purchase's qualifying activity to its period (an upsert), or take a return's off its
     purchase's period (an update: without a row there, the purchase never counted, and there is nothing to take)."""
-    is_return = txn.kind == Transaction.Kind.RETURN
-    source = txn.original if is_return else txn
+    if txn.kind != Transaction.Kind.RETURN:
+        _count_add(member, program, txn.occurred_at, txn.points, int(txn.total * 100), 1)
+        return
+    source = txn.original
     period = period_of(source.occurred_at.astimezone(member.tz).date(), anchor_day(program=program, member=member))
-    cents = int(txn.total * 100)
-    table = TierCounter._meta.db_table
-    if not is_return:
-        sql = (
-            f"INSERT INTO {table} (member_id, period, points, spend_cents, purchases) VALUES (%s, %s, %s, %s, 1) "
-            f"ON CONFLICT (member_id, period) DO UPDATE SET points = {table}.points + excluded.points, "
-            f"spend_cents = {table}.spend_cents + excluded.spend_cents, purchases = {table}.purchases + 1"
-        )
-        params = [member.pk, period, txn.points, cents]
-    else:
-        # A purchase stops counting as one when the return that completes it comes (the return's own update of the
-        # purchase's returned_total is already visible in this database transaction). Never below zero: the period
-        # may hold other purchases while this one, bought before the counters were rebuilt, never counted.
-        greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
-        sql = (
-            f"UPDATE {table} SET points = {greatest}(points + %s, 0), spend_cents = {greatest}(spend_cents - %s, 0), "
+    # A purchase stops counting as one when the return that completes it comes (the return's own update of the
+    # purchase's returned_total is already visible in this database transaction). Never below zero: the period
+    # may hold other purchases while this one, bought before the counters were rebuilt, never counted.
+    greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {TierCounter._meta.db_table} SET points = {greatest}(points + %s, 0), "
+            f"spend_cents = {greatest}(spend_cents - %s, 0), "
             f"purchases = {greatest}(purchases - (SELECT CASE WHEN returned_total >= total "
             f"AND returned_total - %s < total THEN 1 ELSE 0 END FROM {Transaction._meta.db_table} WHERE id = %s), 0) "
-            "WHERE member_id = %s AND period = %s"
+            "WHERE member_id = %s AND period = %s",
+            [txn.points, int(txn.total * 100), txn.total, source.pk, member.pk, period],
         )
-        params = [txn.points, cents, txn.total, source.pk, member.pk, period]
+
+
+def _count_add(member: Member, program: Program, occurred_at: datetime, points: int, cents: int, purchases: int):
+    """Add to the counter of the period holding `occurred_at` in the member's time zone (an upsert)."""
+    period = period_of(occurred_at.astimezone(member.tz).date(), anchor_day(program=program, member=member))
+    table = TierCounter._meta.db_table
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(
+            f"INSERT INTO {table} (member_id, period, points, spend_cents, purchases) VALUES (%s, %s, %s, %s, %s) "
+            f"ON CONFLICT (member_id, period) DO UPDATE SET points = {table}.points + excluded.points, "
+            f"spend_cents = {table}.spend_cents + excluded.spend_cents, "
+            f"purchases = {table}.purchases + excluded.purchases",
+            [member.pk, period, points, cents, purchases],
+        )
 
 
 def _lock_status(member: Member) -> None:
@@ -228,6 +234,16 @@ def tier_on_transaction(*, transaction: Transaction, now: datetime) -> TierChang
     if is_return and program.tier_return_policy != Program.TierReturnPolicy.REEVALUATE:
         return None
     return tier_reevaluate(program=program, member=member, now=now, transaction=transaction)
+
+
+def tier_on_event(*, program: Program, member: Member, points: int, occurred_at: datetime, now: datetime) -> None:
+    """Count a qualifying event's points (EventType.qualifying) as a purchase's are counted, and move the member up
+    at once if they now qualify. The caller holds the member's account lock, as for a purchase."""
+    if not program.has_tiers:
+        return
+    _lock_status(member)
+    _count_add(member, program, occurred_at, points, 0, 0)
+    tier_reevaluate(program=program, member=member, now=now)
 
 
 def tier_reevaluate(

@@ -264,7 +264,7 @@ def test_event_types_are_managed_over_the_api(api, program, member):
         format="json",
     )
     duplicate = api.post("/api/v1/event-types", {"code": "profile", "name": "Again", "points": 5}, format="json")
-    patched = api.patch("/api/v1/event-types/profile", {"points": 150}, format="json")
+    patched = api.patch("/api/v1/event-types/profile", {"points": 150, "qualifying": True}, format="json")
     listed = api.get("/api/v1/event-types")
     retired = api.delete("/api/v1/event-types/profile")
     refused = api.post("/api/v1/events", body(member, event="profile"), format="json")
@@ -272,12 +272,13 @@ def test_event_types_are_managed_over_the_api(api, program, member):
     # then
     assert created.status_code == 201, created.content
     assert duplicate.status_code == 409 and duplicate.json()["code"] == "event_type_exists"
-    assert patched.json()["points"] == 150
+    assert created.json()["qualifying"] is False
+    assert (patched.json()["points"], patched.json()["qualifying"]) == (150, True)
     assert [t["code"] for t in listed.json()["results"]] == ["profile"]
     assert retired.status_code == 200 and retired.json()["active"] is False
     assert refused.status_code == 422 and refused.json()["code"] == "event_type_inactive"
     assert missing.status_code == 404
-    assert EventType.objects.get().points == 150
+    assert (EventType.objects.get().points, EventType.objects.get().qualifying) == (150, True)
 
 
 @pytest.mark.parametrize(

@@ -416,3 +416,51 @@ def test_a_tier_raised_or_renamed_moves_nobody(program, member):
     # then: moving down waits for the review
     assert _status(member)[0] == "silver"
     assert _history(member) == before
+
+
+def _event(program, member, code, key, at):
+    from loyalty.events import event_record
+
+    return event_record(
+        program=program, member=member, event_code=code, external_id=key, occurred_at=at, attributes={}, now=at
+    )
+
+
+def test_only_the_points_of_qualifying_event_types_count_toward_tiers(program, member):
+    # given: 900 points from purchases, a survey whose 200 points do not qualify and a review whose 150 do
+    from loyalty.event_services import event_type_create
+
+    now = timezone.now()
+    _ladder(program)
+    event_type_create(program=program, code="survey", name="Survey", points=200)
+    event_type_create(program=program, code="review", name="Review", points=150, qualifying=True)
+    _buy(program, member, "900", key="1", at=now - timedelta(days=3))
+    # when
+    _event(program, member, "survey", "s1", now - timedelta(days=2))
+    after_survey = _status(member)[0]
+    _event(program, member, "review", "r1", now - timedelta(days=1))
+    # then
+    assert after_survey is None
+    assert _status(member)[0] == "silver"
+    assert sum(TierCounter.objects.filter(member=member).values_list("points", flat=True)) == 1050
+    assert tier_progress_get(member=member, now=now).value == 1050
+
+
+@pytest.mark.parametrize("set_based", [True, False])
+def test_the_backfill_counts_the_points_of_qualifying_events(program, member, set_based, monkeypatch):
+    # given: before the programme had tiers, 900 points of purchases and a qualifying 150-point review
+    from loyalty.event_services import event_type_create
+
+    if not set_based:
+        monkeypatch.setattr(tier_counts.connection, "vendor", "sqlite")
+    now = timezone.now()
+    event_type_create(program=program, code="survey", name="Survey", points=200)
+    event_type_create(program=program, code="review", name="Review", points=150, qualifying=True)
+    _buy(program, member, "900", key="1", at=now - timedelta(days=3))
+    _event(program, member, "survey", "s1", now - timedelta(days=2))
+    _event(program, member, "review", "r1", now - timedelta(days=1))
+    # when
+    _ladder(program, now=now)
+    # then
+    assert _status(member)[0] == "silver"
+    assert sum(TierCounter.objects.filter(member=member).values_list("points", flat=True)) == 1050
