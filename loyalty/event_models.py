@@ -87,7 +87,8 @@ class MemberEvent(models.Model):
 
 class Referral(models.Model):
     """A rewarded referral: the referee's first qualifying purchase gave both members their points, once (the
-    referee is unique). Who referred whom is Member.referred_by; a referral without a row here is still pending."""
+    referee is unique). Who referred whom is Member.referred_by; a referral without a row here is still pending.
+    `undone_by`: the return that completed the return of that purchase and took both members' points back."""
 
     program = models.ForeignKey(Program, on_delete=models.PROTECT)
     referrer = models.ForeignKey(Member, on_delete=models.PROTECT, related_name="+")
@@ -98,6 +99,9 @@ class Referral(models.Model):
     referrer_entry = models.OneToOneField(Entry, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     referee_entry = models.OneToOneField(Entry, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     created_at = models.DateTimeField()
+    undone_by = models.OneToOneField(
+        Transaction, null=True, blank=True, on_delete=models.PROTECT, related_name="referral_undone"
+    )
 
     class Meta:
         constraints = [

@@ -2,8 +2,10 @@
 where self-referral, loops and a second referrer are refused); this module gives both members their points when the
 referee makes their first qualifying purchase.
 
-A return of the qualifying purchase does not claw the referral points back: they reward bringing in a customer who
-bought, and they are bonus points of their own, not part of the purchase's earnings that a return reverses."""
+A return that completes the return of the qualifying purchase takes both members' referral points back
+(referral_on_return), under the programme's return policy: buying to trigger a referral and returning the goods must
+not pay. A partial return keeps them, as does the referee's next purchase: a referral is rewarded once, and undone
+once."""
 
 from datetime import datetime
 
@@ -86,3 +88,34 @@ def _claim(program: Program, member: Member, transaction: Transaction, now: date
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchone()
+
+
+def referral_on_return(*, program: Program, original: Transaction, returned_total, now: datetime, **reversal) -> None:
+    """Take back the referral points that `original` gave, if the return being recorded (`reversal["transaction"]`)
+    completes its return (`returned_total`). Runs inside the return's database transaction, which holds the
+    purchase's row, before the return takes any account lock: it locks both members' accounts in primary-key
+    order. `reversal`: ledger_reverse's occurred_at and the return's transaction."""
+    if returned_total < original.total or original.member is None or original.member.referred_by_id is None:
+        return  # only a referred member's purchase can have rewarded a referral: no query for the others
+    referral = Referral.objects.filter(transaction=original, undone_by__isnull=True).first()
+    if referral is None:
+        return
+    for member_id in sorted((referral.referrer_id, referral.referee_id)):
+        ledger.ledger_lock(member_id)
+    allow_negative = program.return_policy == Program.ReturnPolicy.ALLOW_NEGATIVE
+    txn = reversal.pop("transaction")
+    for member_id, entry_id, points in (
+        (referral.referrer_id, referral.referrer_entry_id, referral.referrer_points),
+        (referral.referee_id, referral.referee_entry_id, referral.referee_points),
+    ):
+        if entry_id is not None:
+            ledger.ledger_reverse(
+                member_id=member_id,
+                points=points,
+                earn_entry_id=entry_id,
+                allow_negative=allow_negative,
+                now=now,
+                reason=f"Referral undone: purchase {original.external_id} returned",
+                **reversal,
+            )
+    Referral.objects.filter(pk=referral.pk).update(undone_by=txn)

@@ -335,6 +335,15 @@ def _record_return(program, data, api_client, now) -> TransactionResult:
     txn.pk = _insert_ignoring_conflict(txn)
     if txn.pk is None:
         return _replay(program, data)
+    # Before any account lock of this return: it locks the referrer's and this member's accounts in key order.
+    referrals.referral_on_return(
+        program=program,
+        original=original,
+        returned_total=returned_total,
+        now=now,
+        transaction=txn,
+        occurred_at=data.occurred_at,
+    )
     Transaction.objects.filter(pk=original.pk).update(
         returned_total=returned_total, points_reversed=original.points_reversed + to_reverse
     )

@@ -127,6 +127,36 @@ def test_an_import_chunk_with_a_return_and_the_expiry_job_do_not_deadlock(
     assert ledger_verify() == []
 
 
+def test_an_import_chunk_undoing_a_referral_and_the_expiry_job_do_not_deadlock(
+    transactional_db, program, pause_after_import_credits
+):
+    # given a referrer (lowest key) rewarded for a referee's purchase that the file returns in full, in a chunk that
+    # also credits a third member; everyone has points the expiry job will expire, so it locks all three accounts
+    program.referrals_enabled, program.referral_referrer_points, program.referral_referee_points = True, 50, 20
+    program.save()
+    referrer = MemberFactory(program=program)
+    referee = MemberFactory(program=program, referral_code=referrer.referral_code)
+    third = MemberFactory(program=program)
+    assert referrer.pk < referee.pk < third.pk
+    _purchase(referee, "P1", 300)
+    _purchase(third, "P2", 200)
+    rows = [_row(1, "I1", third, 100), _row(2, "R1", referee, 300, type="return", original_external_id="P1")]
+
+    def run_import():
+        transactions_import(program=program, rows=rows)
+
+    def run_expiry():
+        pause_after_import_credits.wait(timeout=10)  # the chunk holds its accounts now
+        ledger.ledger_expire_due(now=AT + timedelta(days=3650))
+
+    # when
+    errors = _threads(run_import, run_expiry)
+    # then neither was a deadlock victim, and the referral was undone
+    assert errors == [None, None]
+    assert Transaction.objects.get(external_id="P1").referral.undone_by.external_id == "R1"
+    assert ledger_verify() == []
+
+
 def test_an_import_chunk_returning_a_purchase_and_a_live_return_of_it_do_not_deadlock(
     transactional_db, program, pause_after_import_credits
 ):

@@ -155,16 +155,48 @@ def test_a_purchase_of_a_member_nobody_referred_costs_no_referral_query(referrin
     assert not any("loyalty_referral" in q["sql"] for q in queries.captured_queries)
 
 
-def test_a_return_of_the_qualifying_purchase_does_not_claw_back_the_referral_points(referring):
+def test_a_partial_return_of_the_qualifying_purchase_keeps_the_referral_points(referring):
     # given
     referrer = MemberFactory(program=referring)
     referee = MemberFactory(program=referring, referral_code=referrer.referral_code)
     buy(referring, referee, "first", "150.00")
     # when
-    buy(referring, referee, "ret", "150.00", kind="return", original="first")
+    buy(referring, referee, "ret", "100.00", kind="return", original="first")
     # then
     assert available(referrer) == 500
-    assert available(referee) == 200
+    assert available(referee) == 50 + 200
+    assert Referral.objects.get().undone_by is None
+    assert ledger_verify() == []
+
+
+@pytest.mark.parametrize("policy", ["allow_negative", "available_only"])
+def test_returning_all_of_the_qualifying_purchase_takes_both_referral_rewards_back(referring, policy):
+    # given: the referee bought, spent the points, and returns the goods in two parts
+    from loyalty.points import points_adjust
+
+    referring.return_policy = policy
+    referring.save()
+    referrer = MemberFactory(program=referring)
+    referee = MemberFactory(program=referring, referral_code=referrer.referral_code)
+    buy(referring, referee, "first", "150.00")
+    points_adjust(member=referee, points=-300, reason="spent at the till")
+    buy(referring, referee, "ret-1", "100.00", kind="return", original="first")
+    # when
+    last = buy(referring, referee, "ret-2", "50.00", kind="return", original="first")
+    again = buy(referring, referee, "ret-2", "50.00", kind="return", original="first")
+    buy(referring, referee, "second", "400.00")
+    # then: the referrer's 500 back, and the referee's 200 as far as the policy lets; once; no second reward
+    referral = Referral.objects.get()
+    assert referral.undone_by == last.transaction and not again.created
+    assert available(referrer) == 0
+    if policy == "allow_negative":
+        assert available(referee) == 150 + 200 - 300 - 150 - 200 + 400
+    else:
+        assert available(referee) == 400  # nothing was left to take back
+    assert Entry.objects.filter(kind="reversal", reason__startswith="Referral undone").count() == (
+        2 if policy == "allow_negative" else 1
+    )
+    assert Account.objects.get(pk=referrer.pk).lifetime_earned == 0
     assert ledger_verify() == []
 
 

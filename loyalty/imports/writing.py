@@ -273,10 +273,10 @@ def _purchases_insert(program: Program, purchases: list, now: datetime) -> dict:
 
 def _lock_for_returns(program: Program, returns: list[Row], members: dict, purchases: list) -> None:
     """Take the locks the chunk's returns need before any account lock, in the global order (loyalty.ledger): the
-    purchases they return, then every account the chunk writes, each in primary-key order. Why: the returns run one
-    by one after the purchases' credits, each locking its purchase and then its account; taken there, a purchase
-    row after an account (a till's return of it does the reverse) and accounts out of key order (the expiry job,
-    a referral) would deadlock."""
+    purchases they return, then every account the chunk writes (referrers' included), each in primary-key order.
+    Why: the returns run one by one after the purchases' credits, each locking its purchase and then its account;
+    taken there, a purchase row after an account (a till's return of it does the reverse) and accounts out of key
+    order (the expiry job, a referral) would deadlock."""
     originals = list(
         Transaction.objects.select_for_update()
         .filter(
@@ -288,6 +288,10 @@ def _lock_for_returns(program: Program, returns: list[Row], members: dict, purch
     account_ids = {member_id for member_id in originals if member_id is not None}
     account_ids.update(p[0] for p in purchases if p[0] is not None)
     account_ids.update(pk for pk, _ in (members.get(row.member, (None, None)) for row in returns) if pk is not None)
+    # A return that completes its purchase's return takes back the referral that purchase rewarded: the referrer's
+    # account too (referrals.referral_on_return).
+    referrers = Member.objects.filter(pk__in=account_ids, referred_by__isnull=False).values_list("referred_by_id")
+    account_ids.update(pk for (pk,) in referrers)
     ledger.ledger_lock_many(member_ids=account_ids)
 
 

@@ -17,8 +17,8 @@ primary-key order; a path may skip steps but never goes back to an earlier one (
   1. a single row claimed by compare-and-set (a hold, a voucher), or a new purchase's unique (store, external_id)
      (an import chunk's purchases: in (store, external_id) order);
   2. purchase rows a return locks (FOR UPDATE; an import chunk's returns: all of them first, in key order);
-  3. accounts: ledger_lock or any ledger write; two or more strictly in key order (referrals, the jobs, imports
-     through ledger_lock_many and ledger_credit_many);
+  3. accounts: ledger_lock or any ledger write; two or more strictly in key order (referrals rewarded or undone,
+     the jobs, imports through ledger_lock_many and ledger_credit_many);
   4. shared counters: earning rules' budget slices (key order; a purchase's one statement locks one slice a
      budget, the careful claim all of them), then a reward's stock; a member's rule usage rows are written only
      under that member's account lock (after 3; in a purchase's one statement, right after it);
