@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.models import Program
+from core.validation import DecimalField
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class ProgramApi(APIView):
         code = serializers.CharField()
         name = serializers.CharField()
         currency = serializers.CharField()
-        points_per_unit = serializers.DecimalField(max_digits=10, decimal_places=4)
+        points_per_unit = DecimalField(max_digits=10, decimal_places=4)
         rounding = serializers.CharField()
         pending_days = serializers.IntegerField()
         expiry_months = serializers.IntegerField()
@@ -63,7 +64,7 @@ class ProgramApi(APIView):
 
     class PatchSerializer(serializers.Serializer):
         name = serializers.CharField(max_length=120, required=False)
-        points_per_unit = serializers.DecimalField(max_digits=10, decimal_places=4, min_value=0, required=False)
+        points_per_unit = DecimalField(max_digits=10, decimal_places=4, min_value=0, required=False)
         rounding = serializers.ChoiceField(choices=Program.Rounding.choices, required=False)
         pending_days = serializers.IntegerField(min_value=0, max_value=3650, required=False)
         expiry_months = serializers.IntegerField(min_value=0, max_value=1200, required=False)

@@ -27,7 +27,7 @@ from core.models import ApiClient, Program
 from core.money import CURRENCIES
 from core.pagination import CursorPagination
 from core.schema import listing
-from core.validation import validate
+from core.validation import DecimalField, validate
 from loyalty.ledger import Balance
 from loyalty.models import Entry, Transaction
 from loyalty.points import points_adjust
@@ -61,9 +61,9 @@ class AwareDateTimeField(serializers.DateTimeField):
 class LineSerializer(serializers.Serializer):
     sku = serializers.CharField(max_length=64)
     category = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
-    quantity = serializers.DecimalField(max_digits=12, decimal_places=3, min_value=0)
-    unit_price = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
-    amount = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
+    quantity = DecimalField(max_digits=12, decimal_places=3, min_value=0)
+    unit_price = DecimalField(max_digits=12, decimal_places=2, min_value=0)
+    amount = DecimalField(max_digits=12, decimal_places=2, min_value=0)
 
 
 MAX_LINES = 1000
@@ -175,8 +175,8 @@ class TransactionInputSerializer(serializers.Serializer):
     original_store = serializers.CharField(max_length=64, required=False, allow_null=True)
     occurred_at = AwareDateTimeField()
     currency = serializers.CharField(min_length=3, max_length=3)
-    total = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0)
-    paid_with_points = serializers.DecimalField(
+    total = DecimalField(max_digits=12, decimal_places=2, min_value=0)
+    paid_with_points = DecimalField(
         max_digits=12,
         decimal_places=2,
         min_value=0,

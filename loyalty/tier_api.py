@@ -9,7 +9,7 @@ from rest_framework.views import APIView
 from core.errors import NotFound
 from core.models import Program
 from core.pagination import CursorPagination
-from core.validation import UnknownFieldsRefused
+from core.validation import DecimalField, UnknownFieldsRefused
 from loyalty.tier_models import Tier
 from loyalty.tier_setup import CODE_RE, MAX_MULTIPLIER, tier_create, tier_retire, tier_update
 from loyalty.tiers import tier_progress_get
@@ -86,8 +86,8 @@ class TierInputSerializer(UnknownFieldsRefused, serializers.Serializer):
     name = LocalizedSerializer()
     perks = PerksSerializer(required=False)
     rank = serializers.IntegerField(min_value=0, max_value=1000)
-    threshold = serializers.DecimalField(max_digits=14, decimal_places=2, min_value=0)
-    earn_multiplier = serializers.DecimalField(
+    threshold = DecimalField(max_digits=14, decimal_places=2, min_value=0)
+    earn_multiplier = DecimalField(
         max_digits=6,
         decimal_places=3,
         min_value=1,

@@ -285,6 +285,27 @@ def test_a_time_with_an_offset_is_taken(api, member, route, when):
     assert response.status_code == 201
 
 
+@pytest.mark.parametrize("total", ["1e5", "1E2", "1_000", " 10.00", "Infinity", "0x10", "+5", "5.", ".5", 1e16, True])
+def test_money_not_written_as_a_decimal_is_refused_naming_the_field_and_writes_nothing(api, member, route, total):
+    # given
+    before = snapshot()
+    # when
+    response = post(api, URL, purchase(member, total=total, lines=[]))
+    # then
+    assert_problem(response, 400, "validation_error")
+    assert list(response.json()["errors"]) == ["total"]
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(("total", "points"), [("129.90", 129), ("7", 7), (12, 12), (12.5, 12)])
+def test_money_as_a_decimal_string_or_a_json_number_is_taken(api, member, route, total, points):
+    # when
+    response = post(api, URL, purchase(member, total=total, lines=[]))
+    # then
+    assert response.status_code == 201
+    assert response.json()["points"]["earned"] == points
+
+
 def test_an_activity_filter_without_an_offset_is_refused(api, member):
     # when
     response = api.get(f"/api/v1/members/{member.member_number}/activity?since=2026-01-10")

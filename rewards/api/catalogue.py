@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 
 from core.pagination import CursorPagination
 from core.schema import listing
+from core.validation import DecimalField
 from loyalty.api import AwareDateTimeField
 from rewards.api.common import member_from_body
 from rewards.models import LANGUAGES, Reward
@@ -30,9 +31,9 @@ class RewardInputSerializer(serializers.Serializer):
     description_sv = serializers.CharField(max_length=5000, required=False, allow_blank=True)
     description_nb = serializers.CharField(max_length=5000, required=False, allow_blank=True)
     image_url = serializers.URLField(max_length=500, required=False, allow_blank=True)
-    discount_amount = serializers.DecimalField(max_digits=12, decimal_places=2, required=False, allow_null=True)
-    discount_percent = serializers.DecimalField(max_digits=5, decimal_places=2, required=False, allow_null=True)
-    min_basket = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0, required=False, allow_null=True)
+    discount_amount = DecimalField(max_digits=12, decimal_places=2, required=False, allow_null=True)
+    discount_percent = DecimalField(max_digits=5, decimal_places=2, required=False, allow_null=True)
+    min_basket = DecimalField(max_digits=12, decimal_places=2, min_value=0, required=False, allow_null=True)
     product_sku = serializers.CharField(max_length=64, required=False, allow_blank=True)
     partner = serializers.CharField(max_length=120, required=False, allow_blank=True)
     stock = serializers.IntegerField(min_value=0, max_value=MAX_STOCK_DELTA, required=False, allow_null=True)

@@ -7,7 +7,7 @@ from rest_framework.views import APIView
 
 from core.errors import Unprocessable
 from core.hotpath import reply
-from core.validation import validate
+from core.validation import DecimalField, validate
 from rewards.api.common import balance_output, voucher_output
 from rewards.codes import voucher_code_display
 from rewards.models import Redemption
@@ -97,7 +97,7 @@ class VoucherConsumeApi(APIView):
     class InputSerializer(serializers.Serializer):
         store = serializers.CharField(max_length=64)
         transaction_external_id = serializers.CharField(max_length=128)
-        basket_total = serializers.DecimalField(
+        basket_total = DecimalField(
             max_digits=12, decimal_places=2, min_value=0, required=False, help_text="Needed for a minimum basket."
         )
 
