@@ -237,13 +237,7 @@ def _purchase(
     # Anonymous purchases are kept for analytics and earn nothing.
     earns = data.member is not None or not member_read
     awards = rules.earning_evaluate(basket=_basket(program, data, active), active=active) if earns else []
-    points = sum(a.points for a in rules.awards_stacked(awards))
-    if points > MAX_POINTS:
-        raise Unprocessable(
-            f"The purchase would earn {points} points, more than one transaction can hold ({MAX_POINTS}).",
-            code="points_out_of_range",
-            errors={"total": ["Too large to earn points on."]},
-        )
+    points = _points_checked(sum(a.points for a in rules.awards_stacked(awards)))
     breakdown = [a.as_line() for a in rules.awards_stacked(awards)]
     txn = _new_transaction(program, data, api_client, now, member=data.member, points=points, breakdown=breakdown)
     credit = {
@@ -255,6 +249,17 @@ def _purchase(
         "api_client": api_client,
     }
     return txn, awards, credit
+
+
+def _points_checked(points: int) -> int:
+    """`points`, or Unprocessable when one transaction cannot hold them."""
+    if points > MAX_POINTS:
+        raise Unprocessable(
+            f"The purchase would earn {points} points, more than one transaction can hold ({MAX_POINTS}).",
+            code="points_out_of_range",
+            errors={"total": ["Too large to earn points on."]},
+        )
+    return points
 
 
 @transaction.atomic
@@ -281,7 +286,8 @@ def _record_purchase_in_steps(program, data, txn, awards, credit: dict, now) -> 
         granted = rules.awards_claim(awards=granted, member_id=member.pk, program=program, occurred_at=data.occurred_at)
         breakdown = [a.as_line() for a in granted]
         if breakdown != txn.breakdown:
-            txn.points, txn.breakdown = sum(a.points for a in granted), breakdown
+            # The rules below an exclusive one cut to nothing may earn more than it did.
+            txn.points, txn.breakdown = _points_checked(sum(a.points for a in granted)), breakdown
             Transaction.objects.filter(pk=txn.pk).update(points=txn.points, breakdown=txn.breakdown)
             points = txn.points
     entry = None

@@ -11,7 +11,7 @@ import pytest
 from django.db import DatabaseError, DataError, connection
 
 from core.errors import InvalidInput, Unprocessable
-from loyalty import rules
+from loyalty import rules, transactions
 from loyalty.models import Account, BudgetSlice, EarningRule, RuleUsage, Transaction
 from loyalty.points import points_adjust
 from loyalty.rule_services import earning_rule_create, earning_rule_update
@@ -200,29 +200,21 @@ def test_an_exclusive_rule_whose_budget_is_spent_leaves_the_rules_below_it_their
     assert ledger_verify() == []
 
 
-def test_an_exclusive_welcome_bonus_not_earned_leaves_the_rules_below_it_their_points(program):
-    # given: a member with a purchase already recorded, whose basket is read as a first purchase (the case of two
-    # first purchases at once, the second of which sees the first only under the account lock)
+def test_an_exclusive_welcome_bonus_not_earned_leaves_the_rules_below_it_their_points(program, monkeypatch):
+    # given: a member with a purchase already recorded, whose next basket is read as a first purchase: the case of
+    # two first purchases at once, the second of which sees the first only under the account lock
     member = MemberFactory(program=program)
     rule(program, "low", priority=1, benefit="fixed", value=Decimal(7))
     rule(program, "welcome", priority=10, exclusive=True, first_purchase=True, benefit="fixed", value=Decimal(500))
     buy(program, member, external_id="1")
-    basket = rules.Basket(
-        program=program,
-        total=Decimal(100),
-        lines=[],
-        store="S",
-        channel="pos",
-        occurred_at=WEDNESDAY,
-        first_purchase=True,
-    )
+    read_basket = transactions._basket
+    monkeypatch.setattr(transactions, "_basket", lambda *args: replace(read_basket(*args), first_purchase=True))
     # when
-    awards = rules.earning_evaluate(basket=basket, active=rules.rules_active(program))
     second = buy(program, member, external_id="2")
-    # then: the evaluation keeps the rule below in reserve, and a purchase that is not the first earns it
-    assert [a.code for a in awards] == ["base", "welcome", "low"]
-    assert [a.code for a in rules.awards_stacked(awards)] == ["base", "welcome"]
+    # then: the welcome bonus is dropped under the lock, and the rule below it earns
     assert second.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "low", "points": 7}]
+    assert Account.objects.get(pk=member.pk).available == 600 + 107
+    assert ledger_verify() == []
 
 
 def test_first_purchase_and_birthday_month(program):
@@ -281,6 +273,23 @@ def test_a_purchase_too_large_to_earn_points_on_is_refused_and_writes_nothing(pr
     # then
     assert refused.value.code == "points_out_of_range"
     assert not Transaction.objects.exists()
+
+
+def test_the_rules_below_an_exclusive_rule_cut_to_nothing_are_held_to_what_a_transaction_can_hold(program, member):
+    # given: an exclusive bonus whose limit the first purchase uses up, above a rule worth 3,000,000,000 points
+    big = [{"sku": "BIG", "category": "x", "quantity": "30000", "unit_price": "0.01", "amount": "300.00"}]
+    rule(program, "big", priority=1, skus=["BIG"], benefit="per_unit", value=Decimal(100_000))
+    rule(program, "vip", priority=10, exclusive=True, benefit="fixed", value=Decimal(10), member_limit=10)
+    buy(program, member, external_id="1", total="300.00", lines=big)
+    before = Account.objects.get(pk=member.pk).available
+    # when
+    with pytest.raises(Unprocessable) as refused:
+        buy(program, member, external_id="2", total="300.00", lines=big)
+    # then
+    assert refused.value.code == "points_out_of_range"
+    assert not Transaction.objects.filter(external_id="2").exists()
+    assert Account.objects.get(pk=member.pk).available == before
+    assert ledger_verify() == []
 
 
 def test_a_member_limit_caps_the_bonus_per_month_and_the_breakdown_says_so(program, member):
