@@ -107,7 +107,10 @@ def _check_ladder(program: Program, tiers: list[Tier]) -> None:
 
 def _locked_tiers(program: Program) -> list[Tier]:
     # The programme row serialises every change of its tiers, so two changes cannot both pass the ladder check.
-    Program.objects.select_for_update().filter(pk=program.pk).first()
+    # FOR NO KEY UPDATE: the key-share locks of inserts that refer to the programme (their foreign-key checks, at
+    # commit) do not wait for it, so a change that goes on to wait for members' status rows (members_move_up, the
+    # recount) cannot deadlock with a purchase or a review that holds one of them and commits.
+    Program.objects.select_for_update(no_key=True).filter(pk=program.pk).first()
     return list(Tier.objects.filter(program=program).order_by("rank", "id"))
 
 

@@ -11,11 +11,12 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
-from loyalty import ledger, tiers
+from loyalty import ledger, tier_setup, tiers
 from loyalty.imports import transactions_import
 from loyalty.models import Account, Entry, Transaction
-from loyalty.tier_models import TierChange, TierStatus
+from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
 from loyalty.tier_setup import program_settings_update, tier_create
 from loyalty.tiers import tiers_review_due
 from loyalty.transactions import TransactionInput, transaction_record
@@ -245,3 +246,59 @@ def test_a_late_purchase_in_the_grace_days_racing_the_review_keeps_the_tier(tran
     tiers_review_due(now=review_now)
     assert TierStatus.objects.get(member=member).tier_id == gold.pk
     assert not TierChange.objects.filter(member=member, reason=TierChange.Reason.DOWNGRADE).exists()
+
+
+def _someone_waits_on_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0] > 0
+
+
+def test_a_tier_change_moving_members_up_and_the_review_do_not_deadlock(transactional_db, program, monkeypatch):
+    # given: a member in Silver, due for review, with 250 points this month: the review moves them down (a history
+    # row, which refers to the programme), and Gold lowered to 200 moves them up
+    now = timezone.now()
+    for rank, (code, threshold) in enumerate([("base", 0), ("silver", 100), ("gold", 300)]):
+        tier_create(program=program, code=code, name_en=code, rank=rank, threshold=Decimal(threshold), now=now)
+    program.refresh_from_db()
+    member = MemberFactory(program=program)
+    TierStatus.objects.create(
+        member=member,
+        program=program,
+        tier=Tier.objects.get(code="silver"),
+        since=now - timedelta(days=400),
+        review_at=now - timedelta(days=40),
+        updated_at=now,
+    )
+    TierCounter.objects.create(member=member, period=now.date().replace(day=1), points=250, spend_cents=0, purchases=1)
+    paused, go = threading.Event(), threading.Event()
+    move_up = tier_setup.members_move_up
+
+    def move_up_when_released(**kwargs):
+        paused.set()  # the change holds the programme row now
+        go.wait(timeout=10)
+        return move_up(**kwargs)
+
+    monkeypatch.setattr(tier_setup, "members_move_up", move_up_when_released)
+
+    def lower_gold():
+        tier_setup.tier_update(tier=Tier.objects.get(code="gold"), threshold=Decimal(200))
+
+    def review():
+        paused.wait(timeout=10)
+        tiers_review_due(now=now, workers=1)
+
+    def release():  # once the review waits on a lock, or has finished
+        paused.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while not _someone_waits_on_a_lock() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        go.set()
+
+    # when
+    errors = _threads(lower_gold, review, release)
+    # then
+    assert errors == [None, None, None]
+    assert TierStatus.objects.get(member=member).tier.code == "gold"
