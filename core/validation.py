@@ -34,17 +34,29 @@ class UnknownFieldsRefused:
         return super().validate(attrs)
 
 
-class DecimalField(serializers.DecimalField):
-    """DRF's DecimalField, taking amounts only as the contract writes them: a decimal string ("129.90", "-3") or a
-    JSON number. Python's Decimal would also read "1e5", "1_000", " 10" and "Infinity": a till that sends one of
-    those has a bug, and 100,000 points for "1e5" is not the answer it should get."""
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+INVALID_DECIMAL = 'A decimal number, such as "129.90", is required.'
 
-    PLAIN = re.compile(r"-?[0-9]+(\.[0-9]+)?")
-    default_error_messages = {"invalid": 'A decimal number, such as "129.90", is required.'}
+
+def is_plain_decimal(value) -> bool:
+    """Whether `value` is an amount as the contract writes one: a decimal string of ASCII digits ("129.90", "-3")
+    or a JSON number. Python's Decimal would also read "1e5", "1_000", " 10", "١٢" and "Infinity": a till that sends
+    one of those has a bug, and 100,000 points for "1e5" is not the answer it should get."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    if isinstance(value, float):
+        value = str(value)
+    return isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value) is not None
+
+
+class DecimalField(serializers.DecimalField):
+    """DRF's DecimalField, taking only amounts as the contract writes them (is_plain_decimal)."""
+
+    default_error_messages = {"invalid": INVALID_DECIMAL}
 
     def to_internal_value(self, data):
-        if isinstance(data, bool) or (
-            isinstance(data, str | float) and not self.PLAIN.fullmatch(data if isinstance(data, str) else str(data))
-        ):
+        if isinstance(data, bool | str | float) and not is_plain_decimal(data):
             self.fail("invalid")
         return super().to_internal_value(data)

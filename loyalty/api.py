@@ -2,7 +2,7 @@
 
 import logging
 import re
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal
 
 from django.conf import settings
 from django.db import transaction
@@ -27,7 +27,7 @@ from core.models import ApiClient, Program
 from core.money import CURRENCIES
 from core.pagination import CursorPagination
 from core.schema import listing
-from core.validation import DecimalField, validate
+from core.validation import INVALID_DECIMAL, DecimalField, is_plain_decimal, validate
 from loyalty.ledger import Balance
 from loyalty.models import Entry, Transaction
 from loyalty.points import points_adjust
@@ -73,14 +73,9 @@ _WHOLE_DIGITS = {"quantity": 9, "unit_price": 10, "amount": 10}
 
 def _line_number(name: str, value) -> str:
     """A line's decimal as a string with its fixed places; ValueError says what is wrong."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError("A valid number is required.")
-    try:
-        number = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError("A valid number is required.") from None
-    if not number.is_finite():
-        raise ValueError("A valid number is required.")
+    if not is_plain_decimal(value):
+        raise ValueError(INVALID_DECIMAL)
+    number = Decimal(str(value))
     if number < 0:
         raise ValueError("Ensure this value is greater than or equal to 0.")
     places = _PLACES[name]
@@ -202,7 +197,7 @@ _CHANNELS = frozenset(Transaction.Channel.values)  # the enum's .values builds a
 _PLAIN_PURCHASE_KEYS = frozenset(
     ["external_id", "store", "channel", "member", "type", "occurred_at", "currency", "total", "lines"]
 )
-_AMOUNT = re.compile(r"\d{1,10}(\.\d{1,2})?")
+_AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")  # ASCII digits: \d takes any script's
 _CENT = Decimal("0.01")
 _OCCURRED_AT, _LINES = AwareDateTimeField(), LinesField()
 
