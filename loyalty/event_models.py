@@ -65,6 +65,9 @@ class MemberEvent(models.Model):
     occurred_at = models.DateTimeField()
     attributes = models.JSONField(default=dict, blank=True)
     points = models.PositiveIntegerField(default=0)
+    # Whether its points count toward tiers: its type qualified when it was recorded. Kept on the event so that a
+    # recount of the counters counts what counting it did, whatever the type says since.
+    qualifying = models.BooleanField(default=False, db_default=False)
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
     entry = models.OneToOneField(Entry, null=True, blank=True, on_delete=models.PROTECT, related_name="member_event")
     api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.SET_NULL)

@@ -116,6 +116,7 @@ def _record(program, member, event_type, external_id, occurred_at, attributes, a
         occurred_at=occurred_at,
         attributes=attributes,
         points=event_type.points if awarded else 0,
+        qualifying=awarded and event_type.qualifying,
         outcome=MemberEvent.Outcome.AWARDED if awarded else MemberEvent.Outcome.LIMIT_REACHED,
         api_client=api_client,
         created_at=now,
@@ -136,7 +137,7 @@ def _record(program, member, event_type, external_id, occurred_at, attributes, a
         )
         MemberEvent.objects.filter(pk=event.pk).update(entry=event.entry)
         balance = ledger.Balance.after(event.entry)
-        if event_type.qualifying:
+        if event.qualifying:
             tiers.tier_on_event(program=program, member=member, points=event.points, occurred_at=occurred_at, now=now)
     return EventResult(event=event, created=True, balance=balance)
 

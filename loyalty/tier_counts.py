@@ -1,5 +1,5 @@
 """Counting qualifying activity set-based: the counters recounted from the recorded purchases and returns, and
-the points of events whose type qualifies (tier_counters_backfill: a programme's first tier, a new measure or
+the points of the events that counted (tier_counters_backfill: a programme's first tier, a new measure or
 window); every member whose window reaches a higher tier moved up at once, as a purchase would move them
 (members_move_up: a tier added or lowered); an import's purchases added (tier_counts_add). The live path counts
 one transaction or event at a time (loyalty.tiers)."""
@@ -11,7 +11,7 @@ from django.db import connection
 
 from core.db import array_literal
 from core.models import Program
-from loyalty.event_models import EventType, MemberEvent
+from loyalty.event_models import MemberEvent
 from loyalty.models import Transaction
 from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
 from loyalty.tier_review import _current_end_sql, _measure_sql, _window_sql
@@ -22,9 +22,9 @@ from members.models import Member
 
 def tier_counters_backfill(*, program: Program, now: datetime, counting: bool, set_based: bool | None = None) -> int:
     """Recount the qualifying counters of the programme's members from its recorded purchases and returns, and the
-    points of events whose type qualifies (as it does now: its flag applies to the events before it too), over
-    the periods that any window at `now` reads (tier_windows.counted_since), and move up at once every member whose
-    current window supports a higher tier, as a purchase would. The number moved up. Runs in the caller's
+    points of the events that counted (MemberEvent.qualifying), over the periods that any window at `now` reads
+    (tier_windows.counted_since), and move up at once every member whose current window supports a higher tier, as
+    a purchase would. The number moved up. Runs in the caller's
     transaction, which holds the programme row; `counting`: the earn path counts the programme's purchases
     meanwhile (it had tiers already), and the status and counter tables are locked until the transaction ends."""
     since = counted_since(program=program, now=now)
@@ -109,12 +109,11 @@ def _recount_sql(program: Program, *, added: bool = False) -> tuple[str, str]:
 DELETE FROM {counter} c USING {member} m
 WHERE c.member_id = m.id AND m.program_id = %(program)s AND c.period >= %(since)s
 """
-    # Purchases as they stand after their returns, and the points of events whose type qualifies (not for `added`).
+    # Purchases as they stand after their returns, and the points of the events that counted (not for `added`).
     events = f"""
 UNION ALL
-SELECT e.member_id, e.occurred_at, e.points, 0, 0
-FROM {MemberEvent._meta.db_table} e JOIN {EventType._meta.db_table} t ON t.id = e.event_type_id
-WHERE e.program_id = %(program)s AND t.qualifying AND e.points > 0 AND e.occurred_at >= %(start)s
+SELECT e.member_id, e.occurred_at, e.points, 0, 0 FROM {MemberEvent._meta.db_table} e
+WHERE e.program_id = %(program)s AND e.qualifying AND e.occurred_at >= %(start)s
 """
     insert = f"""
 INSERT INTO {counter} (member_id, period, points, spend_cents, purchases)
@@ -225,9 +224,9 @@ def _backfill_rows(program: Program, now: datetime, since, start: datetime) -> i
             row[0] += p.points - p.points_reversed
             row[1] += int((p.total - p.returned_total) * 100)
             row[2] += p.returned_total < p.total or p.total == 0
-    events = MemberEvent.objects.filter(
-        program=program, event_type__qualifying=True, points__gt=0, occurred_at__gte=start
-    ).select_related("member")
+    events = MemberEvent.objects.filter(program=program, qualifying=True, occurred_at__gte=start).select_related(
+        "member"
+    )
     for e in events.iterator():
         member = e.member
         period = period_of(e.occurred_at.astimezone(member.tz).date(), anchor_day(program=program, member=member))

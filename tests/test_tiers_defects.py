@@ -464,3 +464,24 @@ def test_the_backfill_counts_the_points_of_qualifying_events(program, member, se
     # then
     assert _status(member)[0] == "silver"
     assert sum(TierCounter.objects.filter(member=member).values_list("points", flat=True)) == 1050
+
+
+def test_an_event_counts_toward_tiers_as_its_type_was_when_it_was_recorded_also_after_a_recount(program, member):
+    # given: a review recorded while reviews did not qualify, and a survey recorded while surveys did
+    from loyalty.event_services import event_type_create, event_type_update
+
+    now = timezone.now()
+    _ladder(program)
+    review = event_type_create(program=program, code="review", name="Review", points=150)
+    survey = event_type_create(program=program, code="survey", name="Survey", points=40, qualifying=True)
+    _event(program, member, "review", "r1", now - timedelta(days=2))
+    _event(program, member, "survey", "s1", now - timedelta(days=2))
+    event_type_update(event_type=review, qualifying=True)
+    event_type_update(event_type=survey, qualifying=False)
+    counted = sum(TierCounter.objects.filter(member=member).values_list("points", flat=True))
+    # when: a new window recounts the counters, and the old one again
+    program_settings_update(program=program, tier_window=Program.TierWindow.CALENDAR_YEAR)
+    program_settings_update(program=program, tier_window=Program.TierWindow.ROLLING)
+    # then
+    assert counted == 40
+    assert sum(TierCounter.objects.filter(member=member).values_list("points", flat=True)) == 40
