@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from django.db import connection
+from django.db import connection, transaction
 
 from loyalty.models import Account, BudgetSlice, Draw, EarningRule, Entry, Lot, Transaction
 
@@ -127,9 +127,18 @@ def _checks() -> list[tuple[str, str]]:
 def ledger_verify(*, limit: int = 20) -> list[Breach]:
     """Every breach of a ledger invariant, at most `limit` per check."""
     breaches = []
-    with connection.cursor() as cursor:
+    postgresql = connection.vendor == "postgresql"
+    with transaction.atomic(), connection.cursor() as cursor:
+        if postgresql:
+            # Every check reads whole tables, which hash joins do best. Statistics a freshly loaded table has not had
+            # yet can make the planner expect a few rows and join them in nested loops: 67 s for one check of 47,280
+            # purchases in a benchmark run, against 0.1 s.
+            cursor.execute("SET LOCAL enable_nestloop = off")
         for name, sql in _checks():
             cursor.execute(f"{sql} LIMIT {int(limit)}")
             for subject, found, expected in cursor.fetchall():
                 breaches.append(Breach(name, str(subject), f"found {found}, expected {expected}"))
+        if postgresql:
+            # SET LOCAL would outlast this block inside a caller's transaction; a failed check rolls it back instead.
+            cursor.execute("RESET enable_nestloop")
     return breaches

@@ -525,3 +525,15 @@ def test_staff_without_the_adjust_permission_are_not_offered_the_action(client, 
     assert page.status_code == 200
     assert b"adjust_points" not in page.content
     assert not Account.objects.filter(pk=member.pk).exists()
+
+
+def test_verify_leaves_the_callers_transaction_its_planner_settings(program, member):
+    # given: verify_ledger turns nested-loop joins off for its own checks
+    from django.db import connection
+
+    # when
+    ledger_verify()
+    # then
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW enable_nestloop")
+        assert cursor.fetchone()[0] == "on"
