@@ -13,7 +13,7 @@ from functools import cached_property
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 
 from core.db import array_literal
 from core.errors import InvalidInput
@@ -239,12 +239,17 @@ def period_start_at(period: str, at: datetime, tz: ZoneInfo) -> datetime | None:
 
 def awards_claim(*, awards: list[Award], member_id: int, program: Program, occurred_at: datetime) -> list[Award]:
     """Cut awards (earning_evaluate's) down to what their rules' per-member limits and budgets still allow, and
-    stack them: an exclusive award stops those below it if anything of it is left. Records the use, in at most
-    four statements whatever the number of rules. The caller holds the member's account lock, which serialises
-    the member's purchases, so their usage rows need no lock of their own. Budgets are shared by every member: all
-    their slices are locked, in primary-key order so two purchases never wait on each other crosswise, until the
-    purchase commits; what is used is taken from the member's slice, and what is left shared out again over the
-    slices (budget_shares), so that purchases claiming at once find room in each."""
+    stack them: an exclusive award stops those below it if anything of it is left. Records the use. The caller
+    holds the member's account lock, which serialises the member's purchases, so their usage rows need no lock of
+    their own.
+
+    Budgets are shared by every member, in slices (BudgetSlice). First only the member's slice of each budget is
+    locked, in primary-key order, and charged where every award fits in it, as a purchase's one statement does
+    (awards_claim_at_once): purchases of members in other slices do not wait. Where one does not fit, that is
+    undone to its savepoint, which lets go of those slices, and every slice is locked, in primary-key order so two
+    purchases never wait on each other crosswise, until the purchase commits; what is used is taken from the
+    member's slice, and what is left shared out again over the slices (budget_shares), so that purchases claiming
+    at once find room in each."""
     local = occurred_at.astimezone(ZoneInfo(program.timezone))
     limited = {a.rule.pk: period_start(a.rule.member_limit_period, local) for a in awards if _limited(a)}
     budgeted = sorted({a.rule.pk for a in awards if a.rule is not None and a.rule.budget is not None})
@@ -260,35 +265,22 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
             used = {rule_id: points for rule_id, start, points in cursor.fetchall() if limited[rule_id] == start}
         # Budgets are locked last, so that every purchase holds the rows all of them share for as short a time as
         # possible.
-        slices = _budget_slices_lock(cursor, budgeted)
-        # A budgeted rule without slices gives nothing: a missing slice must not mean a budget without end.
-        budget_left = {pk: sum(size - used_ for _, _, size, used_ in slices.get(pk, ())) for pk in budgeted}
-        granted, budget_use, usage_rows = [], {}, []
-        for award in awards:
-            rule, points = award.rule, award.points
-            if rule is not None and rule.pk in limited:
-                points = min(points, rule.member_limit - used.get(rule.pk, 0))
-            if rule is not None and rule.pk in budget_left:
-                points = min(points, budget_left[rule.pk])
-            if points <= 0:
-                continue
-            if rule is not None and rule.pk in budget_left:
-                budget_left[rule.pk] -= points
-                budget_use[rule.pk] = budget_use.get(rule.pk, 0) + points
-            if rule is not None and rule.pk in limited:
-                usage_rows.append((rule.pk, member_id, limited[rule.pk], points))
-            granted.append(Award(award.code, points, rule))
-            if rule is not None and rule.exclusive:
-                break
-        if budget_use:
-            # What is used is taken from the member's slice; _budget_slices_write shares out what is left.
-            mine, budgets = member_id % BUDGET_SLICES, []
-            for pk, points in budget_use.items():
-                budget = sum(size for _, _, size, _ in slices[pk])  # the sizes add up to the budget
-                budgets.append(
-                    (budget, [(i, n, size, used + points if n == mine else used) for i, n, size, used in slices[pk]])
-                )
-            _budget_slices_write(cursor, budgets)
+        granted = _claim_from_own_slices(cursor, awards, limited, used, budgeted, member_id) if budgeted else None
+        if granted is None:
+            slices = _budget_slices_lock(cursor, budgeted)
+            # A budgeted rule without slices gives nothing: a missing slice must not mean a budget without end.
+            budget_left = {pk: sum(size - used_ for _, _, size, used_ in slices.get(pk, ())) for pk in budgeted}
+            granted, budget_use, _ = _awards_cut(awards, limited, used, budget_left)
+            if budget_use:
+                # What is used is taken from the member's slice; _budget_slices_write shares out what is left.
+                mine, budgets = member_id % BUDGET_SLICES, []
+                for pk, points in budget_use.items():
+                    budget = sum(size for _, _, size, _ in slices[pk])  # the sizes add up to the budget
+                    budgets.append(
+                        (budget, [(i, n, size, u + points if n == mine else u) for i, n, size, u in slices[pk]])
+                    )
+                _budget_slices_write(cursor, budgets)
+        usage_rows = [(a.rule.pk, member_id, limited[a.rule.pk], a.points) for a in granted if _limited(a)]
         if usage_rows:
             cursor.execute(
                 f"INSERT INTO {usage_t} (rule_id, member_id, period_start, points) VALUES "
@@ -298,6 +290,62 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
                 [v for row in usage_rows for v in row],
             )
     return granted
+
+
+class _SliceShort(Exception):
+    """A budget's slice has too little room for the award: claim it from all of its slices."""
+
+
+def _claim_from_own_slices(cursor, awards, limited, used, budgeted, member_id) -> list[Award] | None:
+    """awards_claim's first try: the awards cut as the member's slice of each budget allows, and those slices
+    charged; None, having kept nothing, locked nothing and charged nothing, where a budget would cut an award."""
+    if connection.vendor != "postgresql":  # SQLite's IMMEDIATE transaction holds the whole database already
+        return None
+    try:
+        with transaction.atomic():
+            cursor.execute(
+                f"SELECT rule_id, id, size, used FROM {BudgetSlice._meta.db_table} "
+                f"WHERE rule_id IN ({_marks(budgeted)}) AND number = %s ORDER BY id FOR UPDATE",
+                [*budgeted, member_id % BUDGET_SLICES],
+            )
+            own = {rule_id: (pk, size - used_) for rule_id, pk, size, used_ in cursor.fetchall()}
+            granted, budget_use, cut = _awards_cut(
+                awards, limited, used, {pk: own[pk][1] if pk in own else 0 for pk in budgeted}
+            )
+            if cut:
+                raise _SliceShort
+            if budget_use:
+                cases = " ".join("WHEN %s THEN %s" for _ in budget_use)
+                cursor.execute(
+                    f"UPDATE {BudgetSlice._meta.db_table} SET used = used + CASE id {cases} END "
+                    f"WHERE id IN ({_marks(budget_use)})",
+                    [v for pk, points in budget_use.items() for v in (own[pk][0], points)]
+                    + [own[pk][0] for pk in budget_use],
+                )
+            return granted
+    except _SliceShort:
+        return None
+
+
+def _awards_cut(awards, limited, used, budget_left) -> tuple[list[Award], dict[int, int], bool]:
+    """(the awards as limits and `budget_left` cut and stack them, the points each budget gives, whether a budget
+    cut one). `budget_left` is taken from as awards are granted."""
+    granted, budget_use, budget_cut = [], {}, False
+    for award in awards:
+        rule, points = award.rule, award.points
+        if rule is not None and rule.pk in limited:
+            points = min(points, rule.member_limit - used.get(rule.pk, 0))
+        if rule is not None and rule.pk in budget_left and points > budget_left[rule.pk]:
+            points, budget_cut = budget_left[rule.pk], True
+        if points <= 0:
+            continue
+        if rule is not None and rule.pk in budget_left:
+            budget_left[rule.pk] -= points
+            budget_use[rule.pk] = budget_use.get(rule.pk, 0) + points
+        granted.append(Award(award.code, points, rule))
+        if rule is not None and rule.exclusive:
+            break
+    return granted, budget_use, budget_cut
 
 
 def budget_shares(room: int) -> list[int]:

@@ -8,7 +8,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import DatabaseError, DataError, connection
+from django.db import DatabaseError, DataError, connection, transaction
 
 from core.errors import InvalidInput, Unprocessable
 from loyalty import rules, transactions
@@ -401,9 +401,11 @@ def test_returns_take_back_each_line_of_the_breakdown_in_proportion_and_a_full_r
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("by_number", [False, True])
-def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program, by_number):
-    # given: 100 points per purchase from a budget of 1,000, and 16 members buying at once, twice each
-    promo = rule(program, "launch", benefit="fixed", value=Decimal(100), budget=1000)
+@pytest.mark.parametrize("budget", [1000, 4800], ids=["slices-too-small", "slices-run-dry"])
+def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program, by_number, budget):
+    # given: 100 points per purchase from a budget of 1,000 (a slice cannot pay one) or 4,800 (a slice pays three),
+    # and 16 members buying at once, four times each
+    promo = rule(program, "launch", benefit="fixed", value=Decimal(100), budget=budget)
     members = [MemberFactory(program=program) for _ in range(16)]
     barrier = threading.Barrier(16)
     errors = []
@@ -411,7 +413,7 @@ def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program, b
     def shop(member):
         try:
             barrier.wait()
-            for n in range(2):
+            for n in range(4):
                 buy(program, member, external_id=f"{member.pk}-{n}", by_number=by_number)
         except Exception as exc:  # collected, asserted below
             errors.append(exc)
@@ -428,7 +430,54 @@ def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program, b
     assert errors == []
     promo.refresh_from_db()
     given = sum(line["points"] for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == "launch")
-    assert promo.budget_used == given == 1000
+    assert promo.budget_used == given == budget
+    assert ledger_verify() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_purchase_not_by_number_claims_a_budget_from_its_members_slice_without_waiting_for_other_slices(program):
+    # given: a budgeted bonus; one member's purchase has claimed it and not yet committed
+    promo = rule(program, "launch", benefit="fixed", value=Decimal(10), budget=16_000)
+    first = MemberFactory(program=program)
+    second = MemberFactory(program=program)
+    assert first.pk % 16 != second.pk % 16
+    claimed, release, errors = threading.Event(), threading.Event(), []
+
+    def hold():
+        try:
+            with transaction.atomic():
+                buy(program, first, external_id="first")
+                claimed.set()
+                release.wait(timeout=10)
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    def follow():
+        try:
+            claimed.wait(timeout=10)
+            buy(program, second, external_id="second")
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    holder, follower = threading.Thread(target=hold), threading.Thread(target=follow)
+    # when
+    holder.start()
+    follower.start()
+    follower.join(timeout=5)
+    waited = follower.is_alive()
+    release.set()
+    holder.join()
+    follower.join()
+    # then: the second purchase went through while the first held its slice; each slice paid its member's bonus,
+    # and the slices' sizes were not shared out again
+    assert errors == [] and not waited
+    sizes = _slices(promo)
+    assert [size for size, _ in sizes] == [1000] * 16
+    assert sorted(used for _, used in sizes) == [0] * 14 + [10, 10]
     assert ledger_verify() == []
 
 
