@@ -8,6 +8,9 @@ Two modes, alternated in the same run so their ratio means something on a noisy 
   and locks every slice only when that one runs short;
 - "every slice" (rules._claim_from_own_slices switched off): each purchase locks all sixteen slices of each budget
   it meets, as every purchase not by member number did before the eighth round.
+Then the budgets are spent (each cut to what it has given), and two more modes alternate: "passed over" (the code
+as it is: a purchase that found a budget spent marks it, and the purchases after it pass its rule over) and "looked
+up every time" (rules._budget_spent switched off: each purchase locks every slice to find the budget spent).
 Afterwards: verify_ledger, and each budget's use equal to the points its rule gave.
 
 Usage: python bench/budget_bench.py [--threads 8] [--purchases 3000] [--members 2000] [--rounds 2]
@@ -144,9 +147,27 @@ def main() -> None:
             results[mode].append(rate)
             print(f"{mode}, round {round_ + 1}: {rate:,.0f} purchases/s ({args.threads} threads)")
     rules._claim_from_own_slices = own_slice_first
+    from loyalty.rule_services import earning_rule_update
+
+    for rule in EarningRule.objects.filter(budget__isnull=False):
+        earning_rule_update(rule=rule, budget=sum(BudgetSlice.objects.filter(rule=rule).values_list("used", flat=True)))
+    budget_spent = rules._budget_spent
+    results.update({"spent, passed over": [], "spent, looked up every time": []})
+    for round_ in range(args.rounds):
+        for mode in ("spent, passed over", "spent, looked up every time"):
+            rules._budget_spent = budget_spent if mode == "spent, passed over" else (lambda rule: False)
+            seconds = shop(program, members, threads=args.threads, purchases=args.purchases, tag=f"{mode}-{round_}")
+            rate = args.purchases // args.threads * args.threads / seconds
+            results[mode].append(rate)
+            print(f"{mode}, round {round_ + 1}: {rate:,.0f} purchases/s ({args.threads} threads)")
+    rules._budget_spent = budget_spent
     for mode, rates in results.items():
         print(f"{mode}: best {max(rates):,.0f} purchases/s")
     print(f"own slice first / every slice: {max(results['own slice first']) / max(results['every slice']):.2f}")
+    print(
+        "spent: passed over / looked up every time: "
+        f"{max(results['spent, passed over']) / max(results['spent, looked up every time']):.2f}"
+    )
 
     breaches = ledger_verify()
     print(f"verify: {len(breaches)} breaches")

@@ -149,9 +149,22 @@ _cache: dict[int, tuple[float, list[CompiledRule]]] = {}
 _cache_lock = threading.Lock()
 
 
+# Budgets found spent: rule id -> when (time.monotonic). Their rules earn nothing more, so purchases pass them over
+# rather than lock every slice of the budget to find that out again, one at a time. A budget's room only grows when
+# staff raise it through the rule services (rules_changed): this process sees that at once, others within
+# RULES_CACHE_SECONDS, as any rule change.
+_spent: dict[int, float] = {}
+
+
 def rules_changed(program_id: int) -> None:
     with _cache_lock:
         _cache.pop(program_id, None)
+        _spent.clear()
+
+
+def _budget_spent(rule: EarningRule) -> bool:
+    found = _spent.get(rule.pk) if rule.budget is not None else None
+    return found is not None and time.monotonic() - found < settings.RULES_CACHE_SECONDS
 
 
 def rules_active(program: Program) -> list[CompiledRule]:
@@ -201,6 +214,8 @@ def earning_evaluate(*, basket: Basket, active: list[CompiledRule]) -> list[Awar
         return awards
     at = _Moment(basket)
     for compiled in active:
+        if _spent and _budget_spent(compiled.rule):
+            continue
         points = compiled.points(at)
         if points > 0:
             rule = compiled.rule
@@ -271,6 +286,9 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
             # A budgeted rule without slices gives nothing: a missing slice must not mean a budget without end.
             budget_left = {pk: sum(size - used_ for _, _, size, used_ in slices.get(pk, ())) for pk in budgeted}
             granted, budget_use, _ = _awards_cut(awards, limited, used, budget_left)
+            for pk, left in budget_left.items():
+                if left <= 0:  # what is left after this purchase: the next ones pass the rule over
+                    _spent[pk] = time.monotonic()
             if budget_use:
                 # What is used is taken from the member's slice; _budget_slices_write shares out what is left.
                 mine, budgets = member_id % BUDGET_SLICES, []

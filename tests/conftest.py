@@ -66,6 +66,7 @@ def _fresh_process_caches():
 
     auth._clients.clear()
     rules._cache.clear()
+    rules._spent.clear()
     tiers.tier_cache_clear()
     yield
 

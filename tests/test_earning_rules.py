@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from django.db import DatabaseError, DataError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from core.errors import InvalidInput, Unprocessable
 from loyalty import rules, transactions
@@ -478,6 +479,23 @@ def test_a_purchase_not_by_number_claims_a_budget_from_its_members_slice_without
     sizes = _slices(promo)
     assert [size for size, _ in sizes] == [1000] * 16
     assert sorted(used for _, used in sizes) == [0] * 14 + [10, 10]
+    assert ledger_verify() == []
+
+
+def test_a_spent_budget_is_passed_over_without_locking_its_slices_until_it_is_raised(program, member):
+    # given: a budget the first purchase spends
+    promo = rule(program, "launch", benefit="fixed", value=Decimal(50), budget=50)
+    buy(program, member, external_id="1")
+    # when
+    with CaptureQueriesContext(connection) as spent:
+        second = buy(program, member, external_id="2")
+    earning_rule_update(rule=promo, budget=100)
+    third = buy(program, member, external_id="3")
+    # then: the purchase after it earns the base alone and reads no slice; once raised, the budget pays again
+    assert second.transaction.breakdown == [{"rule": "base", "points": 100}]
+    assert not any(BudgetSlice._meta.db_table in q["sql"] for q in spent.captured_queries)
+    assert third.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "launch", "points": 50}]
+    assert sum(used for _, used in _slices(promo)) == 100
     assert ledger_verify() == []
 
 
