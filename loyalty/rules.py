@@ -286,9 +286,10 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
             # A budgeted rule without slices gives nothing: a missing slice must not mean a budget without end.
             budget_left = {pk: sum(size - used_ for _, _, size, used_ in slices.get(pk, ())) for pk in budgeted}
             granted, budget_use, _ = _awards_cut(awards, limited, used, budget_left)
-            for pk, left in budget_left.items():
-                if left <= 0:  # what is left after this purchase: the next ones pass the rule over
-                    _spent[pk] = time.monotonic()
+            spent = [pk for pk, left in budget_left.items() if left <= 0]  # after this purchase
+            if spent:
+                # Once this purchase commits: a preview, or a purchase that fails later, spends nothing.
+                transaction.on_commit(lambda: _spent.update(dict.fromkeys(spent, time.monotonic())))
             if budget_use:
                 # What is used is taken from the member's slice; _budget_slices_write shares out what is left.
                 mine, budgets = member_id % BUDGET_SLICES, []

@@ -482,10 +482,13 @@ def test_a_purchase_not_by_number_claims_a_budget_from_its_members_slice_without
     assert ledger_verify() == []
 
 
-def test_a_spent_budget_is_passed_over_without_locking_its_slices_until_it_is_raised(program, member):
-    # given: a budget the first purchase spends
+def test_a_spent_budget_is_passed_over_without_locking_its_slices_until_it_is_raised(
+    program, member, django_capture_on_commit_callbacks
+):
+    # given: a budget the first purchase spends (and commits)
     promo = rule(program, "launch", benefit="fixed", value=Decimal(50), budget=50)
-    buy(program, member, external_id="1")
+    with django_capture_on_commit_callbacks(execute=True):
+        buy(program, member, external_id="1")
     # when
     with CaptureQueriesContext(connection) as spent:
         second = buy(program, member, external_id="2")
@@ -497,6 +500,26 @@ def test_a_spent_budget_is_passed_over_without_locking_its_slices_until_it_is_ra
     assert third.transaction.breakdown == [{"rule": "base", "points": 100}, {"rule": "launch", "points": 50}]
     assert sum(used for _, used in _slices(promo)) == 100
     assert ledger_verify() == []
+
+
+def test_a_preview_that_would_spend_a_budget_leaves_it_to_the_purchases(program, member):
+    # given: a budget one purchase spends
+    rule(program, "launch", benefit="fixed", value=Decimal(50), budget=50)
+    data = TransactionInput(
+        store="STHLM-01",
+        external_id="P",
+        channel="pos",
+        kind="purchase",
+        occurred_at=WEDNESDAY,
+        currency="SEK",
+        total=Decimal("100.00"),
+        member=member,
+    )
+    # when
+    preview = transaction_preview(program=program, data=data)
+    bought = buy(program, member, external_id="1")
+    # then: both show the bonus; the preview, rolled back, did not mark the budget spent
+    assert preview.transaction.breakdown[-1] == bought.transaction.breakdown[-1] == {"rule": "launch", "points": 50}
 
 
 def _slices(rule_):
