@@ -4,7 +4,13 @@ another request it is a 422; while the first is still running, a 409.
 The claim is committed on its own before the view runs, so a concurrent repeat sees it at once. A successful
 response is stored in the same database transaction as the view's writes, so the work and its record commit or
 vanish together. A 4xx is stored after the view's transaction rolled back; a 5xx releases the claim so the client
-may retry."""
+may retry.
+
+A view whose every write is idempotent on its own and commits on its own (`idempotent_per_item = True`: the batch
+of transactions, each item idempotent by its store and external id) runs outside that transaction, and its
+response is stored after it. Held in one transaction, a batch would keep every row its items locked until its last
+item, and two batches naming the same members in other orders would deadlock. A batch cut off half way (the worker
+died) leaves its claim to be taken over, and the repeat answers the items already recorded as repeats (200)."""
 
 import hashlib
 import logging
@@ -12,6 +18,7 @@ from datetime import timedelta
 
 from django.db import IntegrityError, transaction
 from django.http import HttpResponse
+from django.urls import Resolver404, resolve
 from django.utils import timezone
 
 from core.auth import api_client_for_key, raw_key_from_header
@@ -71,6 +78,14 @@ def _store(record: IdempotencyRecord, response) -> None:
     )
 
 
+def _idempotent_per_item(request) -> bool:
+    try:
+        view = resolve(request.path_info).func
+    except Resolver404:
+        return False
+    return getattr(getattr(view, "view_class", None), "idempotent_per_item", False)
+
+
 class IdempotencyMiddleware:
     def __init__(self, get_response):
         self.get_response = get_response
@@ -91,6 +106,17 @@ class IdempotencyMiddleware:
         claimed = _claim(client, key, _request_hash(request))
         if isinstance(claimed, HttpResponse):
             return claimed
+        if _idempotent_per_item(request):
+            try:
+                response = self.get_response(request)
+            except BaseException:
+                IdempotencyRecord.objects.filter(pk=claimed.pk).delete()
+                raise
+            if response.status_code < 500:
+                _store(claimed, response)
+            else:
+                IdempotencyRecord.objects.filter(pk=claimed.pk).delete()
+            return response
         try:
             with transaction.atomic():
                 response = self.get_response(request)

@@ -364,6 +364,9 @@ class TransactionPreviewApi(APIView):
 
 class TransactionBatchApi(APIView):
     scopes = {"POST": "transactions:write"}
+    # Each item commits on its own, also under an Idempotency-Key (core.idempotency): it is idempotent by its store and
+    # external id.
+    idempotent_per_item = True
 
     class InputSerializer(serializers.Serializer):
         transactions = serializers.ListField(child=serializers.DictField(), allow_empty=False)
@@ -382,8 +385,8 @@ class TransactionBatchApi(APIView):
         results = []
         for index, item in enumerate(serializer.validated_data["transactions"]):
             # Each item stands alone (API.md: a result for each): one bad transaction is reported and does not undo
-            # the others. Each is its own database transaction (a savepoint inside another), so one that fails
-            # unexpectedly, even after writing, leaves nothing; it is reported as a server error and the batch goes on.
+            # the others. Each is its own database transaction, so one that fails unexpectedly, even after writing,
+            # leaves nothing; it is reported as a server error and the batch goes on.
             try:
                 with transaction.atomic():
                     result = _record(request.auth, _transaction_input(request.auth.program, _checked(item)))

@@ -302,3 +302,70 @@ def test_a_tier_change_moving_members_up_and_the_review_do_not_deadlock(transact
     # then
     assert errors == [None, None, None]
     assert TierStatus.objects.get(member=member).tier.code == "gold"
+
+
+def _members_in_distinct_slices(program, count: int) -> list:
+    found, numbers = [], set()
+    while len(found) < count:
+        member = MemberFactory(program=program)
+        if member.pk % 16 not in numbers:
+            numbers.add(member.pk % 16)
+            found.append(member)
+    return found
+
+
+@pytest.mark.parametrize("overlap", ["the same members in other orders", "one budget's slices"])
+def test_batches_sent_with_idempotency_keys_at_once_do_not_deadlock(transactional_db, program, make_client, overlap):
+    # given two batches, each stopped after its first item until the other has recorded its first too: either
+    # naming the same two members in opposite orders (their accounts), or four members whose first purchases fit
+    # their slices of a budget and whose second purchases do not (every slice)
+    from loyalty import api as loyalty_api
+    from loyalty.rule_services import earning_rule_create
+    from tests.clients import APIClient
+    from tests.test_transactions_api import purchase
+
+    if overlap == "one budget's slices":
+        earning_rule_create(program=program, code="promo", name="Promo", benefit="per_unit", value=10, budget=1600)
+        a1, b1, a2, b2 = _members_in_distinct_slices(program, 4)
+    else:
+        a1, a2 = MemberFactory(program=program), MemberFactory(program=program)
+        b1, b2 = a2, a1
+    barrier, record = threading.Barrier(2), loyalty_api._record
+
+    def record_then_meet(client, data):
+        result = record(client, data)
+        if data.external_id.endswith("-1"):
+            barrier.wait(timeout=HEAD_START * 6)
+        return result
+
+    _, raw = make_client()
+    statuses = {}
+
+    def send(tag, first, second):
+        def item(member, n, units):
+            line = {"sku": "X", "category": "c", "quantity": str(units), "unit_price": "1.00", "amount": f"{units}.00"}
+            return purchase(member, external_id=f"{tag}-{n}", total=f"{units}.00", lines=[line])
+
+        def work():
+            client = APIClient()
+            client.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
+            response = client.post(
+                "/api/v1/transactions/batch",
+                {"transactions": [item(first, 1, 1), item(second, 2, 20)]},
+                format="json",
+                HTTP_IDEMPOTENCY_KEY=f"batch-{tag}",
+            )
+            statuses[tag] = [result["status"] for result in response.json()["results"]]
+
+        return work
+
+    loyalty_api._record = record_then_meet
+    try:
+        # when
+        errors = _threads(send("A", a1, a2), send("B", b1, b2))
+    finally:
+        loyalty_api._record = record
+    # then every item was recorded, none a deadlock's victim
+    assert errors == [None, None]
+    assert statuses == {"A": [201, 201], "B": [201, 201]}
+    assert ledger_verify() == []
