@@ -527,13 +527,15 @@ def test_staff_without_the_adjust_permission_are_not_offered_the_action(client, 
     assert not Account.objects.filter(pk=member.pk).exists()
 
 
-def test_verify_leaves_the_callers_transaction_its_planner_settings(program, member):
-    # given: verify_ledger turns nested-loop joins off for its own checks
+@pytest.mark.parametrize("callers", ["on", "off"])
+def test_verify_leaves_the_callers_transaction_its_planner_setting(program, member, callers):
+    # given: verify_ledger turns nested-loop joins off for its own checks, in a caller's transaction set either way
     from django.db import connection
 
-    # when
-    ledger_verify()
-    # then
     with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('enable_nestloop', %s, true)", [callers])
+        # when
+        ledger_verify()
+        # then
         cursor.execute("SHOW enable_nestloop")
-        assert cursor.fetchone()[0] == "on"
+        assert cursor.fetchone()[0] == callers
