@@ -154,12 +154,22 @@ _cache_lock = threading.Lock()
 # staff raise it through the rule services (rules_changed): this process sees that at once, others within
 # RULES_CACHE_SECONDS, as any rule change.
 _spent: dict[int, float] = {}
+_changes = 0  # how many rule changes this process has seen: a mark found before one is not written after it
 
 
 def rules_changed(program_id: int) -> None:
+    global _changes
     with _cache_lock:
         _cache.pop(program_id, None)
         _spent.clear()
+        _changes += 1
+
+
+def _spent_mark(rule_ids: list[int], seen: int) -> None:
+    """Mark budgets spent, unless a rule change came since they were found spent (`seen` changes then)."""
+    with _cache_lock:
+        if _changes == seen:
+            _spent.update(dict.fromkeys(rule_ids, time.monotonic()))
 
 
 def _budget_spent(rule: EarningRule) -> bool:
@@ -288,8 +298,10 @@ def awards_claim(*, awards: list[Award], member_id: int, program: Program, occur
             granted, budget_use, _ = _awards_cut(awards, limited, used, budget_left)
             spent = [pk for pk, left in budget_left.items() if left <= 0]  # after this purchase
             if spent:
-                # Once this purchase commits: a preview, or a purchase that fails later, spends nothing.
-                transaction.on_commit(lambda: _spent.update(dict.fromkeys(spent, time.monotonic())))
+                # Once this purchase commits: a preview, or a purchase that fails later, spends nothing; and not if
+                # staff changed a rule meanwhile (a raised budget), between this commit and the mark.
+                seen = _changes
+                transaction.on_commit(lambda: _spent_mark(spent, seen))
             if budget_use:
                 # What is used is taken from the member's slice; _budget_slices_write shares out what is left.
                 mine, budgets = member_id % BUDGET_SLICES, []

@@ -522,6 +522,37 @@ def test_a_preview_that_would_spend_a_budget_leaves_it_to_the_purchases(program,
     assert preview.transaction.breakdown[-1] == bought.transaction.breakdown[-1] == {"rule": "launch", "points": 50}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_budget_raised_while_a_purchase_that_spent_it_commits_is_not_marked_spent_after(program):
+    # given: a purchase that spends a budget has committed, and staff raise the budget before the purchase's
+    # after-commit work is done (a caller's own after-commit callback holds it there)
+    promo = rule(program, "launch", benefit="fixed", value=Decimal(50), budget=50)
+    first, second = MemberFactory(program=program), MemberFactory(program=program)
+    committed, raised, errors = threading.Event(), threading.Event(), []
+
+    def spend():
+        try:
+            with transaction.atomic():
+                transaction.on_commit(lambda: (committed.set(), raised.wait(timeout=10)))
+                buy(program, first, external_id="1")
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    spender = threading.Thread(target=spend)
+    spender.start()
+    assert committed.wait(timeout=10)
+    earning_rule_update(rule=promo, budget=100)
+    raised.set()
+    spender.join()
+    # when
+    after = buy(program, second, external_id="2")
+    # then: the raised budget pays the purchase after the raise
+    assert errors == []
+    assert after.transaction.breakdown[-1] == {"rule": "launch", "points": 50}
+
+
 def _slices(rule_):
     return list(BudgetSlice.objects.filter(rule=rule_).order_by("number").values_list("size", "used"))
 
