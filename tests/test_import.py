@@ -16,6 +16,7 @@ from django.utils import timezone
 from core.models import Program
 from loyalty import ledger
 from loyalty.imports import FIELDS, TransactionFile, transactions_import
+from loyalty.imports.report import ImportAborted
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
 from loyalty.points import points_adjust
 from loyalty.transactions import TransactionInput, transaction_record
@@ -629,3 +630,76 @@ def test_imported_purchases_and_returns_count_for_tiers_as_recorded_ones_do(prog
     else:
         assert imported[2] == [(members[0].pk, "base", "gold", "upgrade"), (members[1].pk, "base", "silver", "upgrade")]
     assert ledger_verify() == []
+
+
+def _sorted_state():
+    """_ledger_state with entries and lots in order of their business keys: lanes interleave their row ids."""
+    state = _ledger_state()
+    return {name: sorted(rows, key=repr) for name, rows in state.items()}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("writers", [2, 3])
+def test_an_import_in_lanes_makes_the_ledger_of_the_per_row_path(program, tmp_path, writers):
+    # given: purchases of several members and anonymous ones, returns of purchases in the file (without a member
+    # named, so their lane is their purchase's) and of one recorded before
+    members = [MemberFactory() for _ in range(6)]
+    start = (timezone.now() - timedelta(days=120)).replace(hour=9, minute=30, second=0, microsecond=0)
+    _record_per_row(program, [_row("OLD", members[0], "80.00", start - timedelta(days=1))], members)
+    rows = _purchases(members, 90, start)
+    rows += [
+        _row(f"R{i}", None, "5.00", start + timedelta(days=100), type="return", original_external_id=f"T{i}")
+        for i in (1, 2, 3, 8, 9, 10)
+    ]
+    rows.append(_row("R-OLD", None, "80.00", start, type="return", original_external_id="OLD"))
+    with transaction.atomic():
+        _record_per_row(program, rows, members)
+        expected = _sorted_state()
+        transaction.set_rollback(True)
+    # when
+    report = _import(program, _csv(tmp_path, rows), batch_size=7, writers=writers)
+    # then
+    assert _sorted_state() == expected
+    assert (report.read, report.imported, report.invalid) == (len(rows), len(rows), 0)
+    assert report.points_credited == sum(e[2] for e in expected["entries"] if e[1] == "earn") - 80
+    assert ledger_verify() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lane_that_fails_stops_the_import_and_a_rerun_imports_the_rest(program, tmp_path):
+    # given: a file whose third return of a purchase exceeds it, found only when it is written
+    members = [MemberFactory() for _ in range(4)]
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    rows = _purchases(members, 40, at)
+    rows += [
+        _row(f"R{n}", None, "6.00", at + timedelta(days=1 + n), type="return", original_external_id="T1")
+        for n in range(3)
+    ]  # T1 cost 15.50: the third return would take 18.00
+    path = _csv(tmp_path, rows)
+    # when
+    with pytest.raises(ImportAborted) as stopped:
+        _import(program, path, batch_size=5, writers=2)
+    rerun = _import(program, path, batch_size=5, writers=2, skip_invalid=True)
+    # then: the import stopped at the return; the rerun imported all but it, and reported it
+    assert stopped.value.extra["line"] == len(rows) + 1  # the last row; the header is line 1
+    assert [(e.line, e.field) for e in rerun.errors] == [(len(rows) + 1, "total")]
+    assert Transaction.objects.count() == len(rows) - 1
+    assert ledger_verify() == []
+
+
+def test_an_external_id_of_several_members_imports_in_one_lane(program, tmp_path, monkeypatch):
+    # given: two stores' purchases under one external id, of two members, and a return naming its store
+    from loyalty.imports import service
+
+    monkeypatch.setattr(service, "_write_in_lanes", lambda *a: pytest.fail("written in lanes"))
+    first, second = MemberFactory(), MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    rows = [
+        _row("SAME", first, "10.00", at),
+        {**_row("SAME", second, "20.00", at), "store": "S2"},
+        _row("R", None, "10.00", at + timedelta(days=1), type="return", original_external_id="SAME"),
+    ]
+    # when
+    report = _import(program, _csv(tmp_path, rows), writers=2)
+    # then
+    assert report.imported == 3

@@ -113,7 +113,7 @@ def test_an_import_chunk_with_a_return_and_the_expiry_job_do_not_deadlock(
     rows = [_row(1, "I1", second, 100), _row(2, "R1", first, 100, type="return", original_external_id="P1")]
 
     def run_import():
-        transactions_import(program=program, rows=rows)
+        transactions_import(program=program, rows=rows, writers=1)  # one lane: the orders are within a chunk
 
     def run_expiry():
         pause_after_import_credits.wait(timeout=10)  # the chunk holds the second account now
@@ -144,7 +144,7 @@ def test_an_import_chunk_undoing_a_referral_and_the_expiry_job_do_not_deadlock(
     rows = [_row(1, "I1", third, 100), _row(2, "R1", referee, 300, type="return", original_external_id="P1")]
 
     def run_import():
-        transactions_import(program=program, rows=rows)
+        transactions_import(program=program, rows=rows, writers=1)  # one lane: the orders are within a chunk
 
     def run_expiry():
         pause_after_import_credits.wait(timeout=10)  # the chunk holds its accounts now
@@ -168,7 +168,7 @@ def test_an_import_chunk_returning_a_purchase_and_a_live_return_of_it_do_not_dea
     rows = [_row(1, "I1", member, 100), _row(2, "R1", member, 100, type="return", original_external_id="P1")]
 
     def run_import():
-        transactions_import(program=program, rows=rows)
+        transactions_import(program=program, rows=rows, writers=1)  # one lane: the orders are within a chunk
 
     def run_live_return():
         pause_after_import_credits.wait(timeout=10)  # the chunk holds the member's account now

@@ -1,15 +1,20 @@
-"""transactions_import: check the whole file, then import it chunk by chunk."""
+"""transactions_import: check the whole file, then import it chunk by chunk, in lanes of members written at once."""
 
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
+from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from core.db import batch_statements
 from core.models import Program
-from loyalty.imports.report import ImportReport
+from loyalty.imports.report import MAX_ERRORS_KEPT, ImportReport
 from loyalty.imports.rows import Row, RowInvalid, RowParser
 from loyalty.imports.writing import Earnings, Prepared, chunk_prepare, chunk_write, members_resolve
 from loyalty.models import Transaction
@@ -24,30 +29,58 @@ def transactions_import(
     batch_size: int = 5000,
     skip_invalid: bool = False,
     progress: Callable[[str, int], None] | None = None,
+    writers: int | None = None,
 ) -> ImportReport:
     """Import purchases and returns, each row as transaction_record would record it. Idempotent on (store,
     external_id): a rerun imports nothing twice. `rows` ((line number, fields), e.g. a TransactionFile) is read
     twice: first every row is checked, and if one is bad nothing is written, unless `skip_invalid`, which imports
     the rest; then rows are imported in chunks of `batch_size`, each chunk one database transaction whose ledger
-    credits lock their accounts in key order. `progress(stage, rows)` hears of each chunk ("check", "import")."""
+    credits lock their accounts in key order. `progress(stage, rows)` hears of each chunk ("check", "import").
+
+    Written in `writers` lanes at once (settings.IMPORT_WRITERS), each on its own database connection: a member's
+    rows, and the returns of their purchases, all go to one lane, in file order, so lanes never wait for each other's
+    accounts, and the database works on one lane's chunk while Python makes the next. One lane inside a caller's
+    database transaction (other connections would not see its rows), and where an external id names purchases of
+    several members in the file or the database, whose returns could not be told apart beforehand."""
     if iter(rows) is rows:
         raise TypeError("rows is read twice: give a TransactionFile or a list, not an iterator.")
     started = time.perf_counter()
     report = ImportReport()
     progress = progress or (lambda stage, count: None)
     parser = RowParser(program, timezone.now())
-    bad_lines = _check(parser, rows, batch_size, report, progress)
+    checked = _check(parser, rows, batch_size, report, progress)
     if not report.invalid or skip_invalid:
-        for chunk in _ahead(_prepared(parser, rows, bad_lines, batch_size, Earnings(program))):
-            chunk_write(program=program, chunk=chunk, report=report, skip_invalid=skip_invalid)
-            progress("import", chunk.size)
+        writers = settings.IMPORT_WRITERS if writers is None else writers
+        lanes = 1 if checked.owners is None or connection.in_atomic_block else max(1, writers)
+        chunks = _prepared(parser, rows, checked, batch_size, Earnings(program), lanes)
+        if lanes == 1:
+            for _, chunk in _ahead(chunks):
+                chunk_write(program=program, chunk=chunk, report=report, skip_invalid=skip_invalid)
+                progress("import", chunk.size)
+        else:
+            _write_in_lanes(program, chunks, lanes, report, skip_invalid, progress)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progress) -> set[int]:
-    """The first reading: every row parsed and checked, members resolved a chunk at a time. Returns the bad lines."""
-    bad: set[int] = set()
+@dataclass
+class _Checked:
+    """What the first reading found: the bad lines, and whose each purchase is (its lane's key: the member number,
+    or the external id of an anonymous purchase), by external id; None where an external id names purchases of
+    several owners."""
+
+    bad: set[int] = field(default_factory=set)
+    owners: dict[str, str] | None = field(default_factory=dict)
+
+    def own(self, external_id: str, owner: str) -> None:
+        if self.owners is not None and self.owners.setdefault(external_id, owner) != owner:
+            self.owners = None
+
+
+def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progress) -> _Checked:
+    """The first reading: every row parsed and checked, members resolved a chunk at a time."""
+    checked = _Checked()
+    bad = checked.bad
     purchases_seen: set[str] = set()
     unmatched_returns: list[Row] = []
     chunk: list[Row] = []
@@ -80,27 +113,31 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
             continue
         if row.kind == Transaction.Kind.PURCHASE:
             purchases_seen.add(row.external_id)
+            checked.own(row.external_id, row.member or row.external_id)
         elif row.original_external_id not in purchases_seen:
             unmatched_returns.append(row)
         chunk.append(row)
         if len(chunk) == batch_size:
             members_check()
     members_check()
-    _returns_check(parser.program, unmatched_returns, batch_size, bad, report)
-    return bad
+    _returns_check(parser.program, unmatched_returns, batch_size, checked, report)
+    return checked
 
 
-def _returns_check(program: Program, returns: list[Row], batch_size: int, bad: set[int], report: ImportReport):
-    """A return must follow its purchase in the file, or its purchase must be recorded already."""
+def _returns_check(program: Program, returns: list[Row], batch_size: int, checked: _Checked, report: ImportReport):
+    """A return must follow its purchase in the file, or its purchase must be recorded already (whose owner is
+    noted, for the return's lane)."""
+    bad = checked.bad
     for start in range(0, len(returns), batch_size):
         part = returns[start : start + batch_size]
-        known = set(
-            Transaction.objects.filter(
-                program=program,
-                kind=Transaction.Kind.PURCHASE,
-                external_id__in={row.original_external_id for row in part},
-            ).values_list("external_id", flat=True)
-        )
+        known = set()
+        for external_id, number in Transaction.objects.filter(
+            program=program,
+            kind=Transaction.Kind.PURCHASE,
+            external_id__in={row.original_external_id for row in part},
+        ).values_list("external_id", "member__member_number"):
+            known.add(external_id)
+            checked.own(external_id, number or external_id)
         for row in part:
             if row.original_external_id not in known and row.line not in bad:
                 bad.add(row.line)
@@ -109,23 +146,96 @@ def _returns_check(program: Program, returns: list[Row], batch_size: int, bad: s
                 )
 
 
-def _prepared(parser: RowParser, rows, bad_lines: set[int], batch_size: int, earnings: Earnings) -> Iterator[Prepared]:
-    chunk: list[Row] = []
+def _prepared(
+    parser: RowParser, rows, checked: _Checked, batch_size: int, earnings: Earnings, lanes: int
+) -> Iterator[tuple[int, Prepared]]:
+    """(lane, chunk) for each chunk of `batch_size` rows of one lane, in file order within the lane."""
+    chunks: list[list[Row]] = [[] for _ in range(lanes)]
     for number, raw in rows:
-        if number in bad_lines:
+        if number in checked.bad:
             continue
-        chunk.append(parser.convert(number, raw))
+        row = parser.convert(number, raw)
+        lane = 0
+        if lanes > 1:
+            if row.kind == Transaction.Kind.PURCHASE:
+                owner = row.member or row.external_id
+            else:  # with the purchase it returns: the same accounts, the purchase's row locked
+                owner = checked.owners.get(row.original_external_id, row.member)
+            lane = zlib.crc32(owner.encode()) % lanes
+        chunk = chunks[lane]
+        chunk.append(row)
         if len(chunk) == batch_size:
-            yield chunk_prepare(chunk, earnings)
-            chunk = []
-    if chunk:
-        yield chunk_prepare(chunk, earnings)
+            yield lane, chunk_prepare(chunk, earnings)
+            chunks[lane] = []
+    for lane, chunk in enumerate(chunks):
+        if chunk:
+            yield lane, chunk_prepare(chunk, earnings)
+
+
+def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, skip_invalid: bool, progress):
+    """Write `chunks` ((lane, chunk)) with a thread per lane, each on its own database connection, while this thread
+    reads and prepares them, at most two chunks ahead of each lane. A lane that fails stops the others after their
+    chunk under way; its error is raised here. Each lane reports on its own; the reports are added up here."""
+    handoffs = [queue.Queue(maxsize=2) for _ in range(lanes)]
+    reports = [ImportReport() for _ in range(lanes)]
+    stop, heard = threading.Event(), threading.Lock()
+
+    def put(handoff: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def write(lane: int) -> None:
+        try:
+            with batch_statements():
+                while not stop.is_set():
+                    try:
+                        chunk = handoffs[lane].get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                    if chunk is _DONE:
+                        return
+                    chunk_write(program=program, chunk=chunk, report=reports[lane], skip_invalid=skip_invalid)
+                    with heard:
+                        progress("import", chunk.size)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(lanes, thread_name_prefix="import-lane") as pool:
+        writing = [pool.submit(write, lane) for lane in range(lanes)]
+        try:
+            for lane, chunk in chunks:
+                if not put(handoffs[lane], chunk):
+                    break
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            for handoff in handoffs:
+                put(handoff, _DONE)
+        for lane in writing:
+            lane.result()  # the first lane's error, if one failed
+    for part in reports:
+        report.imported += part.imported
+        report.already_present += part.already_present
+        report.invalid += part.invalid
+        report.points_credited += part.points_credited
+        report.points_reversed += part.points_reversed
+        report.errors.extend(part.errors)
+    report.errors = sorted(report.errors, key=lambda error: error.line)[:MAX_ERRORS_KEPT]
 
 
 _DONE = object()
 
 
-def _ahead(chunks: Iterator[Prepared], depth: int = 2) -> Iterator[Prepared]:
+def _ahead(chunks: Iterator, depth: int = 2) -> Iterator:
     """Runs `chunks` on a thread, up to `depth` chunks ahead, so the file is read and the points worked out while
     the database writes the chunk before (the database driver lets go of the interpreter while it waits). The
     thread touches no database; an error in it is raised here."""

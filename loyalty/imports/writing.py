@@ -162,8 +162,8 @@ def late_error(report: ImportReport, row: Row, name: str, message: str, skip_inv
     skipped with skip_invalid, otherwise the import stops and this chunk is rolled back."""
     if not skip_invalid:
         raise ImportAborted(
-            f"line {row.line}: {name}: {message} The import stopped there; the chunks before it are imported, and "
-            "a rerun skips them.",
+            f"line {row.line}: {name}: {message} The import stopped there; what it imported until then stays "
+            "imported, and a rerun skips it.",
             errors={name: [message]},
             line=row.line,
         )

@@ -30,11 +30,24 @@ class Command(BaseCommand):
         parser.add_argument(
             "--batch-size", type=int, default=5000, help="Rows per database transaction (default 5000)."
         )
+        parser.add_argument(
+            "--writers",
+            type=int,
+            help="Lanes of members written at once, each on its own database connection (default IMPORT_WRITERS).",
+        )
         parser.add_argument("--skip-invalid", action="store_true", help="Report bad rows and import the rest.")
         parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     def handle(
-        self, *args, file: str, format: str | None, program: str, batch_size: int, skip_invalid: bool, **options
+        self,
+        *args,
+        file: str,
+        format: str | None,
+        program: str,
+        batch_size: int,
+        writers: int | None,
+        skip_invalid: bool,
+        **options,
     ):
         if connection.vendor != "postgresql":  # the bulk path writes with COPY and arrays, which SQLite lacks
             raise CommandError(
@@ -43,6 +56,8 @@ class Command(BaseCommand):
             )
         if not 1 <= batch_size <= 100_000:
             raise CommandError("--batch-size must be between 1 and 100000.")
+        if writers is not None and not 1 <= writers <= 16:
+            raise CommandError("--writers must be between 1 and 16.")
         found = Program.objects.filter(code=program).first()
         if found is None:
             known = ", ".join(Program.objects.order_by("code").values_list("code", flat=True))
@@ -65,6 +80,7 @@ class Command(BaseCommand):
                 batch_size=batch_size,
                 skip_invalid=skip_invalid,
                 progress=progress,
+                writers=writers,
             )
         except ApplicationError as exc:
             raise CommandError(exc.detail) from exc
