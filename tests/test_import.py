@@ -4,6 +4,7 @@ import csv
 import json
 import threading
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
@@ -703,3 +704,137 @@ def test_an_external_id_of_several_members_imports_in_one_lane(program, tmp_path
     report = _import(program, _csv(tmp_path, rows), writers=2)
     # then
     assert report.imported == 3
+
+
+# --- lanes that must write as one lane would (third audit) ------------------------------------------------------
+
+
+def _lane_of(member, lanes=2) -> int:
+    return zlib.crc32(member.member_number.encode()) % lanes
+
+
+def _members_in_lanes(*lanes, **fields) -> list:
+    """A member in each of the given lanes (of two)."""
+    found = []
+    for lane in lanes:
+        while _lane_of(member := MemberFactory(**fields)) != lane:
+            pass
+        found.append(member)
+    return found
+
+
+def _lane_behind(monkeypatch, behind):
+    """The chunks holding a row `behind` picks are written 1.5 s late: their lane is behind the other, as in any
+    large file."""
+    from loyalty.imports import service
+
+    write = service.chunk_write
+
+    def late(*, chunk, **kwargs):
+        if any(behind(p[0]) for p in chunk.purchases) or any(behind(r) for r in chunk.returns):
+            time.sleep(1.5)
+        return write(chunk=chunk, **kwargs)
+
+    monkeypatch.setattr(service, "chunk_write", late)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("writers", [1, 2])
+def test_a_return_that_undoes_a_referral_is_written_after_the_referrers_rows_before_it(
+    program, tmp_path, monkeypatch, writers
+):
+    # given: a referrer who spent their referral reward, earns 100 in the file, and then loses the reward to a
+    # return of the referee's purchase; under available_only, what the return can take depends on that order
+    program.referrals_enabled, program.referral_referrer_points, program.return_policy = True, 50, "available_only"
+    program.save()
+    (referrer,) = _members_in_lanes(0)
+    (referee,) = _members_in_lanes(1, referral_code=referrer.referral_code)
+    at = timezone.now() - timedelta(days=10)
+    _record_per_row(program, [_row("P1", referee, "100.00", at)], [referee])
+    points_adjust(member=referrer, points=-50, reason="spent")
+    rows = [
+        _row("RP", referrer, "100.00", at + timedelta(days=1)),
+        _row("RET", referee, "100.00", at + timedelta(days=2), type="return", original_external_id="P1"),
+    ]
+    _lane_behind(monkeypatch, lambda row: row.member == referrer.member_number)
+    # when
+    _import(program, _csv(tmp_path, rows), writers=writers)
+    # then: the return took the reward back from the 100 earned before it
+    assert Account.objects.get(pk=referrer.pk).available == 50
+    assert ledger_verify() == []
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("writers", [1, 2])
+def test_a_return_under_another_rows_store_and_external_id_is_refused_as_in_one_lane(
+    program, tmp_path, monkeypatch, writers
+):
+    # given: a purchase S1/K1 of one member, and a return of another member's purchase sent as S1/K1 too
+    first, second = _members_in_lanes(0, 1)
+    at = timezone.now() - timedelta(days=10)
+    rows = [
+        _row("K1", first, "40.00", at),
+        _row("P9", second, "30.00", at),
+        _row("K1", second, "10.00", at + timedelta(days=1), type="return", original_external_id="P9"),
+    ]
+    _lane_behind(monkeypatch, lambda row: row.member == first.member_number)
+    # when
+    report = _import(program, _csv(tmp_path, rows), writers=writers, skip_invalid=True)
+    # then: the purchase, first in the file, is recorded; the return is refused and reported
+    assert Transaction.objects.get(external_id="K1").member_id == first.pk
+    assert [error.line for error in report.errors] == [4]
+    assert Account.objects.get(pk=first.pk).available == 40
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("writers", [1, 2])
+def test_a_return_of_a_recorded_purchase_under_an_external_id_in_the_file_is_written_in_its_order(
+    program, tmp_path, monkeypatch, writers
+):
+    # given: a member's recorded purchase S2/T1, spent; the file holds another member's purchase S1/T1, then the
+    # first member earns 100 and returns S2/T1 whole
+    program.return_policy = "available_only"
+    program.save()
+    first, second = _members_in_lanes(0, 1)
+    at = timezone.now() - timedelta(days=10)
+    _record_per_row(program, [{**_row("T1", second, "100.00", at), "store": "S2"}], [second])
+    points_adjust(member=second, points=-100, reason="spent")
+    rows = [
+        {**_row("T1", first, "50.00", at + timedelta(days=1)), "original_store": ""},
+        {**_row("X", second, "100.00", at + timedelta(days=1)), "original_store": ""},
+        {
+            **_row("R", second, "100.00", at + timedelta(days=2), type="return", original_external_id="T1"),
+            "store": "S2",
+            "original_store": "S2",
+        },
+    ]
+    path = tmp_path / "tx.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*FIELDS, "original_store"])
+        writer.writeheader()
+        writer.writerows(rows)
+    _lane_behind(monkeypatch, lambda row: row.external_id == "X")
+    # when
+    _import(program, path, writers=writers)
+    # then: the return took back the 100 earned before it
+    assert Account.objects.get(pk=second.pk).available == 0
+    assert ledger_verify() == []
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("writers", [1, 2])
+def test_when_two_lanes_stop_the_import_names_the_earliest_line(program, tmp_path, writers):
+    # given: two members' returns of more than they bought, at lines 4 and 5, in different lanes
+    first, second = _members_in_lanes(0, 1)
+    at = timezone.now() - timedelta(days=10)
+    rows = [
+        _row("PB", second, "10.00", at),
+        _row("PA", first, "10.00", at),
+        _row("RB", second, "20.00", at + timedelta(days=1), type="return", original_external_id="PB"),
+        _row("RA", first, "20.00", at + timedelta(days=1), type="return", original_external_id="PA"),
+    ]
+    # when
+    with pytest.raises(ImportAborted) as stopped:
+        _import(program, _csv(tmp_path, rows), writers=writers)
+    # then
+    assert stopped.value.extra["line"] == 4

@@ -14,7 +14,8 @@ from django.utils import timezone
 
 from core.db import batch_statements
 from core.models import Program
-from loyalty.imports.report import MAX_ERRORS_KEPT, ImportReport
+from loyalty.event_models import Referral
+from loyalty.imports.report import MAX_ERRORS_KEPT, ImportAborted, ImportReport
 from loyalty.imports.rows import Row, RowInvalid, RowParser
 from loyalty.imports.writing import Earnings, Prepared, chunk_prepare, chunk_write, members_resolve
 from loyalty.models import Transaction
@@ -66,8 +67,10 @@ def transactions_import(
 @dataclass
 class _Checked:
     """What the first reading found: the bad lines, and whose each purchase is (its lane's key: the member number,
-    or the external id of an anonymous purchase), by external id; None where an external id names purchases of
-    several owners."""
+    or the external id of an anonymous purchase), by external id. `owners` is None where lanes could write
+    differently from one: an external id names purchases of several owners (in the file or the database), a
+    return's own key is another row's, or a return undoes a referral (it takes points from the referrer, whose rows
+    may be in another lane)."""
 
     bad: set[int] = field(default_factory=set)
     owners: dict[str, str] | None = field(default_factory=dict)
@@ -82,7 +85,9 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
     checked = _Checked()
     bad = checked.bad
     purchases_seen: set[str] = set()
-    unmatched_returns: list[Row] = []
+    keys: set[tuple[str, str]] = set()  # every row's (store, external id), and the returns' apart
+    return_keys: set[tuple[str, str]] = set()
+    returns: list[tuple[Row, bool]] = []  # with whether their purchase came before them in the file
     chunk: list[Row] = []
 
     def members_check():
@@ -111,35 +116,45 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
             for i, (name, message) in enumerate(exc.errors):
                 report.add_error(number, name, message, new_row=i == 0)
             continue
+        key = (row.store, row.external_id)
         if row.kind == Transaction.Kind.PURCHASE:
             purchases_seen.add(row.external_id)
             checked.own(row.external_id, row.member or row.external_id)
-        elif row.original_external_id not in purchases_seen:
-            unmatched_returns.append(row)
+            if key in return_keys:
+                checked.owners = None
+        else:
+            if key in keys:
+                checked.owners = None
+            return_keys.add(key)
+            returns.append((row, row.original_external_id in purchases_seen))
+        keys.add(key)
         chunk.append(row)
         if len(chunk) == batch_size:
             members_check()
     members_check()
-    _returns_check(parser.program, unmatched_returns, batch_size, checked, report)
+    _returns_check(parser.program, returns, batch_size, checked, report)
     return checked
 
 
-def _returns_check(program: Program, returns: list[Row], batch_size: int, checked: _Checked, report: ImportReport):
-    """A return must follow its purchase in the file, or its purchase must be recorded already (whose owner is
-    noted, for the return's lane)."""
+def _returns_check(program: Program, returns: list, batch_size: int, checked: _Checked, report: ImportReport):
+    """A return must follow its purchase in the file, or its purchase must be recorded already. The recorded
+    purchases that the returns name are read for all of them: their owners too decide the returns' lanes."""
     bad = checked.bad
     for start in range(0, len(returns), batch_size):
         part = returns[start : start + batch_size]
         known = set()
-        for external_id, number in Transaction.objects.filter(
+        recorded = Transaction.objects.filter(
             program=program,
             kind=Transaction.Kind.PURCHASE,
-            external_id__in={row.original_external_id for row in part},
-        ).values_list("external_id", "member__member_number"):
+            external_id__in={row.original_external_id for row, _ in part},
+        )
+        for external_id, number in recorded.values_list("external_id", "member__member_number"):
             known.add(external_id)
             checked.own(external_id, number or external_id)
-        for row in part:
-            if row.original_external_id not in known and row.line not in bad:
+        if Referral.objects.filter(transaction__in=recorded, undone_by__isnull=True).exists():
+            checked.owners = None
+        for row, in_file in part:
+            if not in_file and row.original_external_id not in known and row.line not in bad:
                 bad.add(row.line)
                 report.add_error(
                     row.line, "original_external_id", "No such purchase, neither recorded nor earlier in the file."
@@ -214,14 +229,17 @@ def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, 
             for lane, chunk in chunks:
                 if not put(handoffs[lane], chunk):
                     break
-        except BaseException:
-            stop.set()
-            raise
-        finally:
             for handoff in handoffs:
                 put(handoff, _DONE)
-        for lane in writing:
-            lane.result()  # the first lane's error, if one failed
+            failures = [lane.exception() for lane in writing]
+        except BaseException:  # the reader failed, or an interrupt came
+            stop.set()
+            raise
+    failures = [f for f in failures if f is not None]
+    if unexpected := [f for f in failures if not isinstance(f, ImportAborted)]:
+        raise unexpected[0]
+    if failures:  # the row at the earliest line that stopped a lane, as one lane would have stopped at it
+        raise min(failures, key=lambda f: f.extra["line"])
     for part in reports:
         report.imported += part.imported
         report.already_present += part.already_present
