@@ -347,6 +347,25 @@ def test_a_return_without_its_purchase_is_a_row_error(program, tmp_path):
     assert not Transaction.objects.exists()
 
 
+def test_a_return_naming_a_store_without_its_purchase_imports_nothing_and_names_the_line(program, tmp_path):
+    # given: purchase T1 at S1 in the file and T2 recorded at S1, returned as if bought at S2
+    member = MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    _record_per_row(program, [_row("T2", member, "50.00", at)], [member])
+    rows = [
+        _row("T1", member, "30.00", at),
+        {**_row("R1", member, "10.00", at, type="return", original_external_id="T1"), "original_store": "S2"},
+        {**_row("R2", member, "10.00", at, type="return", original_external_id="T2"), "original_store": "S2"},
+        {**_row("R3", member, "10.00", at, type="return", original_external_id="T2"), "original_store": "S1"},
+    ]
+    # when
+    report = _import(program, _jsonl(tmp_path, rows))
+    # then
+    assert [(e.line, e.field) for e in report.errors] == [(2, "original_external_id"), (3, "original_external_id")]
+    assert "at store S2" in report.errors[0].message
+    assert Transaction.objects.count() == 1
+
+
 def test_jsonl_lines_are_checked_and_stored(program, tmp_path):
     # given
     member = MemberFactory()

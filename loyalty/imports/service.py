@@ -84,8 +84,8 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
     """The first reading: every row parsed and checked, members resolved a chunk at a time."""
     checked = _Checked()
     bad = checked.bad
-    purchases_seen: set[str] = set()
-    keys: set[tuple[str, str]] = set()  # every row's (store, external id), and the returns' apart
+    purchases_seen: set[str] = set()  # external ids, for returns that name no store
+    purchase_keys: set[tuple[str, str]] = set()  # (store, external id), and the returns' apart
     return_keys: set[tuple[str, str]] = set()
     returns: list[tuple[Row, bool]] = []  # with whether their purchase came before them in the file
     chunk: list[Row] = []
@@ -119,15 +119,18 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
         key = (row.store, row.external_id)
         if row.kind == Transaction.Kind.PURCHASE:
             purchases_seen.add(row.external_id)
+            purchase_keys.add(key)
             checked.own(row.external_id, row.member or row.external_id)
             if key in return_keys:
                 checked.owners = None
         else:
-            if key in keys:
+            if key in purchase_keys or key in return_keys:
                 checked.owners = None
             return_keys.add(key)
-            returns.append((row, row.original_external_id in purchases_seen))
-        keys.add(key)
+            if row.original_store:
+                returns.append((row, (row.original_store, row.original_external_id) in purchase_keys))
+            else:
+                returns.append((row, row.original_external_id in purchases_seen))
         chunk.append(row)
         if len(chunk) == batch_size:
             members_check()
@@ -142,22 +145,28 @@ def _returns_check(program: Program, returns: list, batch_size: int, checked: _C
     bad = checked.bad
     for start in range(0, len(returns), batch_size):
         part = returns[start : start + batch_size]
-        known = set()
+        known: set = set()  # external ids, and (store, external id)
         recorded = Transaction.objects.filter(
             program=program,
             kind=Transaction.Kind.PURCHASE,
             external_id__in={row.original_external_id for row, _ in part},
         )
-        for external_id, number in recorded.values_list("external_id", "member__member_number"):
-            known.add(external_id)
+        for store, external_id, number in recorded.values_list("store", "external_id", "member__member_number"):
+            known.update((external_id, (store, external_id)))
             checked.own(external_id, number or external_id)
         if Referral.objects.filter(transaction__in=recorded, undone_by__isnull=True).exists():
             checked.owners = None
         for row, in_file in part:
-            if not in_file and row.original_external_id not in known and row.line not in bad:
+            original = (
+                (row.original_store, row.original_external_id) if row.original_store else row.original_external_id
+            )
+            if not in_file and original not in known and row.line not in bad:
                 bad.add(row.line)
+                at = f" at store {row.original_store}" if row.original_store else ""
                 report.add_error(
-                    row.line, "original_external_id", "No such purchase, neither recorded nor earlier in the file."
+                    row.line,
+                    "original_external_id",
+                    f"No such purchase{at}, neither recorded nor earlier in the file.",
                 )
 
 
