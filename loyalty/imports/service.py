@@ -204,15 +204,6 @@ def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, 
     reports = [ImportReport() for _ in range(lanes)]
     stop, heard = threading.Event(), threading.Lock()
 
-    def put(handoff: queue.Queue, item) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def write(lane: int) -> None:
         try:
             with batch_statements():
@@ -236,10 +227,10 @@ def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, 
         writing = [pool.submit(write, lane) for lane in range(lanes)]
         try:
             for lane, chunk in chunks:
-                if not put(handoffs[lane], chunk):
+                if not _put(handoffs[lane], chunk, stop):
                     break
             for handoff in handoffs:
-                put(handoff, _DONE)
+                _put(handoff, _DONE, stop)
             failures = [lane.exception() for lane in writing]
         except BaseException:  # the reader failed, or an interrupt came
             stop.set()
@@ -262,6 +253,17 @@ def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, 
 _DONE = object()
 
 
+def _put(handoff: queue.Queue, item, stop: threading.Event) -> bool:
+    """Hand `item` over, waiting for room unless `stop` is set first; whether it was handed over."""
+    while not stop.is_set():
+        try:
+            handoff.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _ahead(chunks: Iterator, depth: int = 2) -> Iterator:
     """Runs `chunks` on a thread, up to `depth` chunks ahead, so the file is read and the points worked out while
     the database writes the chunk before (the database driver lets go of the interpreter while it waits). The
@@ -269,23 +271,14 @@ def _ahead(chunks: Iterator, depth: int = 2) -> Iterator:
     handoff: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def produce():
         try:
             for chunk in chunks:
-                if not put(chunk):
+                if not _put(handoff, chunk, stop):
                     return
-            put(_DONE)
+            _put(handoff, _DONE, stop)
         except BaseException as exc:  # handed to the consumer, which raises it
-            put(exc)
+            _put(handoff, exc, stop)
 
     thread = threading.Thread(target=produce, name="import-reader", daemon=True)
     thread.start()
