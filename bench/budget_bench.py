@@ -6,7 +6,7 @@ service layer (loyalty.transactions.transaction_record; no HTTP). Into a fresh P
 Two modes, alternated in the same run so their ratio means something on a noisy machine:
 - "own slice first" (the code as it is): each purchase locks and charges only its member's slice of each budget,
   and locks every slice only when that one runs short;
-- "every slice" (rules._claim_from_own_slices switched off): each purchase locks all sixteen slices of each budget
+- "every slice" (rule_claims._claim_from_own_slices switched off): each purchase locks all sixteen slices of each budget
   it meets, as every purchase not by member number did before the eighth round.
 Then the budgets are spent (each cut to what it has given), and two more modes alternate: "passed over" (the code
 as it is: a purchase that found a budget spent marks it, and the purchases after it pass its rule over) and "looked
@@ -130,23 +130,23 @@ def main() -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
-    from loyalty import rules
+    from loyalty import rule_claims, rules
     from loyalty.models import Transaction
     from loyalty.rule_models import BudgetSlice, EarningRule
     from loyalty.verify import ledger_verify
 
     program, members = setup(args.members)
-    own_slice_first = rules._claim_from_own_slices
+    own_slice_first = rule_claims._claim_from_own_slices
     shop(program, members, threads=args.threads, purchases=args.threads * 50, tag="warmup")
     results: dict[str, list[float]] = {"own slice first": [], "every slice": []}
     for round_ in range(args.rounds):
         for mode in results:
-            rules._claim_from_own_slices = own_slice_first if mode == "own slice first" else (lambda *a: None)
+            rule_claims._claim_from_own_slices = own_slice_first if mode == "own slice first" else (lambda *a: None)
             seconds = shop(program, members, threads=args.threads, purchases=args.purchases, tag=f"{mode}-{round_}")
             rate = args.purchases // args.threads * args.threads / seconds
             results[mode].append(rate)
             print(f"{mode}, round {round_ + 1}: {rate:,.0f} purchases/s ({args.threads} threads)")
-    rules._claim_from_own_slices = own_slice_first
+    rule_claims._claim_from_own_slices = own_slice_first
     from loyalty.rule_services import earning_rule_update
 
     for rule in EarningRule.objects.filter(budget__isnull=False):

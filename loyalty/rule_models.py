@@ -83,7 +83,7 @@ BUDGET_SLICES = 16
 
 class BudgetSlice(models.Model):
     """A share of an earning rule's budget: no slice gives more than its size, and the sizes add up to the budget
-    (the budget's slices are all locked whenever sizes change: loyalty.rules, budget_slices_set and awards_claim;
+    (the budget's slices are all locked whenever sizes change: loyalty.rule_claims, budget_slices_set and awards_claim;
     loyalty.verify checks the sum). So the rule never gives more than its budget, whichever slices purchases claim
     from. A slice that runs short sends its purchases to the careful claim, which takes from the other slices and
     shares out what is left again."""

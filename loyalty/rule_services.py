@@ -8,8 +8,9 @@ from django.db import IntegrityError, transaction
 from core.errors import Conflict, InvalidInput
 from core.models import Program
 from loyalty.models import Transaction
+from loyalty.rule_claims import budget_slices_set
 from loyalty.rule_models import EarningRule
-from loyalty.rules import budget_slices_set, rules_changed
+from loyalty.rules import rules_changed
 
 # The most a rule may give, so that no purchase's points overflow: a multiplier of the base points, fixed points, or
 # points per unit bought.

@@ -10,7 +10,7 @@ from django.utils import timezone
 from core.db import insert_params, insert_plan, on_postgresql, prepared_statements_kept, unsaved
 from core.errors import ApplicationError, Conflict, MemberNotActive, Unprocessable
 from core.models import ApiClient, Program
-from loyalty import ledger, referrals, rules, tiers
+from loyalty import ledger, referrals, rule_claims, rules, tiers
 from loyalty.earning import earning_for_purchase, reversal_for_return
 from loyalty.models import Entry, Transaction
 from members.models import Member
@@ -154,7 +154,7 @@ def transaction_record_by_number(
     purchase, which finds the member too: it saves reading the member first (a round trip and a fifth of a
     purchase's CPU). Possible where earning needs nothing of the member: a programme without tiers, no active rule on
     birthdays, first purchases or tiers; and the member active, with no referral pending. Per-member limits and
-    budgets are claimed in the same statement, each whole or not at all (rules.awards_claim_at_once); a claim that
+    budgets are claimed in the same statement, each whole or not at all (rule_claims.awards_claim_at_once); a claim that
     falls short undoes the whole statement. None, having written nothing, when the purchase is not
     such a one or the statement wrote nothing or fell short of a claim (an unknown member, a repeat, no account yet,
     a limit nearly reached, bad input): the caller then reads the member and calls transaction_record, which
@@ -174,8 +174,8 @@ def transaction_record_by_number(
         return None
     txn, awards, credit = _purchase(program, data, api_client, now, active, member_read=False)
     awards = rules.awards_stacked(awards)  # claimed whole or not at all: one cut sends the purchase the careful way
-    claims = rules.awards_need_claim(awards)
-    if not txn.points or (claims and not rules.awards_claim_possible_at_once(awards)):
+    claims = rule_claims.awards_need_claim(awards)
+    if not txn.points or (claims and not rule_claims.awards_claim_possible_at_once(awards)):
         return None
     members = Member._meta.db_table
     where = "member_number = %s AND program_id = %s AND status = %s"
@@ -184,7 +184,7 @@ def transaction_record_by_number(
         where += " AND referred_by_id IS NULL"
     also = None
     if claims:
-        claim = rules.awards_claim_at_once(
+        claim = rule_claims.awards_claim_at_once(
             awards=awards, program=program, occurred_at=data.occurred_at, member_table=members
         )
         if claim.guard:
@@ -205,7 +205,7 @@ def _record_purchase(program, data, api_client, now) -> TransactionResult:
     if (
         txn.points
         and _one_statement_possible(program)
-        and not rules.awards_need_claim(awards)
+        and not rule_claims.awards_need_claim(awards)
         and not _first_purchase_awards(awards)
         and not (member.referred_by_id and program.referrals_enabled)
     ):
@@ -270,7 +270,7 @@ def _record_purchase_in_steps(program, data, txn, awards, credit: dict, now) -> 
         return _replay(program, data)
     # Before any account lock of this purchase: it locks the referrer's and this member's accounts in key order.
     referrals.referral_on_purchase(program=program, member=member, transaction=txn, now=now)
-    first, claims = _first_purchase_awards(awards), rules.awards_need_claim(awards)
+    first, claims = _first_purchase_awards(awards), rule_claims.awards_need_claim(awards)
     if first or claims:
         # A first-purchase bonus, limits and budgets are weighed only for a purchase that is new, under the member's
         # account lock, which serialises the member's purchases: of two first purchases at once, the second to
@@ -283,7 +283,9 @@ def _record_purchase_in_steps(program, data, txn, awards, credit: dict, now) -> 
         ):
             granted = [a for a in awards if a not in first]
         # Stacked after the cuts, so that an exclusive rule cut to nothing leaves the rules below it their points.
-        granted = rules.awards_claim(awards=granted, member_id=member.pk, program=program, occurred_at=data.occurred_at)
+        granted = rule_claims.awards_claim(
+            awards=granted, member_id=member.pk, program=program, occurred_at=data.occurred_at
+        )
         breakdown = [a.as_line() for a in granted]
         if breakdown != txn.breakdown:
             # The rules below an exclusive one cut to nothing may earn more than it did.

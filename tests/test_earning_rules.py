@@ -12,7 +12,7 @@ from django.db import DatabaseError, DataError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from core.errors import InvalidInput, Unprocessable
-from loyalty import rules, transactions
+from loyalty import rule_claims, rules, transactions
 from loyalty.models import Account, BudgetSlice, EarningRule, RuleUsage, Transaction
 from loyalty.points import points_adjust
 from loyalty.rule_services import earning_rule_create, earning_rule_update
@@ -735,13 +735,13 @@ def test_a_claim_that_falls_short_in_the_statement_undoes_all_it_wrote(program, 
     member = MemberFactory(program=program)
     points_adjust(member=member, points=10, reason="seed")
     buy(program, member, external_id="first")
-    claim_at_once, statements = rules.awards_claim_at_once, []
+    claim_at_once, statements = rule_claims.awards_claim_at_once, []
 
     def unguarded(**kwargs):
         statements.append(kwargs)
         return replace(claim_at_once(**kwargs), guard="true", guard_params=[])
 
-    monkeypatch.setattr(rules, "awards_claim_at_once", unguarded)
+    monkeypatch.setattr(rule_claims, "awards_claim_at_once", unguarded)
     # when
     result = buy(program, member, external_id="second", by_number=True)
     # then: the statement ran, its "capped" claim fell short and it undid itself; the careful way recorded the
@@ -765,14 +765,14 @@ def test_another_database_error_in_the_statement_is_raised_and_writes_nothing(pr
     rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=150, member_limit_period="month")
     member = MemberFactory(program=program)
     points_adjust(member=member, points=10, reason="seed")
-    claim_at_once = rules.awards_claim_at_once
+    claim_at_once = rule_claims.awards_claim_at_once
 
     def dividing_by_zero(**kwargs):
         claim = claim_at_once(**kwargs)
         u, params, _ = claim.also
         return replace(claim, also=(u, params[:-1], "(SELECT 1 / (count(*) - count(*)) FROM u) = 1"))
 
-    monkeypatch.setattr(rules, "awards_claim_at_once", dividing_by_zero)
+    monkeypatch.setattr(rule_claims, "awards_claim_at_once", dividing_by_zero)
     # when / then: raised, not taken for a claim that fell short
     with pytest.raises(DataError):
         buy(program, member, external_id="broken", by_number=True)

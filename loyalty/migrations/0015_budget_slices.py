@@ -8,7 +8,7 @@ SLICES = 16  # rule_models.BUDGET_SLICES when this was written
 
 def budgets_sliced(apps, schema_editor):
     """Every budget in 16 slices: what was used in the first, what is left shared out evenly (as
-    loyalty.rules.budget_shares does), so the sizes add up to the budget."""
+    loyalty.rule_claims.budget_shares does), so the sizes add up to the budget."""
     EarningRule, BudgetSlice = apps.get_model("loyalty", "EarningRule"), apps.get_model("loyalty", "BudgetSlice")
     slices = []
     for rule in EarningRule.objects.filter(budget__isnull=False).order_by("pk"):
