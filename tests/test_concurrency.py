@@ -1,7 +1,6 @@
 """Many tills at once, on real threads and real PostgreSQL connections: row locks and unique indexes, not luck, keep
 every purchase earning once, every balance at or above zero and every return within its purchase."""
 
-import threading
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -9,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 from dateutil.relativedelta import relativedelta
-from django.db import connection
 
 from core.errors import InsufficientPoints, Unprocessable
 from loyalty.ledger import ledger_debit, ledger_expire_due, ledger_mature_due
@@ -17,32 +15,10 @@ from loyalty.models import Account, Entry, Lot, Transaction
 from loyalty.transactions import TransactionInput, transaction_record, transaction_record_by_number
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory
+from tests.threads import at_once
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 THREADS = 16
-
-
-def _at_once(count, work):
-    """Run work(i) on `count` threads released together; returns each result or the exception it raised."""
-    barrier = threading.Barrier(count)
-    outcomes: list = [None] * count
-
-    def run(i):
-        try:
-            barrier.wait(timeout=30)
-            outcomes[i] = work(i)
-        except Exception as exc:  # reported to the test, which asserts on it
-            outcomes[i] = exc
-        finally:
-            connection.close()  # each thread has its own connection; leave none open behind the test
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a thread is stuck"
-    return outcomes
 
 
 def _purchase(member, total, *, external_id, at=NOW):
@@ -85,7 +61,7 @@ def test_the_same_purchase_sent_by_many_threads_at_once_earns_once(transactional
     data = _purchase(member, "250.00", external_id="r1")
 
     # when
-    outcomes = _at_once(THREADS, lambda i: transaction_record(program=program, data=data, now=NOW))
+    outcomes = at_once(THREADS, lambda i: transaction_record(program=program, data=data, now=NOW))
 
     # then one call recorded it; every caller got the same answer
     assert _unexpected(outcomes) == []
@@ -114,7 +90,7 @@ def test_purchases_by_member_number_from_many_threads_earn_once_each(transaction
         return found or transaction_record(program=program, data=replace(data, member=member), now=NOW)
 
     # when
-    outcomes = _at_once(THREADS, till)
+    outcomes = at_once(THREADS, till)
 
     # then the shared purchase was recorded once and every copy answered with it; every other one counted
     assert _unexpected(outcomes) == []
@@ -134,7 +110,7 @@ def test_different_purchases_of_one_member_at_once_all_count(transactional_db, p
     member = MemberFactory()
 
     # when
-    outcomes = _at_once(
+    outcomes = at_once(
         THREADS,
         lambda i: transaction_record(
             program=program, data=_purchase(member, f"{10 + i}.00", external_id=f"r{i}"), now=NOW
@@ -156,7 +132,7 @@ def test_many_spends_at_once_never_take_the_balance_below_zero(transactional_db,
     transaction_record(program=program, data=_purchase(member, "100.00", external_id="r1"), now=NOW)
 
     # when
-    outcomes = _at_once(
+    outcomes = at_once(
         THREADS,
         lambda i: ledger_debit(member_id=member.pk, kind=Entry.Kind.REDEEM, points=15, occurred_at=NOW, now=NOW),
     )
@@ -180,7 +156,7 @@ def test_spends_of_different_sizes_at_once_use_up_no_more_than_there_is(transact
     sizes = [1, 3, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53]
 
     # when
-    outcomes = _at_once(
+    outcomes = at_once(
         len(sizes),
         lambda i: ledger_debit(member_id=member.pk, kind=Entry.Kind.REDEEM, points=sizes[i], occurred_at=NOW, now=NOW),
     )
@@ -203,7 +179,7 @@ def test_concurrent_returns_of_one_purchase_never_reverse_more_than_it_earned(tr
     transaction_record(program=program, data=_purchase(member, "100.00", external_id="r1"), now=NOW)
 
     # when
-    outcomes = _at_once(
+    outcomes = at_once(
         THREADS,
         lambda i: transaction_record(
             program=program, data=_return("10.00", external_id=f"ret{i}", original="r1"), now=NOW
@@ -230,7 +206,7 @@ def test_the_same_full_return_sent_by_many_threads_at_once_reverses_once(transac
     data = _return("80.00", external_id="ret1", original="r1")
 
     # when
-    outcomes = _at_once(THREADS, lambda i: transaction_record(program=program, data=data, now=NOW))
+    outcomes = at_once(THREADS, lambda i: transaction_record(program=program, data=data, now=NOW))
 
     # then every caller gets the first result
     assert _unexpected(outcomes) == []
@@ -254,7 +230,7 @@ def test_returns_racing_spends_keep_the_ledger_consistent(transactional_db, prog
         return ledger_debit(member_id=member.pk, kind=Entry.Kind.REDEEM, points=20, occurred_at=NOW, now=NOW)
 
     # when
-    outcomes = _at_once(THREADS, work)
+    outcomes = at_once(THREADS, work)
 
     # then all eight returns fit; the balance is what was earned, less spent, less reversed
     assert _unexpected(outcomes, InsufficientPoints) == []
@@ -290,7 +266,7 @@ def test_jobs_running_together_and_with_purchases_keep_the_ledger_consistent(tra
             transaction_record(program=program, data=_purchase(member, "30.00", external_id=f"new{i}"), now=NOW),
         )
 
-    outcomes = _at_once(THREADS, work)
+    outcomes = at_once(THREADS, work)
 
     # then every due lot matured once and expired once, and nothing else moved
     assert _unexpected(outcomes) == []
@@ -321,7 +297,7 @@ def test_expiry_runs_at_once_expire_each_lot_once(transactional_db, program, run
             )
 
     # when
-    outcomes = _at_once(runs, lambda i: ledger_expire_due(now=NOW, batch_size=4))
+    outcomes = at_once(runs, lambda i: ledger_expire_due(now=NOW, batch_size=4))
 
     # then
     assert _unexpected(outcomes) == []

@@ -24,6 +24,7 @@ from loyalty.transactions import (
 )
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory
+from tests.threads import at_once, failures
 
 STOCKHOLM = ZoneInfo("Europe/Stockholm")
 # A Wednesday, 14:30 in Stockholm.
@@ -239,26 +240,10 @@ def test_of_first_purchases_sent_at_once_only_one_earns_the_first_purchase_bonus
     member = MemberFactory(program=program)
     points_adjust(member=member, points=1, reason="seed")
     rule(program, "welcome", first_purchase=True, benefit="fixed", value=Decimal(500))
-    barrier = threading.Barrier(6)
-    errors = []
-
-    def shop(n):
-        try:
-            barrier.wait()
-            buy(program, member, external_id=f"first-{n}")
-        except Exception as exc:  # collected, asserted below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=shop, args=(n,)) for n in range(6)]
     # when
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(6, lambda n: buy(program, member, external_id=f"first-{n}"))
     # then
-    assert errors == []
+    assert failures(outcomes) == []
     welcomes = [line for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == "welcome"]
     assert welcomes == [{"rule": "welcome", "points": 500}]
     assert Account.objects.get(pk=member.pk).available == 1 + 6 * 100 + 500
@@ -408,27 +393,15 @@ def test_a_global_budget_is_never_exceeded_under_concurrent_purchases(program, b
     # and 16 members buying at once, four times each
     promo = rule(program, "launch", benefit="fixed", value=Decimal(100), budget=budget)
     members = [MemberFactory(program=program) for _ in range(16)]
-    barrier = threading.Barrier(16)
-    errors = []
 
-    def shop(member):
-        try:
-            barrier.wait()
-            for n in range(4):
-                buy(program, member, external_id=f"{member.pk}-{n}", by_number=by_number)
-        except Exception as exc:  # collected, asserted below
-            errors.append(exc)
-        finally:
-            connection.close()
+    def shop(i):
+        for n in range(4):
+            buy(program, members[i], external_id=f"{members[i].pk}-{n}", by_number=by_number)
 
-    threads = [threading.Thread(target=shop, args=(m,)) for m in members]
     # when
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(16, shop)
     # then
-    assert errors == []
+    assert failures(outcomes) == []
     promo.refresh_from_db()
     given = sum(line["points"] for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == "launch")
     assert promo.budget_used == given == budget
@@ -565,31 +538,20 @@ def test_a_budget_claimed_at_once_by_many_members_gives_exactly_the_budget_and_n
     members = [MemberFactory(program=program) for _ in range(40)]
     for member in members:
         points_adjust(member=member, points=1, reason="seed")  # an open account: the one statement can be used
-    barrier = threading.Barrier(8)
-    errors, at_once = [], []
+    in_one_statement = []
 
-    def shop(group):
-        try:
-            barrier.wait()
-            for n in range(5):
-                for member in group:
-                    at_once.append(
-                        buy(program, member, external_id=f"{member.pk}-{n}", by_number=True).known_member_number
-                    )
-        except Exception as exc:  # collected, asserted below
-            errors.append(exc)
-        finally:
-            connection.close()
+    def shop(i):
+        for n in range(5):
+            for member in members[i::8]:
+                in_one_statement.append(
+                    buy(program, member, external_id=f"{member.pk}-{n}", by_number=True).known_member_number
+                )
 
-    threads = [threading.Thread(target=shop, args=(members[i::8],)) for i in range(8)]
     # when
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(8, shop)
     # then: most claimed in the one statement; the budgets are spent to the point and never beyond
-    assert errors == []
-    assert sum(number is not None for number in at_once) > 100
+    assert failures(outcomes) == []
+    assert sum(number is not None for number in in_one_statement) > 100
     for promo in (first, second):
         given = sum(
             line["points"] for t in Transaction.objects.all() for line in t.breakdown if line["rule"] == promo.code
@@ -789,25 +751,10 @@ def test_a_member_limit_holds_under_concurrent_purchases_of_one_member(program, 
     rule(program, "capped", benefit="fixed", value=Decimal(100), member_limit=500)
     member = MemberFactory(program=program)
     points_adjust(member=member, points=10, reason="seed")
-    barrier, results, errors = threading.Barrier(12), [], []
-
-    def shop(n):
-        try:
-            barrier.wait()
-            results.append(buy(program, member, external_id=f"c-{n}", by_number=by_number))
-        except Exception as exc:  # collected, asserted below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=shop, args=(n,)) for n in range(12)]
     # when
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = at_once(12, lambda n: buy(program, member, external_id=f"c-{n}", by_number=by_number))
     # then: by number, five claimed whole in their one statement, the others fell back and got nothing more
-    assert errors == []
+    assert failures(results) == []
     assert sum(r.known_member_number is not None for r in results) == (5 if by_number else 0)
     assert Account.objects.get(pk=member.pk).available == 10 + 12 * 100 + 500
     assert RuleUsage.objects.get().points == 500

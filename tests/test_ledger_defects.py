@@ -173,6 +173,20 @@ def test_an_old_purchase_by_member_number_is_expired_at_once_too(program, member
     _expired_on_arrival(member, 100)
 
 
+def _credit(member_id, points, *, at, expires_at, kind=Entry.Kind.EARN, **fields):
+    """ledger_credit of points available at once, at `at`."""
+    return ledger_credit(
+        member_id=member_id,
+        kind=kind,
+        points=points,
+        occurred_at=at,
+        available_from=at,
+        expires_at=expires_at,
+        now=NOW,
+        **fields,
+    )
+
+
 def test_the_one_statement_credit_declines_a_credit_already_expired(program, member):
     # given
     record(program, member, "10.00", external_id="new", at=NOW)
@@ -216,15 +230,7 @@ def test_an_expired_credit_first_settles_a_negative_balance_like_the_expiry_job_
     assert _balance(member)[0] == -60
 
     # when 100 points arrive already expired
-    ledger_credit(
-        member_id=member.pk,
-        kind=Entry.Kind.BONUS,
-        points=100,
-        occurred_at=LONG_AGO,
-        available_from=LONG_AGO,
-        expires_at=LONG_AGO + relativedelta(months=24),
-        now=NOW,
-    )
+    _credit(member.pk, 100, at=LONG_AGO, expires_at=LONG_AGO + relativedelta(months=24), kind=Entry.Kind.BONUS)
 
     # then 60 pay the debt and the other 40 expire
     assert _balance(member) == (0, 0, 140, 0)
@@ -234,15 +240,7 @@ def test_an_expired_credit_first_settles_a_negative_balance_like_the_expiry_job_
 
 def test_a_credit_that_expires_later_is_not_expired(program, member):
     # when
-    ledger_credit(
-        member_id=member.pk,
-        kind=Entry.Kind.BONUS,
-        points=100,
-        occurred_at=NOW,
-        available_from=NOW,
-        expires_at=NOW + timedelta(seconds=1),
-        now=NOW,
-    )
+    _credit(member.pk, 100, at=NOW, expires_at=NOW + timedelta(seconds=1), kind=Entry.Kind.BONUS)
 
     # then
     assert _balance(member) == (100, 0, 100, 0)
@@ -287,16 +285,7 @@ def test_verify_finds_a_purchase_credited_twice(program, member):
     # given
     twice = _purchase(program, member, "twice", 30)
     for _ in range(2):
-        ledger_credit(
-            member_id=member.pk,
-            kind=Entry.Kind.EARN,
-            points=30,
-            occurred_at=NOW,
-            available_from=NOW,
-            expires_at=None,
-            now=NOW,
-            transaction=twice,
-        )
+        _credit(member.pk, 30, at=NOW, expires_at=None, transaction=twice)
 
     # then
     assert _breaches("a member's purchase that earned points has exactly one earn entry") == [
@@ -308,16 +297,7 @@ def test_verify_finds_an_earn_entry_on_another_members_account(program, member):
     # given a purchase of `member` credited to another member
     other = MemberFactory(program=program)
     wrong = _purchase(program, member, "wrong", 30)
-    entry = ledger_credit(
-        member_id=other.pk,
-        kind=Entry.Kind.EARN,
-        points=30,
-        occurred_at=NOW,
-        available_from=NOW,
-        expires_at=None,
-        now=NOW,
-        transaction=wrong,
-    )
+    entry = _credit(other.pk, 30, at=NOW, expires_at=None, transaction=wrong)
 
     # then
     assert _breaches("an entry of a transaction is on its member's account") == [

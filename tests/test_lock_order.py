@@ -22,6 +22,7 @@ from loyalty.tiers import tiers_review_due
 from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory
+from tests.threads import at_once
 
 AT = datetime(2025, 5, 1, 12, tzinfo=UTC)
 # Long enough for the other thread to take its first lock and queue for the next one.
@@ -30,25 +31,7 @@ HEAD_START = 0.5
 
 def _threads(*works):
     """Run each work on its own thread, released together; returns what each raised (None if nothing)."""
-    barrier = threading.Barrier(len(works))
-    errors: list = [None] * len(works)
-
-    def run(i, work):
-        try:
-            barrier.wait(timeout=10)
-            work()
-        except Exception as exc:  # reported to the test, which asserts on it
-            errors[i] = exc
-        finally:
-            connection.close()  # each thread has its own connection; leave none open behind the test
-
-    threads = [threading.Thread(target=run, args=(i, work)) for i, work in enumerate(works)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=20)
-    assert not any(thread.is_alive() for thread in threads), "a thread is stuck"
-    return errors
+    return [None if not isinstance(o, Exception) else o for o in at_once(len(works), lambda i: works[i](), timeout=20)]
 
 
 def _purchase(member, external_id, total):

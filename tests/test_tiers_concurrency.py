@@ -1,43 +1,22 @@
 """Concurrent purchases of one member move them up once: one status change, one history row."""
 
-import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection
 
 from loyalty import tier_review
 from loyalty.tier_models import TierChange, TierCounter, TierStatus
 from loyalty.tier_setup import tier_create
 from loyalty.tiers import tiers_review_due
 from tests.factories import MemberFactory, record
+from tests.threads import at_once, failures
 
 NOW = datetime(2025, 6, 20, 12, 0, tzinfo=UTC)
 
 
 def _buy(program, member, total, *, key, at):
     return record(program, member, total, external_id=key, at=at, now=NOW)
-
-
-def _at_once(count, work):
-    barrier, errors = threading.Barrier(count), []
-
-    def run(i):
-        try:
-            barrier.wait()
-            work(i)
-        except Exception as exc:  # collected, asserted by the caller
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
 
 
 @pytest.mark.django_db(transaction=True)
@@ -54,7 +33,7 @@ def test_concurrent_purchases_of_one_member_upgrade_once(program, spread_over_mo
         _buy(program, member, "200", key=f"p{i}", at=NOW - timedelta(days=31 * i if spread_over_months else 0))
 
     # when
-    errors = _at_once(8, work)
+    errors = failures(at_once(8, work))
     # then
     assert errors == []
     assert TierStatus.objects.get(member=member).tier_id == silver.pk
@@ -72,7 +51,7 @@ def test_concurrent_reviews_review_each_member_once(program):
     due = TierStatus.objects.first().review_at + timedelta(hours=1)
     results = []
     # when
-    errors = _at_once(4, lambda i: results.append(tiers_review_due(now=due, batch_size=7)))
+    errors = failures(at_once(4, lambda i: results.append(tiers_review_due(now=due, batch_size=7))))
     # then
     assert errors == []
     assert sum(r.changed for r in results) == 40
