@@ -237,9 +237,11 @@ def _purchase(
     # Anonymous purchases are kept for analytics and earn nothing.
     earns = data.member is not None or not member_read
     awards = rules.earning_evaluate(basket=_basket(program, data, active), active=active) if earns else []
-    points = _points_checked(sum(a.points for a in rules.awards_stacked(awards)))
-    breakdown = [a.as_line() for a in rules.awards_stacked(awards)]
-    txn = _new_transaction(program, data, api_client, now, member=data.member, points=points, breakdown=breakdown)
+    stacked = rules.awards_stacked(awards)
+    points = _points_checked(sum(a.points for a in stacked))
+    txn = _new_transaction(
+        program, data, api_client, now, member=data.member, points=points, breakdown=[a.as_line() for a in stacked]
+    )
     credit = {
         "kind": Entry.Kind.EARN,
         "occurred_at": data.occurred_at,
