@@ -31,18 +31,10 @@ STOCKHOLM = ZoneInfo("Europe/Stockholm")
 WEDNESDAY = datetime(2025, 11, 19, 14, 30, tzinfo=STOCKHOLM)
 
 
-def buy(
-    program,
-    member,
-    *,
-    external_id="T1",
-    total="100.00",
-    lines=None,
-    store="STHLM-01",
-    channel="pos",
-    at=WEDNESDAY,
-    by_number=False,
-):
+def purchase_input(
+    member, *, external_id="T1", total="100.00", lines=None, store="STHLM-01", channel="pos", at=WEDNESDAY
+) -> TransactionInput:
+    """A till's purchase of 100.00: dairy for 40 and bakery for 60, unless `lines` says otherwise."""
     lines = (
         lines
         if lines is not None
@@ -51,7 +43,7 @@ def buy(
             {"sku": "BREAD", "category": "bakery", "quantity": "1", "unit_price": "60.00", "amount": "60.00"},
         ]
     )
-    data = TransactionInput(
+    return TransactionInput(
         store=store,
         external_id=external_id,
         channel=channel,
@@ -62,6 +54,10 @@ def buy(
         lines=lines,
         member=member,
     )
+
+
+def buy(program, member, *, by_number=False, **purchase):
+    data = purchase_input(member, **purchase)
     if by_number:  # as TransactionApi.post: the one statement that finds the member by number first
         found = transaction_record_by_number(
             program=program, data=replace(data, member=None), member_number=member.member_number
@@ -297,16 +293,7 @@ def test_a_preview_shows_the_limited_bonus_and_uses_up_nothing(program, member):
     # given
     rule(program, "capped", benefit="fixed", value=Decimal(300), member_limit=500)
     buy(program, member, external_id="1")
-    data = TransactionInput(
-        store="S",
-        external_id="p",
-        channel="pos",
-        kind="purchase",
-        occurred_at=WEDNESDAY,
-        currency="SEK",
-        total=Decimal("100.00"),
-        member=member,
-    )
+    data = purchase_input(member, external_id="p", store="S", lines=[])
     # when
     preview = transaction_preview(program=program, data=data)
     # then
@@ -478,16 +465,7 @@ def test_a_spent_budget_is_passed_over_without_locking_its_slices_until_it_is_ra
 def test_a_preview_that_would_spend_a_budget_leaves_it_to_the_purchases(program, member):
     # given: a budget one purchase spends
     rule(program, "launch", benefit="fixed", value=Decimal(50), budget=50)
-    data = TransactionInput(
-        store="STHLM-01",
-        external_id="P",
-        channel="pos",
-        kind="purchase",
-        occurred_at=WEDNESDAY,
-        currency="SEK",
-        total=Decimal("100.00"),
-        member=member,
-    )
+    data = purchase_input(member, external_id="P", store="STHLM-01", lines=[])
     # when
     preview = transaction_preview(program=program, data=data)
     bought = buy(program, member, external_id="1")
