@@ -28,45 +28,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "loyalty_budget_bench"
-SERVER = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 
 sys.path.insert(0, str(ROOT))
+from benchdb import SERVER, database_recreate, members_create  # noqa: E402
+
 os.environ["DATABASE_URL"] = f"{SERVER}/{DATABASE}"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 
-def database_recreate() -> None:
-    import psycopg
-
-    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-
-
 def setup(members: int):
-    from django.utils import timezone
-
     from core.models import Program
     from loyalty.rule_services import earning_rule_create
     from members.models import Member
-    from members.numbers import new_member_number
-    from members.referral_codes import new_referral_code
 
     program = Program.objects.get(code="DEFAULT")
     for n in range(4):  # four budgeted promotions, as bench/seed.py's 20 rules hold, with budgets never spent here
         earning_rule_create(
             program=program, code=f"promo-{n}", name=f"Promo {n}", benefit="fixed", value=Decimal(5), budget=10**12
         )
-    numbers, codes = set(), set()
-    while len(numbers) < members:
-        numbers.add(new_member_number())
-    while len(codes) < members:
-        codes.add(new_referral_code())
-    now = timezone.now()
-    Member.objects.bulk_create(
-        Member(program=program, member_number=n, referral_code=c, email=f"budget{i}@example.com", enrolled_at=now)
-        for i, (n, c) in enumerate(zip(sorted(numbers), sorted(codes), strict=True))
-    )
+    members_create(members)
     return program, list(Member.objects.filter(program=program))
 
 
@@ -123,7 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    database_recreate()
+    database_recreate(DATABASE)
     import django
 
     django.setup()

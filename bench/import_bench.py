@@ -30,20 +30,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "loyalty_import_bench"
-SERVER = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 CDNOW = ROOT.parent / "shared" / "data" / "cdnow_sample.txt"
 
 sys.path.insert(0, str(ROOT))
+from benchdb import SERVER, database_recreate, members_create  # noqa: E402
+
 os.environ["DATABASE_URL"] = f"{SERVER}/{DATABASE}"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-
-
-def database_recreate() -> None:
-    import psycopg
-
-    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
 
 
 def purchases_source(rng: random.Random) -> list[tuple[date, Decimal]]:
@@ -61,33 +54,6 @@ def purchases_source(rng: random.Random) -> list[tuple[date, Decimal]]:
     return [
         (today - timedelta(days=rng.randrange(1, 720)), Decimal(rng.randrange(100, 50000)) / 100) for _ in range(5000)
     ]
-
-
-def members_create(count: int) -> list[str]:
-    """Members inserted set-based: enrolment one by one is not what is measured here."""
-    from django.utils import timezone
-
-    from core.models import Program
-    from members.models import Member
-    from members.numbers import new_member_number
-    from members.referral_codes import new_referral_code
-
-    program = Program.objects.get(code="DEFAULT")
-    numbers: set[str] = set()
-    while len(numbers) < count:
-        numbers.add(new_member_number())
-    codes: set[str] = set()
-    while len(codes) < count:
-        codes.add(new_referral_code())
-    now = timezone.now()
-    Member.objects.bulk_create(
-        [
-            Member(program=program, member_number=n, referral_code=code, email=f"bench{i}@example.com", enrolled_at=now)
-            for i, (n, code) in enumerate(zip(sorted(numbers), sorted(codes), strict=True))
-        ],
-        batch_size=5000,
-    )
-    return sorted(numbers)
 
 
 def file_write(path: Path, *, purchases: int, members: list[str], rng: random.Random) -> None:
@@ -258,7 +224,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
     args = parser.parse_args()
 
-    database_recreate()
+    database_recreate(DATABASE)
     import django
 
     django.setup()
