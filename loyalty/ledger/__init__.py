@@ -31,7 +31,7 @@ wait for a row above while they do; programme services (tiers, settings) lock th
 which key-share locks do not wait for, and may then wait for status rows.
 """
 
-from loyalty.ledger.bulk import ledger_credit_many, ledger_lock_many
+from loyalty.ledger.bulk import BulkCredit, credit_refs, ledger_credit_many, ledger_credit_rows, ledger_lock_many
 from loyalty.ledger.core import (
     EARNED_KINDS,
     Balance,
@@ -54,11 +54,14 @@ from loyalty.ledger.jobs import ledger_expire_due, ledger_mature_due
 __all__ = [
     "EARNED_KINDS",
     "Balance",
+    "BulkCredit",
+    "credit_refs",
     "ledger_balance",
     "ledger_capture",
     "ledger_credit",
     "ledger_credit_new_transaction",
     "ledger_credit_many",
+    "ledger_credit_rows",
     "ledger_debit",
     "ledger_expire_due",
     "ledger_hold",
