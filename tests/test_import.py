@@ -8,6 +8,7 @@ import zlib
 from datetime import UTC, datetime, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -750,7 +751,9 @@ def _lane_behind(monkeypatch, behind):
     write = service.chunk_write
 
     def late(*, chunk, **kwargs):
-        if any(behind(p[0]) for p in chunk.purchases) or any(behind(r) for r in chunk.returns):
+        # A purchase is (line, (store, external_id), member number, ...): Earnings.ready
+        purchases = [SimpleNamespace(external_id=p[1][1], member=p[2]) for p in chunk.purchases]
+        if any(behind(p) for p in purchases) or any(behind(r) for r in chunk.returns):
             time.sleep(1.5)
         return write(chunk=chunk, **kwargs)
 

@@ -72,15 +72,15 @@ def pause_after_import_credits(monkeypatch):
     """Stop an import chunk right after its purchases' credits (their accounts locked), until `gate` opens and the
     other thread has had its head start; `gate` is a Barrier the other thread passes too."""
     gate = threading.Barrier(2)
-    credit_many = ledger.ledger_credit_many
+    credit_rows = ledger.ledger_credit_rows
 
     def credit_then_wait(**kwargs):
-        entry_ids = credit_many(**kwargs)
+        entry_ids = credit_rows(**kwargs)
         gate.wait(timeout=10)
         time.sleep(HEAD_START)
         return entry_ids
 
-    monkeypatch.setattr(ledger, "ledger_credit_many", credit_then_wait)
+    monkeypatch.setattr(ledger, "ledger_credit_rows", credit_then_wait)
     return gate
 
 

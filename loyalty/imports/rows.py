@@ -138,16 +138,6 @@ class RowParser:
         self._numbers: dict[str, bool] = {}  # a member number's check digit, checked once per import
         self._totals: dict = {}  # a total's text -> its value, for rows that pass
 
-    def convert(self, line: int, raw: dict) -> Row:
-        """A row parse() accepted on the first reading, read again. A row that no longer passes means the file
-        changed under the import."""
-        try:
-            return self.parse(line, raw)
-        except RowInvalid as exc:
-            raise ImportFileInvalid(
-                f"line {line} changed while the file was imported; the import stopped there."
-            ) from exc
-
     def parse(self, line: int, raw: dict | None) -> Row:
         """The row, or RowInvalid naming every bad field."""
         row = self._parse_plain(line, raw) if type(raw) is dict else None

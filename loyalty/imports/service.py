@@ -1,6 +1,8 @@
 """transactions_import: check the whole file, then import it chunk by chunk, in lanes of members written at once."""
 
+import pickle
 import queue
+import tempfile
 import threading
 import time
 import zlib
@@ -17,7 +19,7 @@ from core.models import Program
 from loyalty.event_models import Referral
 from loyalty.imports.report import MAX_ERRORS_KEPT, ImportAborted, ImportReport
 from loyalty.imports.rows import Row, RowInvalid, RowParser
-from loyalty.imports.writing import Earnings, Prepared, chunk_prepare, chunk_write, members_resolve
+from loyalty.imports.writing import Earnings, Prepared, chunk_write, members_resolve
 from loyalty.models import Transaction
 from members.models import Member
 
@@ -34,8 +36,9 @@ def transactions_import(
 ) -> ImportReport:
     """Import purchases and returns, each row as transaction_record would record it. Idempotent on (store,
     external_id): a rerun imports nothing twice. `rows` ((line number, fields), e.g. a TransactionFile) is read
-    twice: first every row is checked, and if one is bad nothing is written, unless `skip_invalid`, which imports
-    the rest; then rows are imported in chunks of `batch_size`, each chunk one database transaction whose ledger
+    once: every row is checked, and if one is bad nothing is written, unless `skip_invalid`, which imports the
+    rest. The good rows, made ready to write on the way, wait in a temporary file (the spool, about the size of the
+    file), from which they are imported in chunks of `batch_size`, each chunk one database transaction whose ledger
     credits lock their accounts in key order. `progress(stage, rows)` hears of each chunk ("check", "import").
 
     Written in `writers` lanes at once (settings.IMPORT_WRITERS), each on its own database connection: a member's
@@ -43,30 +46,30 @@ def transactions_import(
     accounts, and the database works on one lane's chunk while Python makes the next. One lane inside a caller's
     database transaction (other connections would not see its rows), and where an external id names purchases of
     several members in the file or the database, whose returns could not be told apart beforehand."""
-    if iter(rows) is rows:
-        raise TypeError("rows is read twice: give a TransactionFile or a list, not an iterator.")
     started = time.perf_counter()
     report = ImportReport()
     progress = progress or (lambda stage, count: None)
-    parser = RowParser(program, timezone.now())
-    checked = _check(parser, rows, batch_size, report, progress)
-    if not report.invalid or skip_invalid:
-        writers = settings.IMPORT_WRITERS if writers is None else writers
-        lanes = 1 if checked.owners is None or connection.in_atomic_block else max(1, writers)
-        chunks = _prepared(parser, rows, checked, batch_size, Earnings(program), lanes)
-        if lanes == 1:
-            for _, chunk in _ahead(chunks):
-                chunk_write(program=program, chunk=chunk, report=report, skip_invalid=skip_invalid)
-                progress("import", chunk.size)
-        else:
-            _write_in_lanes(program, chunks, lanes, report, skip_invalid, progress)
+    now = timezone.now()
+    with tempfile.TemporaryFile(prefix="import-") as spool:
+        checked = _check(RowParser(program, now), rows, batch_size, report, progress, Earnings(program, now), spool)
+        if not report.invalid or skip_invalid:
+            writers = settings.IMPORT_WRITERS if writers is None else writers
+            lanes = 1 if checked.owners is None or connection.in_atomic_block else max(1, writers)
+            spool.seek(0)
+            chunks = _spooled(spool, checked, batch_size, lanes)
+            if lanes == 1:
+                for _, chunk in _ahead(chunks):
+                    chunk_write(program=program, chunk=chunk, report=report, skip_invalid=skip_invalid)
+                    progress("import", chunk.size)
+            else:
+                _write_in_lanes(program, chunks, lanes, report, skip_invalid, progress)
     report.seconds = time.perf_counter() - started
     return report
 
 
 @dataclass
 class _Checked:
-    """What the first reading found: the bad lines, and whose each purchase is (its lane's key: the member number,
+    """What the check found: the bad lines, and whose each purchase is (its lane's key: the member number,
     or the external id of an anonymous purchase), by external id. `owners` is None where lanes could write
     differently from one: an external id names purchases of several owners (in the file or the database), a
     return's own key is another row's, or a return undoes a referral (it takes points from the referrer, whose rows
@@ -80,8 +83,9 @@ class _Checked:
             self.owners = None
 
 
-def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progress) -> _Checked:
-    """The first reading: every row parsed and checked, members resolved a chunk at a time."""
+def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progress, earnings: Earnings, spool):
+    """Every row parsed and checked, members resolved a chunk at a time, and the chunk's good rows made ready to
+    write and pickled to `spool`, in file order: purchases as Earnings.ready makes them, returns as rows."""
     checked = _Checked()
     bad = checked.bad
     purchases_seen: set[str] = set()  # external ids, for returns that name no store
@@ -92,18 +96,22 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
 
     def members_check():
         found = members_resolve(parser.program, {row.member for row in chunk if row.member})
+        ready = []
         for row in chunk:
-            if not row.member:
-                continue
-            status = found.get(row.member, (None, None))[1]
+            member_id, status = found.get(row.member, (None, None)) if row.member else (None, Member.Status.ACTIVE)
             if status is None:
                 message = f"No member {row.member} in programme {parser.program.code}."
-            elif status != Member.Status.ACTIVE and row.kind == Transaction.Kind.PURCHASE:
-                message = f"Member {row.member} is {status}."
-            else:
+            elif row.kind == Transaction.Kind.RETURN:
+                ready.append(row)
                 continue
+            elif status == Member.Status.ACTIVE:
+                ready.append(earnings.ready(row, member_id))
+                continue
+            else:
+                message = f"Member {row.member} is {status}."
             bad.add(row.line)
             report.add_error(row.line, "member", message)
+        pickle.dump(ready, spool, pickle.HIGHEST_PROTOCOL)
         progress("check", len(chunk))
         chunk.clear()
 
@@ -134,7 +142,8 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
         chunk.append(row)
         if len(chunk) == batch_size:
             members_check()
-    members_check()
+    if chunk:
+        members_check()
     _returns_check(parser.program, returns, batch_size, checked, report)
     return checked
 
@@ -170,30 +179,37 @@ def _returns_check(program: Program, returns: list, batch_size: int, checked: _C
                 )
 
 
-def _prepared(
-    parser: RowParser, rows, checked: _Checked, batch_size: int, earnings: Earnings, lanes: int
-) -> Iterator[tuple[int, Prepared]]:
-    """(lane, chunk) for each chunk of `batch_size` rows of one lane, in file order within the lane."""
-    chunks: list[list[Row]] = [[] for _ in range(lanes)]
-    for number, raw in rows:
-        if number in checked.bad:
-            continue
-        row = parser.convert(number, raw)
-        lane = 0
-        if lanes > 1:
-            if row.kind == Transaction.Kind.PURCHASE:
-                owner = row.member or row.external_id
-            else:  # with the purchase it returns: the same accounts, the purchase's row locked
-                owner = checked.owners.get(row.original_external_id, row.member)
-            lane = zlib.crc32(owner.encode()) % lanes
-        chunk = chunks[lane]
-        chunk.append(row)
-        if len(chunk) == batch_size:
-            yield lane, chunk_prepare(chunk, earnings)
-            chunks[lane] = []
+def _spooled(spool, checked: _Checked, batch_size: int, lanes: int) -> Iterator[tuple[int, Prepared]]:
+    """(lane, chunk) for each chunk of `batch_size` rows of one lane from `spool`, in file order within the lane;
+    returns found bad after they were spooled (_returns_check) are left out."""
+    chunks: list[list] = [[] for _ in range(lanes)]
+    while True:
+        try:
+            ready = pickle.load(spool)
+        except EOFError:
+            break
+        for item in ready:
+            lane = 0
+            if type(item) is tuple:  # a purchase: (line, (store, external_id), member number, ...)
+                if lanes > 1:
+                    lane = zlib.crc32((item[2] or item[1][1]).encode()) % lanes
+            elif item.line in checked.bad:
+                continue
+            elif lanes > 1:  # a return, with the purchase it returns: the same accounts, the purchase's row locked
+                lane = zlib.crc32(checked.owners.get(item.original_external_id, item.member).encode()) % lanes
+            chunk = chunks[lane]
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                yield lane, _prepared(chunk)
+                chunks[lane] = []
     for lane, chunk in enumerate(chunks):
         if chunk:
-            yield lane, chunk_prepare(chunk, earnings)
+            yield lane, _prepared(chunk)
+
+
+def _prepared(items: list) -> Prepared:
+    purchases = [item for item in items if type(item) is tuple]
+    return Prepared(purchases, [item for item in items if type(item) is not tuple], len(items))
 
 
 def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, skip_invalid: bool, progress):

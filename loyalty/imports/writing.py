@@ -1,5 +1,6 @@
-"""Writing one chunk of checked rows: purchases set-based, their points through ledger_credit_many, returns one by
-one through transaction_record."""
+"""Writing an import: each purchase made ready to write while the file is checked (Earnings.ready), then a chunk at
+a time: purchases set-based, their points through ledger_credit_rows, returns one by one through
+transaction_record."""
 
 import json
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from core.db import array_literal, ids_reserve
+from core.db import COPY_NULL as NULL
+from core.db import array_literal, copy_text, ids_reserve
 from core.errors import ApplicationError
 from core.models import Program
 from loyalty import ledger
@@ -24,13 +26,19 @@ from members.models import Member
 
 
 class Earnings:
-    """earning_for_purchase, memoised. It is pure, and costs ~15 µs a call (calendar arithmetic), about half of a
-    row's budget. Its points depend on the total alone, and its dates on the day of the purchase and the time
-    within that day, which calendar arithmetic carries over unchanged: so one call per distinct total and one per
-    distinct day give every row's exact result. A rule that looks at more than these must widen the keys."""
+    """Makes purchases ready to write (`ready`), with earning_for_purchase memoised. It is pure, and costs ~15 µs a
+    call (calendar arithmetic), about half of a row's budget. Its points depend on the total alone, and its dates on
+    the day of the purchase and the time within that day, which calendar arithmetic carries over unchanged: so one
+    call per distinct total and one per distinct day give every row's exact result. A rule that looks at more than
+    these must widen the keys.
 
-    def __init__(self, program: Program):
+    Whether a purchase's points have matured, or expired before they arrive, is decided against `as_of`, the
+    import's start (as the rows were checked against it): points that mature or expire while the import runs are
+    then matured or expired by the ledger's jobs, as any pending or expiring points are."""
+
+    def __init__(self, program: Program, as_of: datetime):
         self.program = program
+        self.as_of = as_of
         self.by_total: dict[Decimal, tuple[int, str]] = {}
         self.by_day: dict[tuple, tuple[datetime, datetime | None, datetime]] = {}
 
@@ -55,25 +63,44 @@ class Earnings:
         since = occurred_at - found[2]  # wall-clock time within the day: both share the zone
         return found[0] + since, found[1] + since if found[1] is not None else None
 
+    def ready(self, row: Row, member_id: int | None) -> tuple:
+        """The purchase `row` of member `member_id` (None: anonymous) ready to write, as a plain tuple, which the
+        spool pickles at a fifth of a named tuple's cost:
+            (line, (store, external_id), member number, member_id, transaction text before the member id,
+             transaction text after it, points, occurred_at, lot dates, matured, expired)
+        The texts are COPY text of the columns of _purchases_text. Anonymous purchases are kept for analytics and
+        earn nothing, as in transaction_record; so do purchases worth no points, which have no lot."""
+        occurred_at = str(row.occurred_at)
+        points, breakdown = self.points(row.total, row.occurred_at) if member_id is not None else (0, "[]")
+        dates, matured, expired = "", False, None
+        if points:
+            available_from, expires_at = self.dates(row.occurred_at)
+            dates = f"{available_from}\t{NULL if expires_at is None else expires_at}"
+            matured = available_from <= self.as_of
+            expired = str(expires_at) if expires_at is not None and expires_at <= self.as_of else None
+        return (
+            row.line,
+            (row.store, row.external_id),
+            row.member,
+            member_id,
+            f"{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t",
+            f"\t{occurred_at}\t{self.program.currency}\t{row.total}\t"
+            f"{copy_text(json.dumps(row.lines)) if row.lines else '[]'}\t{points}\t{breakdown if points else '[]'}",
+            points,
+            occurred_at,
+            dates,
+            matured,
+            expired,
+        )
+
 
 @dataclass
 class Prepared:
-    """A chunk made ready without the database: purchases as (row, points, breakdown, available_from,
-    expires_at), returns as rows."""
+    """A chunk ready to write: purchases as Earnings.ready made them, returns as rows."""
 
     purchases: list[tuple]
     returns: list[Row]
     size: int
-
-
-def chunk_prepare(rows: list[Row], earnings: Earnings) -> Prepared:
-    purchases, returns = [], []
-    for row in rows:
-        if row.kind == Transaction.Kind.RETURN:
-            returns.append(row)
-        else:
-            purchases.append((row, *earnings.points(row.total, row.occurred_at), *earnings.dates(row.occurred_at)))
-    return Prepared(purchases, returns, len(rows))
 
 
 def members_resolve(program: Program, numbers: set[str]) -> dict[str, tuple[int, str]]:
@@ -90,6 +117,22 @@ def members_resolve(program: Program, numbers: set[str]) -> dict[str, tuple[int,
         return {number: (pk, status) for number, pk, status in cursor.fetchall()}
 
 
+def _members_inactive(member_ids: set[int]) -> dict[int, str | None]:
+    """{id: status, or None if gone} of those among `member_ids` no longer active since the file was checked: a
+    count first, the rows only where it falls short (rarely)."""
+    ids = array_literal(member_ids)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT count(*) FROM {Member._meta.db_table} WHERE id = ANY(%s::bigint[]) AND status = %s",
+            [ids, Member.Status.ACTIVE],
+        )
+        if cursor.fetchone()[0] == len(member_ids):
+            return {}
+        cursor.execute(f"SELECT id, status FROM {Member._meta.db_table} WHERE id = ANY(%s::bigint[])", [ids])
+        found = dict(cursor.fetchall())
+    return {pk: found.get(pk) for pk in member_ids if found.get(pk) != Member.Status.ACTIVE}
+
+
 @transaction.atomic
 def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip_invalid: bool) -> None:
     """One chunk, one database transaction: its purchases set-based, then its returns one by one.
@@ -100,90 +143,84 @@ def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL synchronous_commit = off")
-    members = members_resolve(program, {p[0].member for p in chunk.purchases} | {r.member for r in chunk.returns})
-    members.pop("", None)
+    inactive = _members_inactive({p[3] for p in chunk.purchases if p[3] is not None})
     purchases, seen = [], set()
     for purchase in chunk.purchases:
-        row = purchase[0]
-        member_id = _member_id(members, row, report, skip_invalid)
-        if member_id is False:
-            continue
-        if (row.store, row.external_id) in seen:  # the file repeats itself: the first row counts
+        line, key, member, member_id = purchase[:4]
+        if member_id in inactive:
+            status = inactive[member_id]
+            message = f"Member {member} is {status}." if status else f"No member {member}."
+            late_error(report, line, "member", message, skip_invalid)
+        elif key in seen:  # the file repeats itself: the first row counts
             report.already_present += 1
-            continue
-        seen.add((row.store, row.external_id))
-        purchases.append((member_id, *purchase))
+        else:
+            seen.add(key)
+            purchases.append(purchase)
     inserted = _purchases_copy(program, purchases, now)
     if inserted is None:  # some are recorded already: each is skipped on its own
         inserted = _purchases_insert(program, purchases, now)
     report.already_present += len(purchases) - len(inserted)
     report.imported += len(inserted)
+    members = {}
     if chunk.returns:
+        members = members_resolve(program, {r.member for r in chunk.returns} - {""})
         _lock_for_returns(program, chunk.returns, members, purchases)
-    credits = []
-    for member_id, row, points, _, available_from, expires_at in purchases:
-        txn_id = inserted.get((row.store, row.external_id))
-        if txn_id is None or member_id is None or not points:
-            continue
-        credits.append(
-            {
-                "member_id": member_id,
-                "kind": Entry.Kind.EARN,
-                "points": points,
-                "occurred_at": row.occurred_at,
-                "available_from": available_from,
-                "expires_at": expires_at,
-                "transaction_id": txn_id,
-            }
-        )
-        report.points_credited += points
-    ledger.ledger_credit_many(credits=credits, now=now)
+    credits, credited = [], 0
+    for _, key, _, member_id, _, _, points, occurred_at, dates, matured, expired in purchases:
+        txn_id = inserted.get(key)
+        if txn_id is not None and points:
+            credits.append(
+                ledger.BulkCredit(
+                    member_id,
+                    Entry.Kind.EARN.value,
+                    points,
+                    occurred_at,
+                    dates,
+                    matured,
+                    expired,
+                    ledger.credit_refs(transaction_id=txn_id),
+                )
+            )
+            credited += points
+    ledger.ledger_credit_rows(credits=credits, now=now)
+    report.points_credited += credited
     # Imported purchases qualify for tiers as recorded ones do (before the returns, which take off what they count).
     tier_counts_add(program=program, transaction_ids=list(inserted.values()), now=now)
     if chunk.returns:
         _returns_record(program, chunk.returns, members, report, skip_invalid, now)
 
 
-def _member_id(members: dict, row: Row, report: ImportReport, skip_invalid: bool) -> int | None | bool:
-    """The row's member id, None for an anonymous row, False when the member went away since the check."""
-    if not row.member:
-        return None
-    pk, status = members.get(row.member, (None, None))
-    if pk is not None and (status == Member.Status.ACTIVE or row.kind == Transaction.Kind.RETURN):
-        return pk
-    late_error(
-        report, row, "member", f"Member {row.member} is {status}." if pk else f"No member {row.member}.", skip_invalid
-    )
-    return False
-
-
-def late_error(report: ImportReport, row: Row, name: str, message: str, skip_invalid: bool) -> None:
+def late_error(report: ImportReport, line: int, name: str, message: str, skip_invalid: bool) -> None:
     """A row refused after the check passed (a member suspended meanwhile, a return that exceeds its purchase):
     skipped with skip_invalid, otherwise the import stops and this chunk is rolled back."""
     if not skip_invalid:
         raise ImportAborted(
-            f"line {row.line}: {name}: {message} The import stopped there; what it imported until then stays "
+            f"line {line}: {name}: {message} The import stopped there; what it imported until then stays "
             "imported, and a rerun skips it.",
             errors={name: [message]},
-            line=row.line,
+            line=line,
         )
-    report.add_error(row.line, name, message)
+    report.add_error(line, name, message)
 
 
 _TEMP = "import_purchase"
-_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+# The columns _purchases_text writes; original_id and api_client_id are left out: COPY fills them with NULL.
+_COLUMNS = (
+    "id, program_id, store, external_id, channel, member_id, occurred_at, currency, total, lines, points, breakdown, "
+    "kind, returned_total, points_reversed, created_at"
+)
 
 
-def copy_text(value: str) -> str:
-    """`value` as a field of COPY's text format."""
-    return value if value.isalnum() else value.translate(_ESCAPE)
-
-
-def _in_key_order(purchases: list, ids: list[int]) -> list[tuple[int, tuple]]:
-    """The purchases with their ids (given in file order), in (store, external_id) order: every import writes a
-    chunk's purchases in this one order, so two imports of overlapping files wait for each other's uncommitted
-    rows instead of deadlocking (the lock order in loyalty/ledger/__init__.py)."""
-    return sorted(zip(ids, purchases, strict=True), key=lambda item: (item[1][1].store, item[1][1].external_id))
+def _purchases_text(program: Program, purchases: list, ids: list[int], now: datetime) -> str:
+    """The purchases with their ids (given in file order, as one INSERT at a time would give them) as COPY text of
+    _COLUMNS, in (store, external_id) order: every import writes a chunk's purchases in this one order, so two
+    imports of overlapping files wait for each other's uncommitted rows instead of deadlocking (the lock order in
+    loyalty/ledger/__init__.py). The keys are unique within a chunk, so the sort never compares further."""
+    head, tail = f"\t{program.pk}\t", f"\tpurchase\t0\t0\t{now}\n"
+    return "".join(
+        f"{pk}{head}{p[4]}{NULL if p[3] is None else p[3]}{p[5]}{tail}"
+        for _, pk, p in sorted(zip([p[1] for p in purchases], ids, purchases, strict=True))
+    )
 
 
 def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | None:
@@ -194,38 +231,18 @@ def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | 
     savepoint; on a rerun it fails at its first row, so trying first costs little."""
     if not purchases:
         return {}
-    table = Transaction._meta.db_table
-    ids = ids_reserve(Transaction, len(purchases))  # rising in file order, as one INSERT at a time would give them
-    with connection.cursor() as cursor:
-        # COPY text built by hand: psycopg's write_row adapts value by value, at several times the cost.
-        # original_id and api_client_id are left out: COPY fills them with NULL.
-        null, head, middle, tail = (
-            "\\N",
-            f"\t{program.pk}\t",
-            f"\t{copy_text(program.currency)}\t",
-            f"\tpurchase\t0\t0\t{now}\n",
-        )
-        lines_text = []
-        for pk, (member_id, row, points, breakdown, _, _) in _in_key_order(purchases, ids):
-            # Anonymous purchases are kept for analytics and earn nothing, as in transaction_record.
-            lines_text.append(
-                f"{pk}{head}{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t"
-                f"{null if member_id is None else member_id}\t{row.occurred_at}{middle}{row.total}\t"
-                f"{copy_text(json.dumps(row.lines)) if row.lines else '[]'}\t"
-                f"{points if member_id else 0}\t{breakdown if member_id else '[]'}{tail}"
-            )
-        try:
-            with (
-                transaction.atomic(),
-                cursor.copy(
-                    f"COPY {table} (id, program_id, store, external_id, channel, member_id, occurred_at, currency, "
-                    "total, lines, points, breakdown, kind, returned_total, points_reversed, created_at) FROM STDIN"
-                ) as copy,
-            ):
-                copy.write("".join(lines_text))
-        except (IntegrityError, psycopg.IntegrityError):
-            return None
-    return {(p[1].store, p[1].external_id): pk for p, pk in zip(purchases, ids, strict=True)}
+    ids = ids_reserve(Transaction, len(purchases))
+    text = _purchases_text(program, purchases, ids, now)
+    try:
+        with (
+            transaction.atomic(),
+            connection.cursor() as cursor,
+            cursor.copy(f"COPY {Transaction._meta.db_table} ({_COLUMNS}) FROM STDIN") as copy,
+        ):
+            copy.write(text)
+    except (IntegrityError, psycopg.IntegrityError):
+        return None
+    return dict(zip([p[1] for p in purchases], ids, strict=True))
 
 
 def _purchases_insert(program: Program, purchases: list, now: datetime) -> dict:
@@ -234,37 +251,18 @@ def _purchases_insert(program: Program, purchases: list, now: datetime) -> dict:
     same file cannot record a purchase twice."""
     if not purchases:
         return {}
-    ids = ids_reserve(Transaction, len(purchases))  # rising in file order; those of repeats are left unused
+    ids = ids_reserve(Transaction, len(purchases))  # those of repeats are left unused
+    table = Transaction._meta.db_table
     with connection.cursor() as cursor:
         # ON COMMIT DROP cleans up after a failed chunk; the explicit DROP lets the next chunk of the same
         # transaction (as in tests, where nothing commits) create it again.
+        cursor.execute(f"CREATE TEMP TABLE {_TEMP} ON COMMIT DROP AS SELECT {_COLUMNS} FROM {table} WITH NO DATA")
+        with cursor.copy(f"COPY {_TEMP} ({_COLUMNS}) FROM STDIN") as copy:
+            copy.write(_purchases_text(program, purchases, ids, now))
         cursor.execute(
-            f"CREATE TEMP TABLE {_TEMP} (id bigint, store text, external_id text, channel text, member_id bigint, "
-            "occurred_at timestamptz, total numeric, lines jsonb, points integer, breakdown jsonb) ON COMMIT DROP"
-        )
-        # COPY text built by hand: psycopg's write_row adapts value by value, at several times the cost.
-        null, lines_text = "\\N", []
-        for pk, (member_id, row, points, breakdown, _, _) in _in_key_order(purchases, ids):
-            # Anonymous purchases are kept for analytics and earn nothing, as in transaction_record.
-            lines_text.append(
-                f"{pk}\t{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t"
-                f"{null if member_id is None else member_id}\t{row.occurred_at}\t{row.total}\t"
-                f"{copy_text(json.dumps(row.lines)) if row.lines else '[]'}\t"
-                f"{points if member_id else 0}\t{breakdown if member_id else '[]'}\n"
-            )
-        with cursor.copy(
-            f"COPY {_TEMP} (id, store, external_id, channel, member_id, occurred_at, total, lines, points, breakdown) "
-            "FROM STDIN"
-        ) as copy:
-            copy.write("".join(lines_text))
-        cursor.execute(
-            f"INSERT INTO {Transaction._meta.db_table} (id, program_id, store, external_id, channel, member_id, "
-            "kind, original_id, occurred_at, currency, total, lines, points, breakdown, returned_total, "
-            "points_reversed, api_client_id, created_at) "
-            "SELECT id, %s, store, external_id, channel, member_id, 'purchase', NULL, occurred_at, %s, total, lines, "
-            f'points, breakdown, 0, 0, NULL, %s FROM {_TEMP} ORDER BY store COLLATE "C", external_id COLLATE "C" '
-            "ON CONFLICT DO NOTHING RETURNING store, external_id, id",
-            [program.pk, program.currency, now],
+            f"INSERT INTO {table} ({_COLUMNS}) SELECT {_COLUMNS} FROM {_TEMP} "
+            'ORDER BY store COLLATE "C", external_id COLLATE "C" '
+            "ON CONFLICT DO NOTHING RETURNING store, external_id, id"
         )
         inserted = {(store, external_id): pk for store, external_id, pk in cursor.fetchall()}
         cursor.execute(f"DROP TABLE {_TEMP}")
@@ -286,7 +284,7 @@ def _lock_for_returns(program: Program, returns: list[Row], members: dict, purch
         .values_list("member_id", flat=True)
     )
     account_ids = {member_id for member_id in originals if member_id is not None}
-    account_ids.update(p[0] for p in purchases if p[0] is not None)
+    account_ids.update(p[3] for p in purchases if p[3] is not None)
     account_ids.update(pk for pk, _ in (members.get(row.member, (None, None)) for row in returns) if pk is not None)
     # A return that completes its purchase's return takes back the referral that purchase rewarded: the referrer's
     # account too (referrals.referral_on_return).
@@ -299,8 +297,9 @@ def _returns_record(program, returns: list[Row], members: dict, report: ImportRe
     # Returns are rare in history, so they take the per-row path with all its checks and locks.
     by_pk = Member.objects.in_bulk([pk for pk, _ in (members.get(row.member, (None, None)) for row in returns) if pk])
     for row in returns:
-        member_id = _member_id(members, row, report, skip_invalid)
-        if member_id is False:
+        member_id = members.get(row.member, (None, None))[0]
+        if row.member and member_id is None:  # gone since the check; a member of any status may return goods
+            late_error(report, row.line, "member", f"No member {row.member}.", skip_invalid)
             continue
         data = TransactionInput(
             store=row.store,
@@ -318,7 +317,7 @@ def _returns_record(program, returns: list[Row], members: dict, report: ImportRe
         try:
             result = transaction_record(program=program, data=data, now=now)
         except ApplicationError as exc:
-            late_error(report, row, next(iter(exc.errors or {}), "row"), exc.detail, skip_invalid)
+            late_error(report, row.line, next(iter(exc.errors or {}), "row"), exc.detail, skip_invalid)
             continue
         if result.created:
             report.imported += 1

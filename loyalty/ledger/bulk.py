@@ -6,14 +6,13 @@ from typing import NamedTuple
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core.db import array_literal, ids_reserve
+from core.db import COPY_NULL as NULL
+from core.db import array_literal, copy_text, ids_reserve
 from loyalty.ledger.core import LIFETIME_KINDS, ledger_credit, ledger_lock
 from loyalty.models import Account, Draw, Entry, Lot
 
 _CREDIT_ARGUMENTS = frozenset({"member_id", "kind", "points", "occurred_at", "available_from", "expires_at"})
 _CREDIT_FIELDS = frozenset({"transaction_id", "api_client_id", "staff_user_id", "reason"})
-NULL = "\\N"  # COPY text's NULL
-_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def _open(cursor, account_ids: list[int], stamp) -> None:
@@ -44,7 +43,7 @@ def credit_refs(*, transaction_id=None, api_client_id=None, staff_user_id=None, 
     """An entry's references and reason as BulkCredit.refs: COPY text, NULL as \\N, the reason escaped."""
     return (
         f"{NULL if transaction_id is None else transaction_id}\t{NULL if api_client_id is None else api_client_id}\t"
-        f"{NULL if staff_user_id is None else staff_user_id}\t{reason.translate(_ESCAPE) if reason else ''}"
+        f"{NULL if staff_user_id is None else staff_user_id}\t{copy_text(reason) if reason else ''}"
     )
 
 
