@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from core.models import Program
 from loyalty import ledger
+from loyalty.earning import months_later
 from loyalty.imports import FIELDS, TransactionFile, transactions_import
 from loyalty.imports.report import ImportAborted
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
@@ -146,23 +147,50 @@ def _purchases(members, count, start):
     ]
 
 
-@pytest.mark.parametrize("recent", [True, False], ids=["recent", "around a leap day, expired before it arrives"])
-def test_import_makes_the_same_ledger_as_the_per_row_path(program, tmp_path, recent):
+def _straddling(members):
+    """Purchases whose times run across the moments their points mature (14 pending days) and expire (24 months):
+    on those days some points have matured or expired when the import starts and some have not."""
+    now = timezone.now().replace(microsecond=0)
+    times = [
+        at + timedelta(minutes=37 * k)
+        for at in (now - timedelta(days=14), months_later(now, -24))
+        for k in (-9, -1, 1, 9)
+    ]
+    return [_row(f"T{i}", members[i % len(members)], Decimal("20.00") + i, at) for i, at in enumerate(times)]
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Stockholm"])
+@pytest.mark.parametrize(
+    "when",
+    ["recent", "leap day", "straddling"],
+    ids=["recent", "around a leap day, expired before it arrives", "straddling"],
+)
+def test_import_makes_the_same_ledger_as_the_per_row_path(program, tmp_path, settings, when, zone):
     # given: purchases over the last four months, or around 29 February 2024, whose points (24 months) expired
-    # before they were imported
+    # before they were imported, or around the times points mature and expire; the server's time zone decides the
+    # calendar (Stockholm's changes its offset twice a year)
+    settings.TIME_ZONE = zone
+    Program.objects.filter(pk=program.pk).update(pending_days=14 if when == "straddling" else 0, expiry_months=24)
+    program.refresh_from_db()
     members = [MemberFactory() for _ in range(5)]
-    start = datetime(2024, 1, 30, 9, 30, tzinfo=UTC)
-    if recent:
-        start = (timezone.now() - timedelta(days=120)).replace(hour=9, minute=30, second=0, microsecond=0)
-    rows = _purchases(members, 60, start)
+    if when == "straddling":
+        rows = _straddling(members)
+    else:
+        start = datetime(2024, 1, 30, 9, 30, tzinfo=UTC)
+        if when == "recent":
+            start = (timezone.now() - timedelta(days=120)).replace(hour=9, minute=30, second=0, microsecond=0)
+        rows = _purchases(members, 60, start)
     expected = _per_row_state(program, rows, members)
     # when
     report = _import(program, _csv(tmp_path, rows), batch_size=7)
     # then
     assert _ledger_state() == expected
-    assert report.read == report.imported == 60
+    assert report.read == report.imported == len(rows)
     assert report.points_credited == sum(e[2] for e in expected["entries"] if e[1] == "earn")
     assert ledger_verify() == []
+    if when == "straddling":  # each way, on either day
+        assert {lot.matured for lot in Lot.objects.all()} == {True, False}
+        assert Entry.objects.filter(kind="expire").count() == 2
 
 
 def test_points_held_for_a_till_are_recorded_on_imported_entries_as_the_per_row_path_records_them(program, tmp_path):

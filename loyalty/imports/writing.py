@@ -4,7 +4,7 @@ transaction_record."""
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import psycopg
@@ -40,7 +40,7 @@ class Earnings:
         self.program = program
         self.as_of = as_of
         self.by_total: dict[Decimal, tuple[int, str]] = {}
-        self.by_day: dict[tuple, tuple[datetime, datetime | None, datetime]] = {}
+        self.by_day: dict[tuple, tuple] = {}
 
     def points(self, total: Decimal, occurred_at: datetime) -> tuple[int, str]:
         """(points, breakdown as JSON in COPY text)."""
@@ -52,39 +52,67 @@ class Earnings:
                 self.by_total[total] = found
         return found
 
-    def dates(self, occurred_at: datetime) -> tuple[datetime, datetime | None]:
-        """(available_from, expires_at)."""
+    def lot(self, occurred_at: datetime, occurred_text: str) -> tuple[str, bool, str | None]:
+        """The lot's available_from and expires_at as COPY text, whether it has matured, and its expiry text if that
+        has passed already (the points expire on arrival)."""
         key = (occurred_at.date(), occurred_at.tzinfo)  # not the instant: two zones' midnights may coincide
-        found = self.by_day.get(key)
-        if found is None:
-            day = occurred_at.replace(hour=0, minute=0, second=0, microsecond=0)
-            earning = earning_for_purchase(program=self.program, total=Decimal(0), occurred_at=day)
-            found = self.by_day[key] = (earning.available_from, earning.expires_at, day)
-        since = occurred_at - found[2]  # wall-clock time within the day: both share the zone
-        return found[0] + since, found[1] + since if found[1] is not None else None
+        day = self.by_day.get(key)
+        if day is None:
+            day = self.by_day[key] = self._day(occurred_at)
+        available_base, expires_base, midnight, texts, matured, expired = day
+        if texts is not None and matured is not None and expired is not None:  # all of it known for the day
+            available_text, expires_text = texts
+            available_text += occurred_text[10:]
+            expires_text = expires_text + occurred_text[10:] if expires_text is not None else None
+            return f"{available_text}\t{expires_text or NULL}", matured, expires_text if expired else None
+        since = occurred_at - midnight  # wall-clock time within the day: both share the zone
+        available_from = available_base + since
+        expires_at = expires_base + since if expires_base is not None else None
+        expired = expires_at is not None and expires_at <= self.as_of
+        return (
+            f"{available_from}\t{NULL if expires_at is None else expires_at}",
+            available_from <= self.as_of,
+            str(expires_at) if expired else None,
+        )
+
+    def _day(self, occurred_at: datetime) -> tuple:
+        """For the day of `occurred_at`: the available_from and expires_at of its midnight (None: never expires),
+        that midnight, and what holds for every time of the day, None where it does not: their dates as text (in
+        UTC, where a time's text is its date's and the purchase's time of day; other zones' offsets may change
+        within a day), whether its points have matured and whether they have expired."""
+        midnight = occurred_at.replace(hour=0, minute=0, second=0, microsecond=0)
+        earning = earning_for_purchase(program=self.program, total=Decimal(0), occurred_at=midnight)
+        available_from, expires_at = earning.available_from, earning.expires_at
+        texts = None
+        if str(occurred_at.tzinfo) in ("UTC", "Etc/UTC"):
+            texts = (str(available_from.date()), str(expires_at.date()) if expires_at is not None else None)
+
+        def whole_day(start: datetime | None) -> bool | None:
+            """Whether the day's times from `start` on have come by as_of: all of them, none, or None (some)."""
+            if start is None:
+                return False
+            return True if start + _DAY <= self.as_of else False if start > self.as_of else None
+
+        return available_from, expires_at, midnight, texts, whole_day(available_from), whole_day(expires_at)
 
     def ready(self, row: Row, member_id: int | None) -> tuple:
         """The purchase `row` of member `member_id` (None: anonymous) ready to write, as a plain tuple, which the
         spool pickles at a fifth of a named tuple's cost:
-            (line, (store, external_id), member number, member_id, transaction text before the member id,
-             transaction text after it, points, occurred_at, lot dates, matured, expired)
-        The texts are COPY text of the columns of _purchases_text. Anonymous purchases are kept for analytics and
-        earn nothing, as in transaction_record; so do purchases worth no points, which have no lot."""
+            (line, (store, external_id), member number, member_id, transaction text, points, occurred_at,
+             lot dates, matured, expired)
+        The texts are COPY text: the transaction's of the columns of _purchases_text from store to breakdown, the
+        others as ledger_credit_rows takes them. Anonymous purchases are kept for analytics and earn nothing, as in
+        transaction_record; nor do purchases worth no points, which have no lot."""
         occurred_at = str(row.occurred_at)
         points, breakdown = self.points(row.total, row.occurred_at) if member_id is not None else (0, "[]")
-        dates, matured, expired = "", False, None
-        if points:
-            available_from, expires_at = self.dates(row.occurred_at)
-            dates = f"{available_from}\t{NULL if expires_at is None else expires_at}"
-            matured = available_from <= self.as_of
-            expired = str(expires_at) if expires_at is not None and expires_at <= self.as_of else None
+        dates, matured, expired = self.lot(row.occurred_at, occurred_at) if points else ("", False, None)
         return (
             row.line,
             (row.store, row.external_id),
             row.member,
             member_id,
-            f"{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t",
-            f"\t{occurred_at}\t{self.program.currency}\t{row.total}\t"
+            f"{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t"
+            f"{NULL if member_id is None else member_id}\t{occurred_at}\t{self.program.currency}\t{row.total}\t"
             f"{copy_text(json.dumps(row.lines)) if row.lines else '[]'}\t{points}\t{breakdown if points else '[]'}",
             points,
             occurred_at,
@@ -92,6 +120,9 @@ class Earnings:
             matured,
             expired,
         )
+
+
+_DAY = timedelta(days=1)
 
 
 @dataclass
@@ -166,7 +197,7 @@ def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip
         members = members_resolve(program, {r.member for r in chunk.returns} - {""})
         _lock_for_returns(program, chunk.returns, members, purchases)
     credits, credited = [], 0
-    for _, key, _, member_id, _, _, points, occurred_at, dates, matured, expired in purchases:
+    for _, key, _, member_id, _, points, occurred_at, dates, matured, expired in purchases:
         txn_id = inserted.get(key)
         if txn_id is not None and points:
             credits.append(
@@ -218,8 +249,7 @@ def _purchases_text(program: Program, purchases: list, ids: list[int], now: date
     loyalty/ledger/__init__.py). The keys are unique within a chunk, so the sort never compares further."""
     head, tail = f"\t{program.pk}\t", f"\tpurchase\t0\t0\t{now}\n"
     return "".join(
-        f"{pk}{head}{p[4]}{NULL if p[3] is None else p[3]}{p[5]}{tail}"
-        for _, pk, p in sorted(zip([p[1] for p in purchases], ids, purchases, strict=True))
+        f"{pk}{head}{p[4]}{tail}" for _, pk, p in sorted(zip([p[1] for p in purchases], ids, purchases, strict=True))
     )
 
 
