@@ -1,6 +1,7 @@
 """Bulk import (`manage.py import_transactions`): the same ledger as the per-row path, idempotent, all-or-nothing."""
 
 import csv
+import gc
 import json
 import threading
 import time
@@ -207,6 +208,18 @@ def test_points_held_for_a_till_are_recorded_on_imported_entries_as_the_per_row_
     assert set(Entry.objects.filter(account_id=members[0].pk, kind="earn").values_list("held_after", flat=True)) == {
         120
     }
+
+
+def test_the_cycle_collector_runs_less_often_while_an_import_runs_and_as_before_after_it(program, tmp_path):
+    # given
+    before = gc.get_threshold()
+    path = _csv(tmp_path, _purchases([MemberFactory()], 3, datetime(2025, 3, 1, tzinfo=UTC)))
+    during = []
+    # when
+    _import(program, path, progress=lambda stage, count: during.append(gc.get_threshold()))
+    # then
+    assert during and set(during) == {(100 * before[0], *before[1:])}
+    assert gc.get_threshold() == before
 
 
 def test_rerun_imports_nothing(program, tmp_path):
