@@ -264,8 +264,28 @@ def test_odd_rows_are_refused_as_the_field_checks_refuse_them(program, tmp_path)
     # when
     report = _import(program, _jsonl(tmp_path, rows))
     # then
-    assert [(e.line, e.field) for e in report.errors] == [(1, "member"), (2, "original_store"), (3, "lines")]
-    assert (report.invalid, report.imported) == (3, 0)
+    assert [(e.line, e.field) for e in report.errors] == [
+        (1, "member"),
+        (2, "original_store"),
+        (3, "lines"),
+        (4, "total"),
+    ]
+    assert (report.invalid, report.imported) == (4, 0)
+    assert not Transaction.objects.exists()
+
+
+@pytest.mark.parametrize("total", ["1e5", "1_000", "+5", "١٢", "Infinity", "NaN", "12,50", "-3"])
+def test_a_total_not_written_as_the_contract_writes_amounts_is_refused(program, tmp_path, total):
+    # given: Python's Decimal would read each of these but the last two; the API refuses them all
+    member = MemberFactory()
+    rows = [
+        _row("A", member, total, datetime(2025, 3, 1, tzinfo=UTC)),
+        _row("B", member, " 10.50 ", datetime(2025, 3, 1, tzinfo=UTC)),
+    ]
+    # when
+    report = _import(program, _csv(tmp_path, rows))
+    # then: nothing is written; the padded but plain amount was not the problem
+    assert [(e.line, e.field) for e in report.errors] == [(2, "total")]
     assert not Transaction.objects.exists()
 
 

@@ -4,13 +4,14 @@ import csv
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
 
 from django.utils import timezone
 
 from core.models import Program
+from core.validation import is_plain_decimal
 from loyalty.imports.report import ImportFileInvalid
 from loyalty.models import Transaction
 from loyalty.transactions import CLOCK_SKEW
@@ -107,7 +108,7 @@ class TransactionFile:
             if len(values) != width:
                 yield reader.line_num, None  # reported as a row error by the parser
                 continue
-            yield reader.line_num, dict(zip(header, values, strict=True))
+            yield reader.line_num, dict(zip(header, values, strict=False))  # as wide as the header: checked above
 
     @staticmethod
     def _jsonl(f) -> Iterator[tuple[int, dict | None]]:
@@ -325,10 +326,16 @@ class RowParser:
 
 
 def _decimal(value, places: int, errors: list, name: str) -> Decimal | None:
-    """A non-negative decimal with at most `places` decimals, quantized to them as the API's DecimalField does."""
-    try:
-        number = Decimal(value.strip() if isinstance(value, str) else str(value)) if value not in (None, "") else None
-    except InvalidOperation:
+    """A non-negative decimal with at most `places` decimals, quantized to them as the API's DecimalField does. Text
+    must be written as the contract writes amounts (core.validation.is_plain_decimal: "1e5", "1_000" or "١٢" are
+    refused, as the API refuses them), spaces around it aside, which a CSV cell may carry; a JSON number is a
+    number."""
+    if isinstance(value, str):
+        value = value.strip()
+        number = Decimal(value) if is_plain_decimal(value) else None
+    elif isinstance(value, int | Decimal) and not isinstance(value, bool):
+        number = Decimal(value)
+    else:
         number = None
     if number is None or not number.is_finite():
         errors.append((name, f"Not a decimal number: {value!r}."))

@@ -69,6 +69,8 @@ def transactions_import(
     return report
 
 
+# Plain strings: a Choices member costs a few times as much to look up and compare, a few times a row.
+_PURCHASE, _RETURN, _ACTIVE = Transaction.Kind.PURCHASE.value, Transaction.Kind.RETURN.value, Member.Status.ACTIVE.value
 _collector = {"lock": threading.Lock(), "users": 0, "threshold": gc.get_threshold()}
 
 
@@ -123,13 +125,13 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
         found = members_resolve(parser.program, {row.member for row in chunk if row.member})
         ready = []
         for row in chunk:
-            member_id, status = found.get(row.member, (None, None)) if row.member else (None, Member.Status.ACTIVE)
+            member_id, status = found.get(row.member, (None, None)) if row.member else (None, _ACTIVE)
             if status is None:
                 message = f"No member {row.member} in programme {parser.program.code}."
-            elif row.kind == Transaction.Kind.RETURN:
+            elif row.kind == _RETURN:
                 ready.append(row)
                 continue
-            elif status == Member.Status.ACTIVE:
+            elif status == _ACTIVE:
                 ready.append(earnings.ready(row, member_id))
                 continue
             else:
@@ -150,7 +152,7 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
                 report.add_error(number, name, message, new_row=i == 0)
             continue
         key = (row.store, row.external_id)
-        if row.kind == Transaction.Kind.PURCHASE:
+        if row.kind == _PURCHASE:
             purchases_seen.add(row.external_id)
             purchase_keys.add(key)
             checked.own(row.external_id, row.member or row.external_id)

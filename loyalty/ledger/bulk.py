@@ -15,13 +15,13 @@ _CREDIT_ARGUMENTS = frozenset({"member_id", "kind", "points", "occurred_at", "av
 _CREDIT_FIELDS = frozenset({"transaction_id", "api_client_id", "staff_user_id", "reason"})
 
 
-def _open(cursor, account_ids: list[int], stamp) -> None:
-    """Open the missing accounts, in primary-key order: waiting for a racing first insert of an account is a wait on
-    its key, so opening keeps the same order as locking."""
+def _open(cursor, account_ids: str, stamp) -> None:
+    """Open the missing accounts (`account_ids` as an array literal, in primary-key order): waiting for a racing first
+    insert of an account is a wait on its key, so opening keeps the same order as locking."""
     cursor.execute(
         f"INSERT INTO {Account._meta.db_table} (member_id, available, pending, lifetime_earned, updated_at) "
         "SELECT id, 0, 0, 0, %s FROM unnest(%s::bigint[]) AS id ORDER BY id ON CONFLICT DO NOTHING",
-        [stamp, array_literal(account_ids)],
+        [stamp, account_ids],
     )
 
 
@@ -62,12 +62,13 @@ def ledger_lock_many(*, member_ids) -> None:
         for member_id in account_ids:  # SQLite serialises writers; this only opens the accounts
             ledger_lock(member_id)
         return
+    ids = array_literal(account_ids)
     with connection.cursor() as cursor:
-        _open(cursor, account_ids, timezone.now())
+        _open(cursor, ids, timezone.now())
         cursor.execute(
             f"SELECT member_id FROM {Account._meta.db_table} WHERE member_id = ANY(%s::bigint[]) "
             "ORDER BY member_id FOR UPDATE",
-            [array_literal(account_ids)],
+            [ids],
         )
 
 
@@ -114,14 +115,15 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]
     a, e, lot_t, d = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
     stamp = timezone.now()
     account_ids = sorted({credit[0] for credit in credits})
+    ids_text = array_literal(account_ids)
     with connection.cursor() as cursor:
         # Opening in key order, then locking in key order: the same order as every other many-account job, so two
         # imports, or an import and ledger_mature_due, wait for each other instead of deadlocking.
-        _open(cursor, account_ids, stamp)
+        _open(cursor, ids_text, stamp)
         cursor.execute(
             f"SELECT member_id, available, pending, lifetime_earned, held FROM {a} "
             "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",
-            [array_literal(account_ids)],
+            [ids_text],
         )
         # fetchall: iterating the cursor costs two driver calls a row, over a tenth of a chunk's Python in a profile.
         balances = {
@@ -190,7 +192,6 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]
             f"UPDATE {a} AS a SET available = v.available, pending = v.pending, lifetime_earned = v.lifetime, "
             "updated_at = %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
             "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
-            [stamp, array_literal(account_ids)]
-            + [array_literal(balances[pk][i] for pk in account_ids) for i in range(3)],
+            [stamp, ids_text] + [array_literal(balances[pk][i] for pk in account_ids) for i in range(3)],
         )
     return entry_ids
