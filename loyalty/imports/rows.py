@@ -3,7 +3,7 @@
 import csv
 import json
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
@@ -136,6 +136,8 @@ class RowParser:
         age = program.max_transaction_age_days
         self.earliest = now - timedelta(days=age) if age is not None else None
         self.tz = timezone.get_current_timezone()
+        if str(self.tz) in ("UTC", "Etc/UTC"):
+            self.tz = UTC  # the same zone, which the interpreter converts to and prints in at half zoneinfo's cost
         self._numbers: dict[str, bool] = {}  # a member number's check digit, checked once per import
         self._totals: dict = {}  # a total's text -> its value, for rows that pass
 

@@ -96,10 +96,10 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
                 credit["member_id"],
                 str(credit["kind"]),
                 credit["points"],
-                str(credit["occurred_at"]),
-                f"{available_from}\t{NULL if expires_at is None else expires_at}",
+                credit["occurred_at"].isoformat(" "),
+                f"{available_from.isoformat(' ')}\t{NULL if expires_at is None else expires_at.isoformat(' ')}",
                 available_from <= now,
-                str(expires_at) if expires_at is not None and expires_at <= now else None,
+                expires_at.isoformat(" ") if expires_at is not None and expires_at <= now else None,
                 credit_refs(**{k: credit[k] for k in _CREDIT_FIELDS.intersection(credit)}),
             )
         )
