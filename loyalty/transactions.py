@@ -253,11 +253,15 @@ def _purchase(
     return txn, awards, credit
 
 
+def points_out_of_range(points: int) -> str:
+    return f"The purchase would earn {points} points, more than one transaction can hold ({MAX_POINTS})."
+
+
 def _points_checked(points: int) -> int:
     """`points`, or Unprocessable when one transaction cannot hold them."""
     if points > MAX_POINTS:
         raise Unprocessable(
-            f"The purchase would earn {points} points, more than one transaction can hold ({MAX_POINTS}).",
+            points_out_of_range(points),
             code="points_out_of_range",
             errors={"total": ["Too large to earn points on."]},
         )

@@ -289,6 +289,37 @@ def test_a_total_not_written_as_the_contract_writes_amounts_is_refused(program, 
     assert not Transaction.objects.exists()
 
 
+def test_json_numbers_in_a_csv_lines_cell_are_numbers(program, tmp_path):
+    # given: a CSV cell of lines whose amounts are JSON numbers, as the API takes them
+    member = MemberFactory()
+    lines = [{"sku": "A", "quantity": 1, "unit_price": 12.5, "amount": 12.5}]
+    row = {**_row("L1", member, "12.50", datetime(2025, 3, 1, tzinfo=UTC)), "lines": json.dumps(lines)}
+    path = tmp_path / "lines.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    # when
+    report = _import(program, path)
+    # then
+    assert (report.errors, report.imported) == ([], 1)
+    assert Transaction.objects.get().lines[0]["amount"] == "12.50"
+
+
+def test_a_purchase_earning_more_points_than_a_transaction_holds_is_a_row_error(program, tmp_path):
+    # given: the largest total there is, at 1 point per unit, and a plain purchase after it
+    member = MemberFactory()
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [_row("BIG", member, "9999999999.99", at), _row("OK", member, "10.00", at)]
+    # when
+    report = _import(program, _csv(tmp_path, rows), skip_invalid=True)
+    # then: that row is refused as the API refuses it, and the rest is imported
+    assert [(e.line, e.field) for e in report.errors] == [(2, "total")]
+    assert "more than one transaction can hold" in report.errors[0].message
+    assert list(Transaction.objects.values_list("external_id", flat=True)) == ["OK"]
+    assert ledger_verify() == []
+
+
 def test_a_bad_row_imports_nothing_and_names_line_and_field(program, tmp_path):
     # given
     member = MemberFactory()

@@ -302,7 +302,7 @@ class RowParser:
             return []
         if isinstance(value, str):  # a CSV cell holds the lines as JSON
             try:
-                value = json.loads(value)
+                value = json.loads(value, parse_float=Decimal)  # as a JSON-lines file is read
             except ValueError:
                 value = None
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
@@ -337,6 +337,8 @@ def _decimal(value, places: int, errors: list, name: str) -> Decimal | None:
         number = Decimal(value) if is_plain_decimal(value) else None
     elif isinstance(value, int | Decimal) and not isinstance(value, bool):
         number = Decimal(value)
+    elif isinstance(value, float) and is_plain_decimal(value):  # a row given in code, as the API takes it
+        number = Decimal(str(value))
     else:
         number = None
     if number is None or not number.is_finite():

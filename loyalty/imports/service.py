@@ -23,6 +23,7 @@ from loyalty.imports.report import MAX_ERRORS_KEPT, ImportAborted, ImportReport
 from loyalty.imports.rows import Row, RowInvalid, RowParser
 from loyalty.imports.writing import Earnings, Prepared, chunk_write, members_resolve
 from loyalty.models import Transaction
+from loyalty.transactions import MAX_POINTS, points_out_of_range
 from members.models import Member
 
 
@@ -126,18 +127,21 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
         ready = []
         for row in chunk:
             member_id, status = found.get(row.member, (None, None)) if row.member else (None, _ACTIVE)
+            name = "member"
             if status is None:
                 message = f"No member {row.member} in programme {parser.program.code}."
             elif row.kind == _RETURN:
                 ready.append(row)
                 continue
-            elif status == _ACTIVE:
+            elif status != _ACTIVE:
+                message = f"Member {row.member} is {status}."
+            elif member_id is not None and (points := earnings.points(row.total, row.occurred_at)[0]) > MAX_POINTS:
+                name, message = "total", points_out_of_range(points)  # as transaction_record refuses it
+            else:
                 ready.append(earnings.ready(row, member_id))
                 continue
-            else:
-                message = f"Member {row.member} is {status}."
             bad.add(row.line)
-            report.add_error(row.line, "member", message)
+            report.add_error(row.line, name, message)
         pickle.dump(ready, spool, pickle.HIGHEST_PROTOCOL)
         progress("check", len(chunk))
         chunk.clear()
