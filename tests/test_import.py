@@ -429,6 +429,28 @@ def test_returns_in_the_file_reverse_their_purchases(program, tmp_path):
     assert ledger_verify() == []
 
 
+@pytest.mark.parametrize("writers", [1, 2])
+def test_a_return_before_a_purchase_reverses_what_the_member_had_before_it(program, tmp_path, writers):
+    # given: returns take back only what is still available; a member spent the points of a recorded purchase
+    Program.objects.filter(pk=program.pk).update(return_policy=Program.ReturnPolicy.AVAILABLE_ONLY)
+    program.refresh_from_db()
+    member = MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    _record_per_row(program, [_row("P0", member, 200, at)], [member])
+    points_adjust(member=member, points=-200, reason="spent")
+    rows = [
+        _row("R0", member, 200, at + timedelta(days=1), type="return", original_external_id="P0"),
+        _row("P1", member, 300, at + timedelta(days=2)),
+    ]
+    expected = _per_row_state(program, rows, [member])
+    # when: the return and the purchase after it fit in one chunk
+    _import(program, _csv(tmp_path, rows), writers=writers)
+    # then: the return found nothing left to take, as it would have on the per-row path
+    assert _ledger_state() == expected
+    assert Account.objects.get(pk=member.pk).available == 300
+    assert ledger_verify() == []
+
+
 def test_a_return_without_its_purchase_is_a_row_error(program, tmp_path):
     # given
     at = datetime(2025, 5, 1, 12, tzinfo=UTC)

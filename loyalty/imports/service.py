@@ -211,28 +211,37 @@ def _returns_check(program: Program, returns: list, batch_size: int, checked: _C
 
 
 def _spooled(spool, checked: _Checked, batch_size: int, lanes: int) -> Iterator[tuple[int, Prepared]]:
-    """(lane, chunk) for each chunk of `batch_size` rows of one lane from `spool`, in file order within the lane;
-    returns found bad after they were spooled (_returns_check) are left out."""
+    """(lane, chunk) for each chunk of at most `batch_size` rows of one lane from `spool`, in file order within the
+    lane; returns found bad after they were spooled (_returns_check) are left out. A chunk writes its purchases
+    before its returns, so a purchase of a member whom a return in the chunk reaches starts a new chunk: that
+    member's rows then reach the ledger in file order, as on the per-row path (under the available-only return
+    policy a return takes what its member has before the purchases after it). Where who a return reaches is not
+    known (one lane for lack of owners: a referral's two accounts, say), any purchase after a return does."""
     chunks: list[list] = [[] for _ in range(lanes)]
+    returned: list[set] = [set() for _ in range(lanes)]  # the owners the returns of each lane's chunk reach
     while True:
         try:
             ready = pickle.load(spool)
         except EOFError:
             break
         for item in ready:
-            lane = 0
             if type(item) is tuple:  # a purchase: (line, (store, external_id), member number, ...)
-                if lanes > 1:
-                    lane = zlib.crc32((item[2] or item[1][1]).encode()) % lanes
+                owner = item[2] or item[1][1]
             elif item.line in checked.bad:
                 continue
-            elif lanes > 1:  # a return, with the purchase it returns: the same accounts, the purchase's row locked
-                lane = zlib.crc32(checked.owners.get(item.original_external_id, item.member).encode()) % lanes
+            else:  # a return, with the purchase it returns: the same accounts, the purchase's row locked
+                owner = checked.owners.get(item.original_external_id, item.member) if checked.owners else None
+            lane = zlib.crc32(owner.encode()) % lanes if lanes > 1 else 0
+            if type(item) is tuple and returned[lane] and (owner in returned[lane] or None in returned[lane]):
+                yield lane, _prepared(chunks[lane])
+                chunks[lane], returned[lane] = [], set()
+            if type(item) is not tuple:
+                returned[lane].add(owner)
             chunk = chunks[lane]
             chunk.append(item)
             if len(chunk) == batch_size:
                 yield lane, _prepared(chunk)
-                chunks[lane] = []
+                chunks[lane], returned[lane] = [], set()
     for lane, chunk in enumerate(chunks):
         if chunk:
             yield lane, _prepared(chunk)
