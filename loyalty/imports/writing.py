@@ -59,12 +59,12 @@ class Earnings:
         day = self.by_day.get(key)
         if day is None:
             day = self.by_day[key] = self._day(occurred_at)
-        available_base, expires_base, midnight, texts, matured, expired = day
-        if texts is not None and matured is not None and expired is not None:  # all of it known for the day
+        available_base, expires_base, midnight, texts, day_matured, day_expired = day
+        if texts is not None and day_matured is not None and day_expired is not None:  # all known for the day
             available_text, expires_text = texts
             available_text += occurred_text[10:]
             expires_text = expires_text + occurred_text[10:] if expires_text is not None else None
-            return f"{available_text}\t{expires_text or NULL}", matured, expires_text if expired else None
+            return f"{available_text}\t{expires_text or NULL}", day_matured, expires_text if day_expired else None
         since = occurred_at - midnight  # wall-clock time within the day: both share the zone
         available_from = available_base + since
         expires_at = expires_base + since if expires_base is not None else None
