@@ -15,6 +15,7 @@ from core.db import COPY_NULL as NULL
 from core.db import array_literal, copy_text, ids_reserve
 from core.errors import ApplicationError
 from core.models import Program
+from core.references import references_checked
 from loyalty import ledger
 from loyalty.earning import earning_for_purchase
 from loyalty.imports.report import ImportAborted, ImportReport
@@ -264,12 +265,11 @@ def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | 
     ids = ids_reserve(Transaction, len(purchases))
     text = _purchases_text(program, purchases, ids, now)
     try:
-        with (
-            transaction.atomic(),
-            connection.cursor() as cursor,
-            cursor.copy(f"COPY {Transaction._meta.db_table} ({_COLUMNS}) FROM STDIN") as copy,
-        ):
-            copy.write(text)
+        # Its foreign keys checked set-based (core.references); the block is its own savepoint.
+        with references_checked() as block, connection.cursor() as cursor:
+            with cursor.copy(f"COPY {Transaction._meta.db_table} ({_COLUMNS}) FROM STDIN") as copy:
+                copy.write(text)
+            block.written(Transaction, "id", ids)
     except (IntegrityError, psycopg.IntegrityError):
         return None
     return dict(zip([p[1] for p in purchases], ids, strict=True))

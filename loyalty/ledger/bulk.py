@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from core.db import COPY_NULL as NULL
 from core.db import array_literal, copy_text, ids_reserve
+from core.references import references_checked
 from loyalty.ledger.core import LIFETIME_KINDS, ledger_credit, ledger_lock
 from loyalty.models import Account, Draw, Entry, Lot
 
@@ -133,7 +134,7 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]
         # credit's entry, and one for the expire entry of each credit whose expiry passed before it arrived (as
         # ledger_credit, it expires at once; an id is left unused where settling took all of it).
         ids = iter(ids_reserve(Entry, len(credits) + sum(1 for credit in credits if credit[6] is not None)))
-        entry_ids = []
+        entry_ids, expire_ids = [], []
         # COPY text built here rather than with write_row, which adapts value by value at ~6 µs a row: integers
         # print as PostgreSQL reads them, and the times and free text come as COPY text already.
         now_text, lifetime_kinds, entries, lots, draws = str(now), {}, [], [], []
@@ -162,6 +163,7 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]
             if left and expired is not None:
                 # Expired before it arrived: the expiry job's entry and draw, at once (loyalty.ledger.jobs).
                 expire_id = next(ids)
+                expire_ids.append(expire_id)
                 balance[0 if matured else 1] -= left
                 entries.append(
                     f"{expire_id}\t{member_id}\texpire\t{-left}\t{balance[0]}\t{balance[1]}\t{balance[3]}\t"
@@ -170,15 +172,20 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]
                 draws.append((expire_id, entry_id, left))
                 left = 0
             lots.append(f"{member_id}\t{entry_id}\t{points}\t{left}\t{dates}\t{'t' if matured else 'f'}\n")
-        with cursor.copy(
-            f"COPY {e} (id, account_id, kind, points, available_after, pending_after, held_after, occurred_at, "
-            "created_at, transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
-        ) as copy:
-            copy.write("".join(entries))
-        with cursor.copy(
-            f"COPY {lot_t} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) FROM STDIN"
-        ) as copy:
-            copy.write("".join(lots))
+        # Their foreign keys checked set-based, not a trigger per row (core.references): half the database's work.
+        with references_checked() as block:
+            with cursor.copy(
+                f"COPY {e} (id, account_id, kind, points, available_after, pending_after, held_after, occurred_at, "
+                "created_at, transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
+            ) as copy:
+                copy.write("".join(entries))
+            with cursor.copy(
+                f"COPY {lot_t} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
+                "FROM STDIN"
+            ) as copy:
+                copy.write("".join(lots))
+            block.written(Entry, "id", entry_ids + expire_ids)
+            block.written(Lot, "entry_id", entry_ids)
         if draws:
             # A lot is found by its credit's entry (one lot per credit entry), which spares reserving lot ids.
             cursor.execute(
