@@ -58,7 +58,7 @@ class references_checked:
                     # Back to what it was before checking, so that the rest of the transaction is checked as usual.
                     cursor.execute("SELECT set_config('session_replication_role', %s, true)", [self.before])
                     for model, column, ids in self.writes:
-                        _check(cursor, model, column, ids)
+                        foreign_keys_check(cursor, model, column, ids)
         except BaseException as error:
             self.atomic.__exit__(type(error), error, error.__traceback__)
             raise
@@ -81,7 +81,7 @@ def _may_skip_triggers() -> bool:
     return known[1]
 
 
-def _check(cursor, model: type[models.Model], column: str, ids: list[int]) -> None:
+def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list[int]) -> None:
     """Every foreign key of the rows of `model` whose `column` is among `ids` names a row that exists, locked FOR KEY
     SHARE in key order; an IntegrityError names the constraint otherwise."""
     keys = _foreign_keys(model)
