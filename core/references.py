@@ -9,11 +9,15 @@ referenced row must exist, and is locked FOR KEY SHARE until the transaction end
 can delete it or change its key before this one commits. The constraints stay declared, and every other write is
 checked by them as always.
 
-Skipping the triggers needs the right to set session_replication_role: a superuser has it; on PostgreSQL 15 and
-newer, `GRANT SET ON PARAMETER session_replication_role TO <role>` gives it to the service's role. Without it the
-block changes nothing and PostgreSQL's own triggers check each row, more slowly. The skip covers every trigger that
+Skipping the triggers needs the right to set session_replication_role (a superuser has it; on PostgreSQL 15 and
+newer, `GRANT SET ON PARAMETER session_replication_role TO <role>` gives it to the service's role) and, for the
+locks, SELECT and UPDATE on the tables referred to (the triggers run as those tables' owner; the role that ran the
+migrations owns them all). It is asked at the start of every block, in the statement that sets the role. Without it
+the block changes nothing and PostgreSQL's triggers check each row, more slowly. The skip covers every trigger that
 does not fire in replica mode, not only foreign keys: tests/test_references.py asserts that the tables written in
-such blocks have no other triggers that an INSERT fires, so a new one cannot be skipped unnoticed."""
+such blocks have no other trigger that an INSERT fires, so a new one cannot be skipped unnoticed. Changing the role
+makes PostgreSQL drop the connection's cached plans, twice a block: blocks are for batch work, whose statements are
+not prepared (core.db.batch_statements)."""
 
 from django.db import IntegrityError, connection, models, transaction
 
@@ -21,12 +25,14 @@ from core.db import array_literal
 
 
 class references_checked:
-    """A block of bulk inserts whose foreign keys are checked set-based when it ends (see the module). Declare what
-    it wrote with `written(model, column, ids)`: the rows of `model` whose `column` (a unique, indexed one) is
-    among `ids`. The block is its own savepoint: an error inside it, or a reference to a missing row, undoes all of
-    it (IntegrityError). Elsewhere than PostgreSQL, or without the right, the triggers run as usual."""
+    """A block of bulk inserts into the tables of `models`, whose foreign keys are checked set-based when it ends
+    (see the module). Declare what it wrote with `written(model, column, ids)`: the rows of `model` whose `column`
+    (a unique, indexed one) is among `ids`. The block is its own savepoint: an error inside it, or a reference to a
+    missing row, undoes all of it (IntegrityError). Elsewhere than PostgreSQL, or without the rights, the triggers
+    run as usual."""
 
-    def __init__(self):
+    def __init__(self, *into: type[models.Model]):
+        self.models = into
         self.writes: list[tuple[type[models.Model], str, list[int]]] = []
         self.skipping, self.before = False, None
 
@@ -34,20 +40,23 @@ class references_checked:
         self.atomic = transaction.atomic()
         self.atomic.__enter__()
         try:
-            self.skipping = connection.vendor == "postgresql" and _may_skip_triggers()
-            if self.skipping:
+            if connection.vendor == "postgresql":
                 with connection.cursor() as cursor:
+                    may, params = _may_skip(self.models)
                     cursor.execute(
                         "SELECT current_setting('session_replication_role'), "
-                        "set_config('session_replication_role', 'replica', true)"
+                        f"CASE WHEN {may} THEN set_config('session_replication_role', 'replica', true) END",
+                        params,
                     )
-                    self.before = cursor.fetchone()[0]
+                    self.before, replica = cursor.fetchone()
+                    self.skipping = replica is not None
         except BaseException as exc:
             self.atomic.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
     def written(self, model: type[models.Model], column: str, ids: list[int]) -> None:
+        assert model in self.models, f"{model.__name__} is not among the block's models"
         if self.skipping and ids:
             self.writes.append((model, column, ids))
 
@@ -66,19 +75,18 @@ class references_checked:
         return self.atomic.__exit__(exc_type, exc, traceback)
 
 
-def _may_skip_triggers() -> bool:
-    """Whether this connection's role may set session_replication_role, asked once per database connection."""
-    connection.ensure_connection()
-    pid = connection.connection.info.backend_pid
-    known = getattr(connection, "_may_skip_triggers", None)
-    if known is None or known[0] != pid:
-        with connection.cursor() as cursor:
-            if connection.pg_version >= 150000:
-                cursor.execute("SELECT has_parameter_privilege('session_replication_role', 'SET')")
-            else:  # before GRANT SET ON PARAMETER, only superusers may
-                cursor.execute("SELECT current_setting('is_superuser') = 'on'")
-            known = connection._may_skip_triggers = (pid, cursor.fetchone()[0])
-    return known[1]
+def _may_skip(written: tuple[type[models.Model], ...]) -> tuple[str, list[str]]:
+    """The SQL condition, and its parameters, under which this connection's role may skip the triggers of rows
+    written into the tables of `written` and check them itself: asked anew each time, as the role or its rights
+    may change while a connection lives."""
+    if connection.pg_version >= 150000:
+        may = ["has_parameter_privilege('session_replication_role', 'SET')"]
+    else:  # before GRANT SET ON PARAMETER, only superusers may
+        may = ["current_setting('is_superuser') = 'on'"]
+    tables = sorted({table for model in written for _, table, _ in _foreign_keys(model)})
+    for _ in tables:  # FOR KEY SHARE needs UPDATE, which the triggers, run as the tables' owner, do not
+        may.append("has_table_privilege(%s, 'SELECT') AND has_table_privilege(%s, 'UPDATE')")
+    return " AND ".join(may), [table for table in tables for _ in range(2)]
 
 
 def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list[int]) -> None:
@@ -93,12 +101,11 @@ def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list
     else:
         where, params = f"{column} = ANY(%s::bigint[])", [array_literal(ids)]
     missing = [
-        # How many distinct values name no row: those named, less those found and locked. The bounds let the
-        # planner read the referenced rows as one range where they lie together (rows written just before, as an
-        # import's entries name its transactions): 40 % less time than a probe per row.
+        # How many distinct values name no row: those named, less those found and locked. A probe per value: bounds
+        # (BETWEEN the least and the greatest) halved the time where the rows lie together, as an import's entries
+        # name its transactions, but made the planner read whole ranges of a large table where they are spread.
         f"(SELECT count(DISTINCT {key.column}) FROM new) - (SELECT count(*) FROM (SELECT FROM {table} r "
-        f"WHERE r.{target} BETWEEN (SELECT min({key.column}) FROM new) AND (SELECT max({key.column}) FROM new) "
-        f"AND r.{target} IN (SELECT {key.column} FROM new) ORDER BY r.{target} FOR KEY SHARE OF r) found)"
+        f"WHERE r.{target} IN (SELECT {key.column} FROM new) ORDER BY r.{target} FOR KEY SHARE OF r) found)"
         for key, table, target in keys
     ]
     cursor.execute(

@@ -11,7 +11,6 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core import references
 from core.references import references_checked
 from loyalty.imports import transactions_import
 from loyalty.models import Entry, Lot, Transaction
@@ -59,7 +58,7 @@ def test_a_reference_to_a_missing_row_is_refused_when_the_block_ends_and_the_blo
     member = MemberFactory(program=program)
     # when: one good row and one naming no member
     with pytest.raises(IntegrityError, match="member_id name no row of members_member"):
-        with references_checked() as block:
+        with references_checked(Transaction) as block:
             rows = [_purchase(program, member_id=member.pk), _purchase(program, member_id=MISSING, external_id="T2")]
             block.written(Transaction, "id", [row.pk for row in rows])
     # then: neither row is there, and the rest of the transaction is checked by the triggers again
@@ -70,7 +69,7 @@ def test_a_reference_to_a_missing_row_is_refused_when_the_block_ends_and_the_blo
 
 def test_inside_a_block_the_per_row_triggers_are_not_queued_which_is_why_it_checks_what_it_wrote(program):
     # given: a row naming no member, written in a block but not declared to it
-    with references_checked():
+    with references_checked(Transaction):
         _purchase(program, member_id=MISSING)
     # then: no trigger was queued for it; declared, the block would have refused it (the test above)
     _constraints_checked_now()
@@ -79,7 +78,7 @@ def test_inside_a_block_the_per_row_triggers_are_not_queued_which_is_why_it_chec
 
 def test_after_a_block_the_triggers_check_each_row_again(program):
     # given
-    with references_checked() as block:
+    with references_checked(Transaction) as block:
         row = _purchase(program, member_id=MemberFactory(program=program).pk)
         block.written(Transaction, "id", [row.pk])
     # when: a bad row after the block, in the same transaction (in a savepoint, which the error undoes)
@@ -94,7 +93,7 @@ def test_rows_named_apart_or_in_one_run_of_ids_are_checked_alike(program):
     members = [MemberFactory(program=program) for _ in range(2)]
     # when
     with pytest.raises(IntegrityError, match="member_id"):
-        with references_checked() as block:
+        with references_checked(Transaction) as block:
             first = _purchase(program, member_id=members[0].pk, external_id="T1")
             _purchase(program, member_id=members[1].pk, external_id="T2")
             last = _purchase(program, member_id=MISSING, external_id="T3")
@@ -108,7 +107,7 @@ def test_an_error_inside_a_block_undoes_it_and_restores_the_triggers(program):
     member = MemberFactory(program=program)
     # when
     with pytest.raises(RuntimeError):
-        with references_checked() as block:
+        with references_checked(Transaction) as block:
             row = _purchase(program, member_id=member.pk)
             block.written(Transaction, "id", [row.pk])
             raise RuntimeError("a failure inside the block")
@@ -136,7 +135,7 @@ def test_the_rows_a_block_names_are_locked_until_it_commits_as_the_triggers_lock
 
     # when: a block names the member, and its transaction is still open
     with transaction.atomic():
-        with references_checked() as block:
+        with references_checked(Transaction) as block:
             row = _purchase(program, member_id=member.pk)
             block.written(Transaction, "id", [row.pk])
         other = threading.Thread(target=delete_member)
@@ -148,56 +147,95 @@ def test_the_rows_a_block_names_are_locked_until_it_commits_as_the_triggers_lock
     assert tried[1] == "locked"
 
 
-def test_without_the_right_to_skip_them_the_triggers_check_each_row(program):
-    # given: a role that may not set session_replication_role, then one that was granted it
-    role = f"loyalty_test_{uuid.uuid4().hex[:12]}"
+@pytest.fixture
+def role(db):
+    """A role of its own for this connection (SET LOCAL ROLE, undone with the test's transaction), with every right
+    on the tables but none to skip triggers; the test grants and revokes more."""
+    name = f"loyalty_test_{uuid.uuid4().hex[:12]}"
     with connection.cursor() as cursor:
-        cursor.execute(f"CREATE ROLE {role} NOLOGIN")
-        cursor.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        cursor.execute(f"CREATE ROLE {name} NOLOGIN")
+        cursor.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {name}")
+        cursor.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {name}")
+        cursor.execute(f"SET LOCAL ROLE {name}")
+    yield name
+    with connection.cursor() as cursor:
+        cursor.execute("RESET ROLE")
+
+
+def _as_superuser(*statements: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_user")
+        role = cursor.fetchone()[0]
+        cursor.execute("RESET ROLE")
+        for statement in statements:
+            cursor.execute(statement)
         cursor.execute(f"SET LOCAL ROLE {role}")
-    connection._may_skip_triggers = None
-    try:
-        # when
-        with pytest.raises(IntegrityError), transaction.atomic():
-            with references_checked() as block:
-                assert not block.skipping
-                _purchase(program, member_id=MISSING)
-            # then: the trigger was queued as usual
-            _constraints_checked_now()
-        with connection.cursor() as cursor:
-            cursor.execute("RESET ROLE")
-            cursor.execute(f"GRANT SET ON PARAMETER session_replication_role TO {role}")
-            cursor.execute(f"SET LOCAL ROLE {role}")
-        connection._may_skip_triggers = None
-        with references_checked() as block:
-            assert block.skipping
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("RESET ROLE")
-        connection._may_skip_triggers = None
 
 
-def test_the_tables_written_in_blocks_have_no_other_triggers_that_an_insert_fires():
+def test_without_the_right_to_skip_them_the_triggers_check_each_row(program, role):
+    # when
+    with pytest.raises(IntegrityError), transaction.atomic():
+        with references_checked(Transaction) as block:
+            assert not block.skipping
+            _purchase(program, member_id=MISSING)
+        # then: the trigger was queued as usual
+        _constraints_checked_now()
+
+
+def test_the_rights_are_asked_anew_for_every_block_on_the_same_connection(program, role):
+    # given: the right granted, and a block that used it
+    _as_superuser(f"GRANT SET ON PARAMETER session_replication_role TO {role}")
+    with references_checked(Transaction) as block:
+        assert block.skipping
+    # when: revoked while the connection lives
+    _as_superuser(f"REVOKE SET ON PARAMETER session_replication_role FROM {role}")
+    # then: the next block leaves the triggers on, rather than failing to set the role
+    with references_checked(Transaction) as block:
+        assert not block.skipping
+        row = _purchase(program, member_id=MemberFactory(program=program).pk)
+        block.written(Transaction, "id", [row.pk])
+    assert Transaction.objects.filter(pk=row.pk).exists()
+
+
+def test_without_update_on_a_table_referred_to_the_triggers_check_each_row(program, role):
+    # given: the right to skip, but not to lock members (FOR KEY SHARE needs UPDATE; the triggers run as the owner)
+    _as_superuser(
+        f"GRANT SET ON PARAMETER session_replication_role TO {role}",
+        f"REVOKE UPDATE ON members_member FROM {role}",
+    )
+    # when
+    with references_checked(Transaction) as block:
+        row = _purchase(program, member_id=MemberFactory(program=program).pk)
+        block.written(Transaction, "id", [row.pk])
+    # then
+    assert not block.skipping
+    assert Transaction.objects.filter(pk=row.pk).exists()
+    # and a block that writes only into tables whose references it may lock does skip them
+    with references_checked(Lot) as block:
+        assert block.skipping
+
+
+def test_the_tables_written_in_blocks_have_no_trigger_that_an_insert_fires_but_the_foreign_key_checks():
     # A block skips every trigger that does not fire in replica mode, not only foreign keys: a trigger added to one
-    # of these tables would be skipped by the imports unnoticed. Make it ENABLE ALWAYS, or write it into the check.
+    # of these tables (a user's, or the internal one of a DEFERRABLE unique constraint) would be skipped by the
+    # imports unnoticed. Make it ENABLE ALWAYS, or write it into the check.
     tables = [model._meta.db_table for model in WRITTEN_IN_BLOCKS]
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE tgrelid = ANY(%s::regclass[]) "
-            "AND NOT tgisinternal AND tgtype & 4 <> 0 AND tgenabled <> 'A'",  # 4: fires on INSERT
+            "SELECT tgrelid::regclass::text, tgname, tgfoid::regproc::text FROM pg_trigger "
+            "WHERE tgrelid = ANY(%s::regclass[]) AND tgtype & 4 <> 0 AND tgenabled <> 'A'",  # 4: fires on INSERT
             [tables],
         )
-        assert cursor.fetchall() == []
-        cursor.execute(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = ANY(%s::regclass[]) AND NOT tgisinternal", [tables]
-        )
-        assert cursor.fetchone()[0] > 0  # the query sees triggers at all (the append-only ones: update and delete)
+        fired = cursor.fetchall()
+    assert {function for _, _, function in fired} == {'"RI_FKey_check_ins"'}
+    assert {table for table, _, _ in fired} == set(tables)  # the query sees each table's triggers
 
 
 @pytest.mark.parametrize("skipping", [True, False])
-def test_an_import_makes_the_same_ledger_with_the_triggers_skipped_or_not(program, tmp_path, monkeypatch, skipping):
-    # given
-    monkeypatch.setattr(references, "_may_skip_triggers", lambda: skipping)
+def test_an_import_makes_the_same_ledger_with_the_triggers_skipped_or_not(program, request, skipping):
+    # given: the test's superuser, or a role that may not skip them
+    if not skipping:
+        request.getfixturevalue("role")
     members = [MemberFactory(program=program) for _ in range(3)]
     rows = [
         (

@@ -266,7 +266,7 @@ def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | 
     text = _purchases_text(program, purchases, ids, now)
     try:
         # Its foreign keys checked set-based (core.references); the block is its own savepoint.
-        with references_checked() as block, connection.cursor() as cursor:
+        with references_checked(Transaction) as block, connection.cursor() as cursor:
             with cursor.copy(f"COPY {Transaction._meta.db_table} ({_COLUMNS}) FROM STDIN") as copy:
                 copy.write(text)
             block.written(Transaction, "id", ids)

@@ -26,7 +26,8 @@ primary-key order; a path may skip steps but never goes back to an earlier one (
      decides on a window missing uncommitted activity), then their tier counter row.
 Unique keys inserted later (a return's own row, an event's external_id) can only make a path wait for a repeat of
 the same key, whose holder waits for nothing this path holds. Member and programme rows are only key-share locked,
-by inserts that reference them (foreign-key checks, at commit); member services lock a member for update but never
+by inserts that reference them (foreign-key checks: at commit, or where an import chunk checks them set-based, at
+the end of its purchases' COPY, core.references); member services lock a member for update but never
 wait for a row above while they do; programme services (tiers, settings) lock the programme FOR NO KEY UPDATE,
 which key-share locks do not wait for, and may then wait for status rows.
 """

@@ -173,7 +173,7 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]
                 left = 0
             lots.append(f"{member_id}\t{entry_id}\t{points}\t{left}\t{dates}\t{'t' if matured else 'f'}\n")
         # Their foreign keys checked set-based, not a trigger per row (core.references): half the database's work.
-        with references_checked() as block:
+        with references_checked(Entry, Lot) as block:
             with cursor.copy(
                 f"COPY {e} (id, account_id, kind, points, available_after, pending_after, held_after, occurred_at, "
                 "created_at, transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
