@@ -258,7 +258,8 @@ def _purchases_copy(program: Program, purchases: list, now: datetime) -> dict | 
     """COPY the purchases straight into the table, with ids drawn from its sequence up front; returns
     {(store, external_id): id}. About 40% less work for the database than INSERT ... ON CONFLICT through a
     temporary table, which is the fallback: None when the unique index refuses the COPY because one of them is
-    recorded already (a rerun, an overlapping file, a concurrent import). The COPY is then undone to its
+    recorded already (a rerun, an overlapping file, a concurrent import), or when a member it names is gone (the
+    set-based key check; the fallback's triggers then refuse it at commit). The COPY is then undone to its
     savepoint; on a rerun it fails at its first row, so trying first costs little."""
     if not purchases:
         return {}
