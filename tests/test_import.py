@@ -462,6 +462,20 @@ def test_a_return_without_its_purchase_is_a_row_error(program, tmp_path):
     assert not Transaction.objects.exists()
 
 
+def test_past_a_thousand_errors_those_of_the_lowest_lines_are_kept_in_line_order(program, tmp_path):
+    # given: a return without its purchase at line 1 (found only once the whole file is read), then 1,001 bad totals
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    rows = [_row("R1", None, 10, at, type="return", original_external_id="NOPE")]
+    rows += [_row(f"T{i}", None, "-1.00", at) for i in range(1001)]
+    # when
+    report = _import(program, _jsonl(tmp_path, rows))
+    # then: line 1's error is kept, and the 1,000 kept are lines 1-1,000 in order; every bad row is counted
+    assert [e.line for e in report.errors] == list(range(1, 1001))
+    assert report.errors[0].field == "original_external_id"
+    assert report.invalid == 1002
+    assert not Transaction.objects.exists()
+
+
 def test_a_return_naming_a_store_without_its_purchase_imports_nothing_and_names_the_line(program, tmp_path):
     # given: purchase T1 at S1 in the file and T2 recorded at S1, returned as if bought at S2
     member = MemberFactory()

@@ -1,5 +1,6 @@
 """What an import reports, and the errors it raises."""
 
+import bisect
 from dataclasses import dataclass, field
 
 from core.errors import ApplicationError, InvalidInput
@@ -34,13 +35,22 @@ class ImportReport:
     points_credited: int = 0
     points_reversed: int = 0
     seconds: float = 0.0
-    errors: list[RowError] = field(default_factory=list)  # the first MAX_ERRORS_KEPT
+    errors: list[RowError] = field(default_factory=list)  # those of the lowest lines, at most MAX_ERRORS_KEPT
 
     @property
     def rows_per_second(self) -> float:
         return self.read / self.seconds if self.seconds else 0.0
 
     def add_error(self, line: int, name: str, message: str, *, new_row: bool = True) -> None:
+        """Count the row and keep the error, in line order, among the MAX_ERRORS_KEPT of the lowest lines. Errors
+        mostly come in file order; some come later for earlier lines (a return checked once the whole file is read,
+        a row refused while writing), and must not be lost behind a thousand later ones."""
         self.invalid += new_row
-        if len(self.errors) < MAX_ERRORS_KEPT:
-            self.errors.append(RowError(line, name, message))
+        error = RowError(line, name, message)
+        if len(self.errors) < MAX_ERRORS_KEPT and (not self.errors or line >= self.errors[-1].line):
+            self.errors.append(error)
+            return
+        at = bisect.bisect_right(self.errors, line, key=lambda kept: kept.line)  # after the line's errors kept
+        if at < MAX_ERRORS_KEPT:
+            self.errors.insert(at, error)
+            del self.errors[MAX_ERRORS_KEPT:]
