@@ -19,60 +19,55 @@ such blocks have no other trigger that an INSERT fires, so a new one cannot be s
 makes PostgreSQL drop the connection's cached plans, twice a block: blocks are for batch work, whose statements are
 not prepared (core.db.batch_statements)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+
 from django.db import IntegrityError, connection, models, transaction
 
 from core.db import array_literal
 
 
-class references_checked:
-    """A block of bulk inserts into the tables of `models`, whose foreign keys are checked set-based when it ends
-    (see the module). Declare what it wrote with `written(model, column, ids)`: the rows of `model` whose `column`
-    (a unique, indexed one) is among `ids`. The block is its own savepoint: an error inside it, or a reference to a
-    missing row, undoes all of it (IntegrityError). Elsewhere than PostgreSQL, or without the rights, the triggers
-    run as usual."""
+class Block:
+    """What a references_checked block wrote (`written`), and whether it skips the triggers."""
 
-    def __init__(self, *into: type[models.Model]):
+    def __init__(self, into: tuple[type[models.Model], ...]):
         self.models = into
         self.writes: list[tuple[type[models.Model], str, list[int]]] = []
-        self.skipping, self.before = False, None
-
-    def __enter__(self):
-        self.atomic = transaction.atomic()
-        self.atomic.__enter__()
-        try:
-            if connection.vendor == "postgresql":
-                with connection.cursor() as cursor:
-                    may, params = _may_skip(self.models)
-                    cursor.execute(
-                        "SELECT current_setting('session_replication_role'), "
-                        f"CASE WHEN {may} THEN set_config('session_replication_role', 'replica', true) END",
-                        params,
-                    )
-                    self.before, replica = cursor.fetchone()
-                    self.skipping = replica is not None
-        except BaseException as exc:
-            self.atomic.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        return self
+        self.skipping = False
 
     def written(self, model: type[models.Model], column: str, ids: list[int]) -> None:
+        """The rows of `model` whose `column` (a unique, indexed one) is among `ids` were written in the block."""
         assert model in self.models, f"{model.__name__} is not among the block's models"
         if self.skipping and ids:
             self.writes.append((model, column, ids))
 
-    def __exit__(self, exc_type, exc, traceback):
-        try:
-            if exc_type is None and self.skipping:
-                with connection.cursor() as cursor:
-                    # Back to what it was before checking, so that the rest of the transaction is checked as usual.
-                    cursor.execute("SELECT set_config('session_replication_role', %s, true)", [self.before])
-                    for model, column, ids in self.writes:
-                        foreign_keys_check(cursor, model, column, ids)
-        except BaseException as error:
-            self.atomic.__exit__(type(error), error, error.__traceback__)
-            raise
-        # On an error from the block, the savepoint's rollback undoes the setting too.
-        return self.atomic.__exit__(exc_type, exc, traceback)
+
+@contextmanager
+def references_checked(*into: type[models.Model]) -> Iterator[Block]:
+    """A block of bulk inserts into the tables of `into`, whose foreign keys are checked set-based when it ends (see
+    the module); it declares what it wrote with `written`. The block is its own savepoint: an error inside it, or a
+    reference to a missing row, undoes all of it (IntegrityError), the role included. Elsewhere than PostgreSQL, or
+    without the rights, the triggers run as usual."""
+    block = Block(into)
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                may, params = _may_skip(into)
+                cursor.execute(
+                    "SELECT current_setting('session_replication_role'), "
+                    f"CASE WHEN {may} THEN set_config('session_replication_role', 'replica', true) END",
+                    params,
+                )
+                before, replica = cursor.fetchone()
+            block.skipping = replica is not None
+        yield block
+        if block.skipping:
+            with connection.cursor() as cursor:
+                # Back to what it was before checking, so that the rest of the transaction is checked as usual.
+                cursor.execute("SELECT set_config('session_replication_role', %s, true)", [before])
+                for model, column, ids in block.writes:
+                    foreign_keys_check(cursor, model, column, ids)
 
 
 def _may_skip(written: tuple[type[models.Model], ...]) -> tuple[str, list[str]]:
@@ -121,6 +116,7 @@ def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list
             )
 
 
+@cache
 def _foreign_keys(model: type[models.Model]) -> list[tuple[models.Field, str, str]]:
     """(field, referenced table, referenced column) of each foreign key that the database enforces."""
     return [

@@ -54,3 +54,13 @@ class ImportReport:
         if at < MAX_ERRORS_KEPT:
             self.errors.insert(at, error)
             del self.errors[MAX_ERRORS_KEPT:]
+
+    def add(self, other: "ImportReport") -> None:
+        """Add `other`'s counts and errors (another lane's) to these, the errors kept as add_error keeps them."""
+        self.imported += other.imported
+        self.already_present += other.already_present
+        self.invalid += other.invalid
+        self.points_credited += other.points_credited
+        self.points_reversed += other.points_reversed
+        # Both lists are in line order; a stable sort keeps each line's errors in the order they were found.
+        self.errors = sorted(self.errors + other.errors, key=lambda error: error.line)[:MAX_ERRORS_KEPT]

@@ -19,7 +19,7 @@ from django.utils import timezone
 from core.db import batch_statements
 from core.models import Program
 from loyalty.event_models import Referral
-from loyalty.imports.report import MAX_ERRORS_KEPT, ImportAborted, ImportReport
+from loyalty.imports.report import ImportAborted, ImportReport
 from loyalty.imports.rows import Row, RowInvalid, RowParser
 from loyalty.imports.writing import Earnings, Prepared, chunk_write, members_resolve
 from loyalty.models import Transaction
@@ -225,18 +225,19 @@ def _spooled(spool, checked: _Checked, batch_size: int, lanes: int) -> Iterator[
         except EOFError:
             break
         for item in ready:
-            if type(item) is tuple:  # a purchase: (line, (store, external_id), member number, ...)
+            purchase = type(item) is tuple
+            if purchase:  # (line, (store, external_id), member number, ...)
                 owner = item[2] or item[1][1]
             elif item.line in checked.bad:
                 continue
             else:  # a return, with the purchase it returns: the same accounts, the purchase's row locked
                 owner = checked.owners.get(item.original_external_id, item.member) if checked.owners else None
             lane = zlib.crc32(owner.encode()) % lanes if lanes > 1 else 0
-            if type(item) is tuple and returned[lane] and (owner in returned[lane] or None in returned[lane]):
+            if not purchase:
+                returned[lane].add(owner)
+            elif returned[lane] and (owner in returned[lane] or None in returned[lane]):
                 yield lane, _prepared(chunks[lane])
                 chunks[lane], returned[lane] = [], set()
-            if type(item) is not tuple:
-                returned[lane].add(owner)
             chunk = chunks[lane]
             chunk.append(item)
             if len(chunk) == batch_size:
@@ -297,13 +298,7 @@ def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, 
     if failures:  # the row at the earliest line that stopped a lane, as one lane would have stopped at it
         raise min(failures, key=lambda f: f.extra["line"])
     for part in reports:
-        report.imported += part.imported
-        report.already_present += part.already_present
-        report.invalid += part.invalid
-        report.points_credited += part.points_credited
-        report.points_reversed += part.points_reversed
-        report.errors.extend(part.errors)
-    report.errors = sorted(report.errors, key=lambda error: error.line)[:MAX_ERRORS_KEPT]
+        report.add(part)
 
 
 _DONE = object()
