@@ -177,6 +177,8 @@ TIER_REVIEW_BATCH_SIZE = env.int("TIER_REVIEW_BATCH_SIZE", default=10000)
 TIER_REVIEW_WORKERS = env.int("TIER_REVIEW_WORKERS", default=2)
 # Lanes of members that import_transactions writes at once, each on its own database connection.
 IMPORT_WRITERS = env.int("IMPORT_WRITERS", default=2)
+# Processes that check a large import file at once, each a part of it (loyalty/imports/checking.py).
+IMPORT_CHECKERS = env.int("IMPORT_CHECKERS", default=2)
 TRANSACTION_BATCH_MAX = 1000
 # The largest request body read, in bytes (Django's default, 2.5 MB, refused a full batch). A batch of
 # TRANSACTION_BATCH_MAX purchases of 25 lines each is about 3 MB with everyday values; with every text as long as it

@@ -2,8 +2,8 @@
 handful of statements, not a few per row, and ends in the same ledger as recording each row with
 transaction_record."""
 
+from loyalty.imports.files import FIELDS, OPTIONAL_FIELDS, TransactionFile
 from loyalty.imports.report import ImportAborted, ImportFileInvalid, ImportReport, RowError
-from loyalty.imports.rows import FIELDS, OPTIONAL_FIELDS, TransactionFile
 from loyalty.imports.service import transactions_import
 
 __all__ = [

@@ -56,7 +56,9 @@ class ImportReport:
             del self.errors[MAX_ERRORS_KEPT:]
 
     def add(self, other: "ImportReport") -> None:
-        """Add `other`'s counts and errors (another lane's) to these, the errors kept as add_error keeps them."""
+        """Add `other`'s counts and errors (another lane's, or another part of the file's) to these, the errors kept as
+        add_error keeps them."""
+        self.read += other.read
         self.imported += other.imported
         self.already_present += other.already_present
         self.invalid += other.invalid

@@ -1,38 +1,21 @@
-"""Reading import files: CSV or JSON lines in, checked rows out, with a precise error per bad field."""
+"""Checking an import file's rows (loyalty.imports.files reads them): fields in, a Row out, or a precise error per
+bad field."""
 
-import csv
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import NamedTuple
 
 from django.utils import timezone
 
 from core.models import Program
 from core.validation import is_plain_decimal
-from loyalty.imports.report import ImportFileInvalid
 from loyalty.models import Transaction
 from loyalty.transactions import CLOCK_SKEW
 from members.numbers import is_valid_member_number
 
-FIELDS = (
-    "store",
-    "external_id",
-    "channel",
-    "member",
-    "type",
-    "original_external_id",
-    "occurred_at",
-    "currency",
-    "total",
-)
-OPTIONAL_FIELDS = ("lines", "original_store")
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _CHANNELS = frozenset(Transaction.Channel.values)
 _KINDS = frozenset(Transaction.Kind.values)
-_CENT = Decimal("0.01")
 _MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 
 
@@ -48,78 +31,6 @@ class Row(NamedTuple):
     occurred_at: datetime
     total: Decimal
     lines: list
-
-
-class TransactionFile:
-    """A CSV or JSON-lines file of transactions. Each iteration reads it afresh and yields (line number, fields);
-    the header and the encoding are checked when it is opened, so a bad file is refused before anything is read."""
-
-    def __init__(self, path: str | Path, *, fmt: str | None = None):
-        self.path = Path(path)
-        self.fmt = fmt or FORMATS.get(self.path.suffix.lower())
-        if self.fmt not in ("csv", "jsonl"):
-            raise ImportFileInvalid(f"{self.path}: give --format csv or jsonl; the extension does not tell.")
-        if not self.path.is_file():
-            raise ImportFileInvalid(f"{self.path}: no such file.")
-        if self.fmt == "csv":
-            try:
-                with self._open() as f:
-                    header = next(csv.reader(f), None)
-            except UnicodeDecodeError as exc:
-                raise ImportFileInvalid(f"{self.path}: not UTF-8 ({exc.reason} at byte {exc.start}).") from exc
-            if header is None:
-                raise ImportFileInvalid(f"{self.path}: the file is empty; a CSV file starts with its header.")
-            missing = [name for name in FIELDS if name not in header]
-            unknown = [name for name in header if name not in FIELDS + OPTIONAL_FIELDS]
-            if missing or unknown:
-                raise ImportFileInvalid(
-                    f"{self.path}: the header "
-                    + "; ".join(
-                        part
-                        for part in (
-                            f"lacks {', '.join(missing)}" if missing else "",
-                            f"has unknown columns {', '.join(unknown)}" if unknown else "",
-                        )
-                        if part
-                    )
-                    + f". Expected: {','.join(FIELDS)} (optionally {', '.join(OPTIONAL_FIELDS)})."
-                )
-
-    def _open(self):
-        return self.path.open(encoding="utf-8-sig", newline="")  # -sig: spreadsheets write a BOM
-
-    def __iter__(self) -> Iterator[tuple[int, dict | None]]:
-        try:
-            with self._open() as f:
-                yield from self._csv(f) if self.fmt == "csv" else self._jsonl(f)
-        except UnicodeDecodeError as exc:
-            raise ImportFileInvalid(f"{self.path}: not UTF-8 ({exc.reason} at byte {exc.start}).") from exc
-        except csv.Error as exc:
-            raise ImportFileInvalid(f"{self.path}: not valid CSV ({exc}).") from exc
-
-    @staticmethod
-    def _csv(f) -> Iterator[tuple[int, dict]]:
-        reader = csv.reader(f)
-        header = next(reader)
-        width = len(header)
-        for values in reader:
-            if not values:
-                continue
-            if len(values) != width:
-                yield reader.line_num, None  # reported as a row error by the parser
-                continue
-            yield reader.line_num, dict(zip(header, values, strict=False))  # as wide as the header: checked above
-
-    @staticmethod
-    def _jsonl(f) -> Iterator[tuple[int, dict | None]]:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text, parse_float=Decimal)  # 12.30 stays 12.30, not a float
-            except ValueError:
-                value = None
-            yield number, value if isinstance(value, dict) else None
 
 
 class RowInvalid(Exception):

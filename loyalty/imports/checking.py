@@ -1,0 +1,337 @@
+"""An import's check pass (`file_check`): every row parsed and checked, its member resolved, and the good rows made
+ready to write and spooled to temporary files, before anything is written. A large file is checked in parts, each
+in its own process, at once: the pass is Python's work, one core's at a time."""
+
+import contextlib
+import os
+import pickle
+import signal
+import tempfile
+from dataclasses import dataclass, field
+
+from django.db import connection, connections
+
+from core.db import batch_statements
+from core.models import Program
+from loyalty.event_models import Referral
+from loyalty.imports.files import PartMisjudged, TransactionFile
+from loyalty.imports.report import ImportReport
+from loyalty.imports.rows import Row, RowInvalid, RowParser
+from loyalty.imports.writing import Earnings, members_resolve
+from loyalty.models import Transaction
+from loyalty.transactions import MAX_POINTS, points_out_of_range
+from members.models import Member
+
+# Plain strings: a Choices member costs a few times as much to look up and compare, a few times a row.
+_PURCHASE, _RETURN, _ACTIVE = Transaction.Kind.PURCHASE.value, Transaction.Kind.RETURN.value, Member.Status.ACTIVE.value
+
+# A file smaller than this is checked in one process: a part's process and what it hands back cost more than they
+# save there (about 60,000 rows of the benchmark's file).
+PARTS_FROM_BYTES = 4 << 20
+
+
+@dataclass
+class Checked:
+    """What the check found: the bad lines, the purchases' and returns' keys, the returns (with whether their
+    purchase came before them in the file), and whose each purchase is (its lane's key: the member number, or the
+    external id of an anonymous purchase), by external id. `owners` is None where lanes could write differently
+    from one: an external id names purchases of several owners (in the file or the database), a return's own key
+    is another row's, or a return undoes a referral (it takes points from the referrer, whose rows may be in another
+    lane)."""
+
+    bad: set[int] = field(default_factory=set)
+    owners: dict[str, str] | None = field(default_factory=dict)
+    purchases_seen: set[str] = field(default_factory=set)  # external ids, for returns that name no store
+    purchase_keys: set[tuple[str, str]] = field(default_factory=set)  # (store, external id), and the returns' apart
+    return_keys: set[tuple[str, str]] = field(default_factory=set)
+    returns: list[tuple[Row, bool]] = field(default_factory=list)
+
+    def own(self, external_id: str, owner: str) -> None:
+        if self.owners is not None and self.owners.setdefault(external_id, owner) != owner:
+            self.owners = None
+
+    def then(self, later: "Checked") -> None:
+        """Take in what the check of a later part of the file found, as if it had gone on from here."""
+        if later.owners is None or later.return_keys & (self.purchase_keys | self.return_keys):
+            self.owners = None
+        elif later.purchase_keys & self.return_keys:
+            self.owners = None
+        for external_id, owner in (later.owners or {}).items():
+            self.own(external_id, owner)
+        for row, in_file in later.returns:
+            if not in_file:
+                in_file = (
+                    (row.original_store, row.original_external_id) in self.purchase_keys
+                    if row.original_store
+                    else row.original_external_id in self.purchases_seen
+                )
+            self.returns.append((row, in_file))
+        self.bad |= later.bad
+        self.purchases_seen |= later.purchases_seen
+        self.purchase_keys |= later.purchase_keys
+        self.return_keys |= later.return_keys
+
+
+def file_check(
+    parser: RowParser, rows, batch_size: int, report: ImportReport, progress, earnings: Earnings, processes: int, stack
+) -> tuple[Checked, list]:
+    """Check `rows` (file order) as _check does; (what was found, the spools in file order), each spool a temporary
+    file entered in `stack`. A TransactionFile of PARTS_FROM_BYTES or more is checked in up to `processes` parts
+    at once, each but the first in a process forked for it, unless the caller is inside a database transaction
+    (the processes could not see its rows). Where a part of a CSV file turns out not to end between rows, the
+    whole file is checked again in one."""
+    parts = None
+    if (
+        isinstance(rows, TransactionFile)
+        and processes > 1
+        and hasattr(os, "fork")
+        and not connection.in_atomic_block
+        and rows.path.stat().st_size >= PARTS_FROM_BYTES
+    ):
+        parts = rows.parts(processes)
+    if parts and len(parts) > 1:
+        told = [0]  # rows whose check progress was told
+
+        def telling(stage: str, count: int) -> None:
+            told[0] += count
+            progress(stage, count)
+
+        with contextlib.ExitStack() as attempt:
+            found = _parts_check(parser, parts, batch_size, telling, earnings, attempt)
+            if found is not None:
+                checked, spools, part_report = found
+                report.add(part_report)
+                stack.push(attempt.pop_all())
+                _returns_check(parser.program, batch_size, checked, report)
+                return checked, spools
+        progress = _told_after(progress, told[0])
+    spool = stack.enter_context(tempfile.TemporaryFile(prefix="import-"))
+    checked = _check(parser, rows, batch_size, report, progress, earnings, spool)
+    _returns_check(parser.program, batch_size, checked, report)
+    return checked, [spool]
+
+
+def _told_after(progress, skipped: int):
+    """`progress`, told nothing of the first `skipped` rows: those that the parts' check told of already."""
+    left = [skipped]
+
+    def told(stage: str, count: int) -> None:
+        quiet = min(left[0], count)
+        left[0] -= quiet
+        if count > quiet:
+            progress(stage, count - quiet)
+
+    return told
+
+
+def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progress, earnings: Earnings, spool):
+    """Every row parsed and checked, members resolved a chunk at a time, and the chunk's good rows made ready to
+    write and pickled to `spool`, in file order: purchases as Earnings.ready makes them, returns as rows. The
+    returns' purchases are checked afterwards, once the whole file is read (_returns_check)."""
+    checked = Checked()
+    bad, purchases_seen, purchase_keys = checked.bad, checked.purchases_seen, checked.purchase_keys
+    return_keys, returns = checked.return_keys, checked.returns
+    chunk: list[Row] = []
+    read = report.read  # the rows read before these, so that progress counts bad rows too
+
+    def members_check():
+        found = members_resolve(parser.program, {row.member for row in chunk if row.member})
+        ready = []
+        for row in chunk:
+            member_id, status = found.get(row.member, (None, None)) if row.member else (None, _ACTIVE)
+            name = "member"
+            if status is None:
+                message = f"No member {row.member} in programme {parser.program.code}."
+            elif row.kind == _RETURN:
+                ready.append(row)
+                continue
+            elif status != _ACTIVE:
+                message = f"Member {row.member} is {status}."
+            elif member_id is not None and (points := earnings.points(row.total, row.occurred_at)[0]) > MAX_POINTS:
+                name, message = "total", points_out_of_range(points)  # as transaction_record refuses it
+            else:
+                ready.append(earnings.ready(row, member_id))
+                continue
+            bad.add(row.line)
+            report.add_error(row.line, name, message)
+        pickle.dump(ready, spool, pickle.HIGHEST_PROTOCOL)
+        chunk.clear()
+        heard()
+
+    def heard():
+        nonlocal read
+        progress("check", report.read - read)
+        read = report.read
+
+    for number, raw in rows:
+        report.read += 1
+        try:
+            row = parser.parse(number, raw)
+        except RowInvalid as exc:
+            bad.add(number)
+            for i, (name, message) in enumerate(exc.errors):
+                report.add_error(number, name, message, new_row=i == 0)
+            continue
+        key = (row.store, row.external_id)
+        if row.kind == _PURCHASE:
+            purchases_seen.add(row.external_id)
+            purchase_keys.add(key)
+            checked.own(row.external_id, row.member or row.external_id)
+            if key in return_keys:
+                checked.owners = None
+        else:
+            if key in purchase_keys or key in return_keys:
+                checked.owners = None
+            return_keys.add(key)
+            if row.original_store:
+                returns.append((row, (row.original_store, row.original_external_id) in purchase_keys))
+            else:
+                returns.append((row, row.original_external_id in purchases_seen))
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            members_check()
+    if chunk:
+        members_check()
+    if report.read > read:
+        heard()
+    return checked
+
+
+def _returns_check(program: Program, batch_size: int, checked: Checked, report: ImportReport):
+    """A return must follow its purchase in the file, or its purchase must be recorded already. The recorded
+    purchases that the returns name are read for all of them: their owners too decide the returns' lanes."""
+    bad, returns = checked.bad, checked.returns
+    for start in range(0, len(returns), batch_size):
+        part = returns[start : start + batch_size]
+        known: set = set()  # external ids, and (store, external id)
+        recorded = Transaction.objects.filter(
+            program=program,
+            kind=Transaction.Kind.PURCHASE,
+            external_id__in={row.original_external_id for row, _ in part},
+        )
+        for store, external_id, number in recorded.values_list("store", "external_id", "member__member_number"):
+            known.update((external_id, (store, external_id)))
+            checked.own(external_id, number or external_id)
+        if Referral.objects.filter(transaction__in=recorded, undone_by__isnull=True).exists():
+            checked.owners = None
+        for row, in_file in part:
+            original = (
+                (row.original_store, row.original_external_id) if row.original_store else row.original_external_id
+            )
+            if not in_file and original not in known and row.line not in bad:
+                bad.add(row.line)
+                at = f" at store {row.original_store}" if row.original_store else ""
+                report.add_error(
+                    row.line,
+                    "original_external_id",
+                    f"No such purchase{at}, neither recorded nor earlier in the file.",
+                )
+
+
+@dataclass
+class _Part:
+    """A part checked by a forked process: its id, the pipe it reports its progress on, and the temporary files it
+    spools its rows to and pickles its result to."""
+
+    pid: int
+    progress: int
+    spool: object
+    result: object
+
+
+def _parts_check(parser, parts, batch_size, progress, earnings, stack) -> tuple[Checked, list, ImportReport] | None:
+    """The first part checked here, the others each in a forked process at once; (what they found together, their
+    spools in file order, their report), or None where a part did not end between rows. The parts' progress is
+    heard as they go. The processes are ended and reaped whatever happens."""
+    forked: list[_Part] = []
+    try:
+        for part in parts[1:]:
+            spool = stack.enter_context(tempfile.TemporaryFile(prefix="import-"))
+            result = stack.enter_context(tempfile.TemporaryFile(prefix="import-check-"))
+            heard, says = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # never returns
+                _part_process(parser, part, batch_size, earnings, spool, result, says)
+            os.close(says)
+            forked.append(_Part(pid, heard, spool, result))
+            os.set_blocking(heard, False)
+
+        def relay(stage: str, count: int) -> None:
+            progress(stage, count)
+            for other in forked:
+                _relay(other, progress)
+
+        spool = stack.enter_context(tempfile.TemporaryFile(prefix="import-"))
+        report = ImportReport()
+        try:
+            checked = _check(parser, parts[0], batch_size, report, relay, earnings, spool)
+        except PartMisjudged:
+            return None
+        spools = [spool]
+        for other in forked:
+            os.set_blocking(other.progress, True)
+            while _relay(other, progress):
+                pass
+            os.waitpid(other.pid, 0)
+            other.pid = 0
+            other.result.seek(0)
+            outcome = pickle.load(other.result)
+            if isinstance(outcome, PartMisjudged):
+                return None
+            if isinstance(outcome, BaseException):
+                raise outcome
+            found, part_report = outcome
+            checked.then(found)
+            report.add(part_report)
+            other.spool.seek(0)
+            spools.append(other.spool)
+        return checked, spools, report
+    finally:
+        for other in forked:
+            os.close(other.progress)
+            if other.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(other.pid, signal.SIGTERM)
+                os.waitpid(other.pid, 0)
+
+
+def _relay(part: _Part, progress) -> bool:
+    """Hand on the progress `part` has reported; False once it has ended (or has nothing more now)."""
+    try:
+        said = os.read(part.progress, 4096)
+    except BlockingIOError:
+        return False
+    for at in range(0, len(said), 4):
+        progress("check", int.from_bytes(said[at : at + 4], "little"))
+    return bool(said)
+
+
+def _part_process(parser, part, batch_size, earnings, spool, result, says: int):
+    """In a forked process: check `part`, spool its rows, pickle (what it found, its report) or the error it met to
+    `result`, and end without running anything of the parent's (no exit handlers, no finalisers)."""
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # The parent's database connections are the parent's: forgotten here, never closed (closing would end the
+        # parent's session), and new ones opened as needed.
+        for alias in connections:
+            connections[alias].connection = None
+        with batch_statements():
+            report = ImportReport()
+            checked = _check(
+                parser, part, batch_size, report, lambda stage, count: os.write(says, count.to_bytes(4, "little")),
+                earnings, spool,
+            )  # fmt: skip
+            spool.flush()
+            pickle.dump((checked, report), result, pickle.HIGHEST_PROTOCOL)
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        try:
+            pickle.dump(exc, result, pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - an error that does not pickle
+            pickle.dump(RuntimeError(f"checking part of the file: {exc!r}"), result, pickle.HIGHEST_PROTOCOL)
+    finally:
+        with contextlib.suppress(BaseException):
+            result.flush()
+            connection.close()
+        os._exit(code)
