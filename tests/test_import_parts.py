@@ -2,6 +2,7 @@
 rows, errors, line numbers and ledger as checked in one."""
 
 import os
+import signal
 import tempfile
 from datetime import UTC, datetime, timedelta
 
@@ -169,6 +170,29 @@ def test_a_part_that_fails_in_its_process_stops_the_import_and_writes_nothing(
     # when
     with pytest.raises(RuntimeError, match="the database went away"):
         _import(program, _csv(tmp_path, rows))
+    # then
+    assert not Transaction.objects.exists()
+    _no_children_left()
+
+
+def test_a_part_whose_process_is_killed_stops_the_import_and_writes_nothing(
+    program, tmp_path, settings, in_parts, monkeypatch
+):
+    # given: the process checking the second part is killed before it says anything
+    member = MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    parent, check = os.getpid(), checking_module._check
+
+    def killed(*args):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return check(*args)
+
+    monkeypatch.setattr(checking_module, "_check", killed)
+    settings.IMPORT_CHECKERS = 2
+    # when
+    with pytest.raises(RuntimeError, match="ended by signal 9, without a result"):
+        _import(program, _csv(tmp_path, [_row(f"T{i}", member, "10.00", at) for i in range(100)]))
     # then
     assert not Transaction.objects.exists()
     _no_children_left()

@@ -272,10 +272,15 @@ def _parts_check(parser, parts, batch_size, progress, earnings, stack) -> tuple[
             os.set_blocking(other.progress, True)
             while _relay(other, progress):
                 pass
-            os.waitpid(other.pid, 0)
+            _, status = os.waitpid(other.pid, 0)
             other.pid = 0
             other.result.seek(0)
-            outcome = pickle.load(other.result)
+            try:
+                outcome = pickle.load(other.result)
+            except EOFError:  # it ended before it could say how: killed, say
+                code = os.waitstatus_to_exitcode(status)
+                how = f"by signal {-code}" if code < 0 else f"with exit code {code}"
+                outcome = RuntimeError(f"The process checking part of the file ended {how}, without a result.")
             if isinstance(outcome, PartMisjudged):
                 return None
             if isinstance(outcome, BaseException):
