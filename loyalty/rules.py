@@ -4,6 +4,7 @@ Evaluation (`earning_evaluate`) is pure: the preview and the real purchase run i
 claimed afterwards (loyalty.rule_claims) inside the purchase's database transaction, under locks, so concurrent
 purchases never give more than a rule allows."""
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -144,6 +145,16 @@ class _Moment:
 # this process at once, because the rule services call rules_changed().
 _cache: dict[int, tuple[float, list[CompiledRule]]] = {}
 _cache_lock = threading.Lock()
+
+
+def _lock_anew() -> None:
+    """In a process forked while another thread held the lock (an import checks parts of a file in forked
+    processes), that lock would stay held there for ever."""
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_lock_anew)
 
 
 # Budgets found spent: rule id -> when (time.monotonic). Their rules earn nothing more, so purchases pass them over

@@ -4,6 +4,7 @@ rows, errors, line numbers and ledger as checked in one."""
 import os
 import signal
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -246,3 +247,82 @@ def test_what_the_parts_found_taken_in_together_is_what_one_check_finds(program,
         found.then(_checked(program, numbered[cut:]))
         # then
         assert found == _checked(program, numbered), cut
+
+
+def test_progress_is_told_once_for_each_row_when_a_part_started_inside_a_quoted_field(
+    program, tmp_path, settings, in_parts, monkeypatch
+):
+    # given: a stray quote near the top, then stores of eleven lines each (quoted): the quotes before every line
+    # end inside them are even, so the file is cut inside them, and a part that starts there counts lines as rows;
+    # the first part is checked once the others have had time to finish and report
+    parent, check = os.getpid(), checking_module._check
+
+    def late(*args):
+        if os.getpid() == parent:
+            time.sleep(2)
+        return check(*args)
+
+    monkeypatch.setattr(checking_module, "_check", late)
+    member = MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    store = "S\n" + "\n".join("ABCDEFGHIJ")
+    rows = [{**_row(f"T{i}", member, "10.00", at + timedelta(minutes=i)), "store": store} for i in range(400)]
+    rows[1] = {**rows[1], "store": "S", "external_id": 'T1"x'}
+    path = tmp_path / "tx.csv"
+    path.write_text(_csv(tmp_path, rows).read_text().replace('"T1""x"', 'T1"x'))
+    settings.IMPORT_CHECKERS = 3
+    heard = []
+    # when
+    report = _import(program, path, batch_size=5, progress=lambda stage, n: heard.append((stage, n)))
+    # then
+    assert in_parts == [None]
+    assert (report.read, report.imported) == (400, 400)
+    assert sum(n for stage, n in heard if stage == "check") == 400
+
+
+def test_with_autocommit_off_the_import_sees_the_callers_uncommitted_rows(program, tmp_path, settings, in_parts):
+    # given: members created in a database transaction not committed yet (autocommit off)
+    settings.IMPORT_CHECKERS = 2
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    transaction.set_autocommit(False)
+    try:
+        members = [MemberFactory() for _ in range(4)]
+        path = _csv(tmp_path, [_row(f"T{i}", members[i % 4], "10.00", at) for i in range(200)])
+        # when
+        report = _import(program, path, writers=2)
+        # then: checked in one process and written in one lane, on the caller's connection
+        assert in_parts == []
+        assert (report.imported, report.invalid) == (200, 0)
+        assert Transaction.objects.count() == 200
+    finally:
+        transaction.rollback()
+        transaction.set_autocommit(True)
+
+
+class _NeedsCode(Exception):
+    def __init__(self, message, *, code):
+        super().__init__(message)
+        self.code = code
+
+
+def test_an_error_in_a_parts_process_that_cannot_be_rebuilt_still_names_its_cause(
+    program, tmp_path, settings, in_parts, monkeypatch
+):
+    # given: the second part's process meets an error that pickles but cannot be unpickled
+    member = MemberFactory()
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    parent, resolve = os.getpid(), checking_module.members_resolve
+
+    def failing(program, numbers):
+        if os.getpid() != parent:
+            raise _NeedsCode("the real cause", code=7)
+        return resolve(program, numbers)
+
+    monkeypatch.setattr(checking_module, "members_resolve", failing)
+    settings.IMPORT_CHECKERS = 2
+    # when
+    with pytest.raises(RuntimeError, match="the real cause"):
+        _import(program, _csv(tmp_path, [_row(f"T{i}", member, "10.00", at) for i in range(100)]))
+    # then
+    assert not Transaction.objects.exists()
+    _no_children_left()

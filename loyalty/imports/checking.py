@@ -3,6 +3,7 @@ ready to write and spooled to temporary files, before anything is written. A lar
 in its own process, at once: the pass is Python's work, one core's at a time."""
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -28,6 +29,8 @@ _PURCHASE, _RETURN, _ACTIVE = Transaction.Kind.PURCHASE.value, Transaction.Kind.
 # A file smaller than this is checked in one process: a part's process and what it hands back cost more than they
 # save there (about 60,000 rows of the benchmark's file).
 PARTS_FROM_BYTES = 4 << 20
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,20 +75,26 @@ class Checked:
         self.return_keys |= later.return_keys
 
 
+def uncommitted_work() -> bool:
+    """Whether this connection may hold rows not committed yet (inside a database transaction, or with autocommit
+    off), which other connections, and so other processes, cannot see."""
+    return connection.in_atomic_block or not connection.get_autocommit()
+
+
 def file_check(
     parser: RowParser, rows, batch_size: int, report: ImportReport, progress, earnings: Earnings, processes: int, stack
 ) -> tuple[Checked, list]:
     """Check `rows` (file order) as _check does; (what was found, the spools in file order), each spool a temporary
     file entered in `stack`. A TransactionFile of PARTS_FROM_BYTES or more is checked in up to `processes` parts
-    at once, each but the first in a process forked for it, unless the caller is inside a database transaction
-    (the processes could not see its rows). Where a part of a CSV file turns out not to end between rows, the
-    whole file is checked again in one."""
+    at once, each but the first in a process forked for it, unless the caller may hold uncommitted rows (the
+    processes could not see them). Where a process cannot be forked, or a part of a CSV file turns out not
+    to end between rows, the whole file is checked again in one."""
     parts = None
     if (
         isinstance(rows, TransactionFile)
         and processes > 1
         and hasattr(os, "fork")
-        and not connection.in_atomic_block
+        and not uncommitted_work()
         and rows.path.stat().st_size >= PARTS_FROM_BYTES
     ):
         parts = rows.parts(processes)
@@ -230,30 +239,38 @@ def _returns_check(program: Program, batch_size: int, checked: Checked, report: 
 
 @dataclass
 class _Part:
-    """A part checked by a forked process: its id, the pipe it reports its progress on, and the temporary files it
-    spools its rows to and pickles its result to."""
+    """A part checked by a forked process: its id, the pipe it reports its progress on, the temporary files it
+    spools its rows to and pickles its result to, and the progress it reported before its start was known to fall
+    between rows (a part started inside a quoted field would count each of its lines as a row)."""
 
     pid: int
     progress: int
     spool: object
     result: object
+    held: int | None = 0  # None once its progress is told as it comes
 
 
 def _parts_check(parser, parts, batch_size, progress, earnings, stack) -> tuple[Checked, list, ImportReport] | None:
     """The first part checked here, the others each in a forked process at once; (what they found together, their
-    spools in file order, their report), or None where a part did not end between rows. The parts' progress is
-    heard as they go. The processes are ended and reaped whatever happens."""
+    spools in file order, their report), or None where a part did not end between rows, or a process could not be
+    forked. The processes are ended and reaped whatever happens."""
     forked: list[_Part] = []
     try:
         for part in parts[1:]:
             spool = stack.enter_context(tempfile.TemporaryFile(prefix="import-"))
             result = stack.enter_context(tempfile.TemporaryFile(prefix="import-check-"))
             heard, says = os.pipe()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:
+                logger.warning("Could not fork to check part of an import file; checking it in one process.")
+                os.close(heard)
+                os.close(says)
+                return None
             if pid == 0:  # never returns
                 _part_process(parser, part, batch_size, earnings, spool, result, says)
-            os.close(says)
             forked.append(_Part(pid, heard, spool, result))
+            os.close(says)
             os.set_blocking(heard, False)
 
         def relay(stage: str, count: int) -> None:
@@ -268,7 +285,10 @@ def _parts_check(parser, parts, batch_size, progress, earnings, stack) -> tuple[
         except PartMisjudged:
             return None
         spools = [spool]
-        for other in forked:
+        for other in forked:  # its start is known now to fall between rows: the part before it ended there
+            if other.held:
+                progress("check", other.held)
+            other.held = None
             os.set_blocking(other.progress, True)
             while _relay(other, progress):
                 pass
@@ -277,7 +297,7 @@ def _parts_check(parser, parts, batch_size, progress, earnings, stack) -> tuple[
             other.result.seek(0)
             try:
                 outcome = pickle.load(other.result)
-            except EOFError:  # it ended before it could say how: killed, say
+            except (EOFError, pickle.UnpicklingError):  # it ended before it could say how: killed, say
                 code = os.waitstatus_to_exitcode(status)
                 how = f"by signal {-code}" if code < 0 else f"with exit code {code}"
                 outcome = RuntimeError(f"The process checking part of the file ended {how}, without a result.")
@@ -301,26 +321,30 @@ def _parts_check(parser, parts, batch_size, progress, earnings, stack) -> tuple[
 
 
 def _relay(part: _Part, progress) -> bool:
-    """Hand on the progress `part` has reported; False once it has ended (or has nothing more now)."""
+    """Hand on the progress `part` has reported, or hold it; False once it has ended (or has nothing more now)."""
     try:
         said = os.read(part.progress, 4096)
     except BlockingIOError:
         return False
     for at in range(0, len(said), 4):
-        progress("check", int.from_bytes(said[at : at + 4], "little"))
+        count = int.from_bytes(said[at : at + 4], "little")
+        if part.held is None:
+            progress("check", count)
+        else:
+            part.held += count
     return bool(said)
 
 
 def _part_process(parser, part, batch_size, earnings, spool, result, says: int):
     """In a forked process: check `part`, spool its rows, pickle (what it found, its report) or the error it met to
     `result`, and end without running anything of the parent's (no exit handlers, no finalisers)."""
+    # The parent's database connections are the parent's: forgotten first of all, never closed (closing would end
+    # the parent's session), and new ones opened as needed.
+    for alias in connections:
+        connections[alias].connection = None
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        # The parent's database connections are the parent's: forgotten here, never closed (closing would end the
-        # parent's session), and new ones opened as needed.
-        for alias in connections:
-            connections[alias].connection = None
         with batch_statements():
             report = ImportReport()
             checked = _check(
@@ -332,9 +356,10 @@ def _part_process(parser, part, batch_size, earnings, spool, result, says: int):
         code = 0
     except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
         try:
-            pickle.dump(exc, result, pickle.HIGHEST_PROTOCOL)
+            pickle.loads(said := pickle.dumps(exc, pickle.HIGHEST_PROTOCOL))  # it must come back whole
         except Exception:  # noqa: BLE001 - an error that does not pickle
-            pickle.dump(RuntimeError(f"checking part of the file: {exc!r}"), result, pickle.HIGHEST_PROTOCOL)
+            said = pickle.dumps(RuntimeError(f"Checking part of the file: {exc!r}"), pickle.HIGHEST_PROTOCOL)
+        result.write(said)
     finally:
         with contextlib.suppress(BaseException):
             result.flush()

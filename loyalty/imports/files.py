@@ -95,6 +95,8 @@ class TransactionFile:
         first = data.find(b"\n") + 1  # after the header, for a CSV file
         for target, limit in zip(targets, targets[1:] + [len(data)], strict=True):
             end = data.find(b"\n", max(target, first, counted))
+            # Not far past the target: after a stray quote every line end's count is odd to the end of the file.
+            limit = min(limit, max(target, first, counted) + _SEARCHED)
             while 0 <= end < limit - 1:
                 quotes += _count(data, counted, end + 1, b'"') if self.fmt == "csv" else 0
                 lines += _lines(data, counted, end + 1)
@@ -192,6 +194,7 @@ class _Slice(io.RawIOBase):
 
 
 _STEP = 1 << 23  # bytes counted at a time
+_SEARCHED = 1 << 20  # bytes after a part's target end searched for a cut
 
 
 def _count(data: mmap.mmap, start: int, end: int, what: bytes) -> int:

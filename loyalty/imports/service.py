@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from core.db import batch_statements
 from core.models import Program
-from loyalty.imports.checking import Checked, file_check
+from loyalty.imports.checking import Checked, file_check, uncommitted_work
 from loyalty.imports.report import ImportAborted, ImportReport
 from loyalty.imports.rows import RowParser
 from loyalty.imports.writing import Earnings, Prepared, chunk_write
@@ -43,8 +43,9 @@ def transactions_import(
     Written in `writers` lanes at once (settings.IMPORT_WRITERS), each on its own database connection: a member's
     rows, and the returns of their purchases, all go to one lane, in file order, so lanes never wait for each other's
     accounts, and the database works on one lane's chunk while Python makes the next. One lane inside a caller's
-    database transaction (other connections would not see its rows), and where an external id names purchases of
-    several members in the file or the database, whose returns could not be told apart beforehand."""
+    database transaction or with autocommit off (other connections would not see its uncommitted rows), and where
+    an external id names purchases of several members in the file or the database, whose returns could not be told
+    apart beforehand."""
     started = time.perf_counter()
     report = ImportReport()
     progress = progress or (lambda stage, count: None)
@@ -54,7 +55,7 @@ def transactions_import(
         checked, spools = file_check(parser, rows, batch_size, report, progress, earnings, processes, stack)
         if not report.invalid or skip_invalid:
             writers = settings.IMPORT_WRITERS if writers is None else writers
-            lanes = 1 if checked.owners is None or connection.in_atomic_block else max(1, writers)
+            lanes = 1 if checked.owners is None or uncommitted_work() else max(1, writers)
             chunks = _spooled(spools, checked, batch_size, lanes)
             if lanes == 1:
                 for _, chunk in _ahead(chunks):
