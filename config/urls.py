@@ -4,8 +4,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from core import api as core_api
 from core.hotpath import HotRoute
+from loyalty import account_api, event_api, rule_api, tier_api
 from loyalty import api as loyalty_api
-from loyalty import event_api, rule_api, tier_api
 from members import api as members_api
 from rewards.api import catalogue as rewards_catalogue
 from rewards.api import holds as rewards_holds
@@ -18,9 +18,9 @@ api_v1 = [
     path("members", members_api.MemberEnrollApi.as_view()),
     path("members/lookup", members_api.MemberLookupApi.as_view()),
     path("members/<str:member_number>", members_api.MemberDetailApi.as_view()),
-    path("members/<str:member_number>/balance", loyalty_api.BalanceApi.as_view()),
-    path("members/<str:member_number>/activity", loyalty_api.ActivityApi.as_view()),
-    path("members/<str:member_number>/adjustments", loyalty_api.AdjustmentApi.as_view()),
+    path("members/<str:member_number>/balance", account_api.BalanceApi.as_view()),
+    path("members/<str:member_number>/activity", account_api.ActivityApi.as_view()),
+    path("members/<str:member_number>/adjustments", account_api.AdjustmentApi.as_view()),
     path("transactions", loyalty_api.TransactionApi.as_view()),
     path("transactions/preview", loyalty_api.TransactionPreviewApi.as_view()),
     path("transactions/batch", loyalty_api.TransactionBatchApi.as_view()),
@@ -48,7 +48,7 @@ api_v1 = [
 # (core/hotpath.py); the routes above serve whatever the short way declines.
 hot_routes = [
     HotRoute("POST", "api/v1/transactions", loyalty_api.TransactionApi),
-    HotRoute("GET", "api/v1/members/<str:member_number>/balance", loyalty_api.BalanceApi),
+    HotRoute("GET", "api/v1/members/<str:member_number>/balance", account_api.BalanceApi),
     HotRoute("POST", "api/v1/redemptions", rewards_redemptions.RedemptionApi),
     HotRoute("POST", "api/v1/points/holds", rewards_holds.HoldApi),
     HotRoute("POST", "api/v1/points/holds/<int:hold_id>/capture", rewards_holds.HoldCaptureApi),

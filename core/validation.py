@@ -3,6 +3,7 @@
 import re
 import threading
 
+from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 _instances = threading.local()
@@ -60,3 +61,14 @@ class DecimalField(serializers.DecimalField):
         if isinstance(data, bool | str | float) and not is_plain_decimal(data):
             self.fail("invalid")
         return super().to_internal_value(data)
+
+
+class AwareDateTimeField(serializers.DateTimeField):
+    """ISO 8601 with an offset; a time without one is ambiguous across the programme's time zones."""
+
+    def to_internal_value(self, value):
+        parsed = super().to_internal_value(value)
+        # Read again to see what was given: the field makes a time without an offset (2026-01-10, 2026-01-10T10) UTC.
+        if isinstance(value, str) and parse_datetime(value).tzinfo is None:
+            raise serializers.ValidationError("Give the time with its offset, e.g. 2026-05-01T14:30:00+02:00.")
+        return parsed

@@ -1,4 +1,4 @@
-"""REST endpoints for transactions, balances, activity and adjustments (API.md: Transactions, Members, Points)."""
+"""REST endpoints for transactions (API.md: Transactions); a member's points are loyalty/account_api.py's."""
 
 import logging
 import re
@@ -7,8 +7,7 @@ from decimal import ROUND_DOWN, Decimal
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
-from django.utils.dateparse import parse_datetime
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -25,14 +24,9 @@ from core.errors import (
 from core.hotpath import reply
 from core.models import ApiClient, Program
 from core.money import CURRENCIES
-from core.pagination import CursorPagination
-from core.schema import listing
-from core.validation import INVALID_DECIMAL, DecimalField, is_plain_decimal, validate
-from loyalty.ledger import Balance
-from loyalty.models import Entry, Transaction
-from loyalty.points import points_adjust
-from loyalty.selectors import balance_get, entry_list
-from loyalty.tier_api import tier_balance_fields
+from core.validation import INVALID_DECIMAL, AwareDateTimeField, DecimalField, is_plain_decimal, validate
+from loyalty.account_api import balance_output
+from loyalty.models import Transaction
 from loyalty.transactions import (
     TransactionInput,
     TransactionResult,
@@ -45,17 +39,6 @@ from members.selectors import member_get, member_lookup
 from rewards.services.vouchers import vouchers_restore_for_purchase
 
 logger = logging.getLogger(__name__)
-
-
-class AwareDateTimeField(serializers.DateTimeField):
-    """ISO 8601 with an offset; a time without one is ambiguous across the programme's time zones."""
-
-    def to_internal_value(self, value):
-        parsed = super().to_internal_value(value)
-        # Read again to see what was given: the field makes a time without an offset (2026-01-10, 2026-01-10T10) UTC.
-        if isinstance(value, str) and parse_datetime(value).tzinfo is None:
-            raise serializers.ValidationError("Give the time with its offset, e.g. 2026-05-01T14:30:00+02:00.")
-        return parsed
 
 
 class LineSerializer(serializers.Serializer):
@@ -301,12 +284,6 @@ def _record(client: ApiClient, data: TransactionInput) -> TransactionResult:
     return result
 
 
-def balance_output(balance: Balance) -> dict:
-    """A member's balances in an answer, counted as the balance endpoint counts them: held points are not
-    available, and a debt (a return of points already spent) shows as a negative balance."""
-    return {"available": balance.available - balance.held, "held": balance.held, "pending": balance.pending}
-
-
 def _transaction_output(result: TransactionResult, *, preview: bool = False) -> dict:
     txn = result.transaction
     points = {
@@ -400,124 +377,3 @@ class TransactionBatchApi(APIView):
                 logger.exception("transaction batch item %d failed", index)
                 results.append({"index": index, "status": 500, "body": problem(status=500, **SERVER_ERROR)})
         return Response({"results": results})
-
-
-class BalanceApi(APIView):
-    scopes = {"GET": "members:read"}
-
-    class OutputSerializer(serializers.Serializer):
-        class ExpiringSerializer(serializers.Serializer):
-            points = serializers.IntegerField()
-            expires_at = serializers.DateTimeField()
-
-        member = serializers.CharField()
-        available = serializers.IntegerField(help_text="Spendable now: the balance less points held for a till.")
-        held = serializers.IntegerField()
-        pending = serializers.IntegerField()
-        lifetime_earned = serializers.IntegerField()
-        expiring = ExpiringSerializer(many=True, help_text="Soonest first.")
-        tier = serializers.DictField(allow_null=True)
-        next_tier = serializers.DictField(allow_null=True)
-
-    @extend_schema(responses=OutputSerializer)
-    def get(self, request, member_number: str):
-        program = request.auth.program
-        member, balance = balance_get(program=program, member_number=member_number)
-        return reply(
-            request,
-            {
-                "member": member.member_number,
-                "available": balance.available,
-                "held": balance.held,
-                "pending": balance.pending,
-                "lifetime_earned": balance.lifetime_earned,
-                "expiring": [
-                    {"points": e["points"], "expires_at": e["expires_at"].isoformat()} for e in balance.expiring
-                ],
-                **tier_balance_fields(member=member, program=program),
-            },
-        )
-
-
-class ActivityPagination(CursorPagination):
-    ordering = ("-occurred_at", "-id")
-
-
-class ActivityApi(APIView):
-    scopes = {"GET": "members:read"}
-
-    class FilterSerializer(serializers.Serializer):
-        kind = serializers.ChoiceField(choices=Entry.Kind.choices, required=False)
-        since = AwareDateTimeField(required=False)
-        until = AwareDateTimeField(required=False)
-
-    class OutputSerializer(serializers.ModelSerializer):
-        source = serializers.SerializerMethodField()
-
-        class Meta:
-            model = Entry
-            fields = [
-                "id",
-                "kind",
-                "points",
-                "available_after",
-                "pending_after",
-                "held_after",
-                "occurred_at",
-                "reason",
-                "source",
-            ]
-
-        def get_source(self, entry) -> dict:
-            if entry.transaction_id:
-                t = entry.transaction
-                return {"type": "transaction", "store": t.store, "external_id": t.external_id, "kind": t.kind}
-            if entry.staff_user_id:
-                return {"type": "staff", "user": entry.staff_user.get_username()}
-            if entry.api_client_id:
-                return {"type": "api_client", "name": entry.api_client.name}
-            return {"type": "system"}
-
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("kind", str, enum=Entry.Kind.values),
-            OpenApiParameter("since", str),
-            OpenApiParameter("until", str),
-        ],
-        operation_id="v1_members_activity_list",
-        responses=listing(OutputSerializer, name="ActivityList"),
-    )
-    def get(self, request, member_number: str):
-        member = member_get(program=request.auth.program, member_number=member_number)
-        filters = self.FilterSerializer(data=request.query_params)
-        filters.is_valid(raise_exception=True)
-        paginator = ActivityPagination()
-        page = paginator.paginate_queryset(entry_list(member=member, **filters.validated_data), request, view=self)
-        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
-
-
-class AdjustmentApi(APIView):
-    scopes = {"POST": "points:write"}
-
-    class InputSerializer(serializers.Serializer):
-        points = serializers.IntegerField()
-        reason = serializers.CharField(max_length=500)
-
-    @extend_schema(request=InputSerializer, responses={201: dict})
-    def post(self, request, member_number: str):
-        member = member_get(program=request.auth.program, member_number=member_number)
-        serializer = self.InputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        entry = points_adjust(member=member, api_client=request.auth, **serializer.validated_data)
-        return Response(
-            {
-                "id": entry.pk,
-                "member": member.member_number,
-                "kind": entry.kind,
-                "points": entry.points,
-                "reason": entry.reason,
-                "occurred_at": entry.occurred_at,
-                "balance": balance_output(Balance.after(entry)),
-            },
-            status=201,
-        )

@@ -9,8 +9,8 @@ from rest_framework.views import APIView
 
 from core.errors import MemberNotFound, NotFound, Unprocessable
 from core.schema import listing
-from core.validation import UnknownFieldsRefused
-from loyalty.api import AwareDateTimeField, balance_output
+from core.validation import AwareDateTimeField, UnknownFieldsRefused
+from loyalty.account_api import balance_output
 from loyalty.event_models import EventType, MemberEvent
 from loyalty.event_services import event_type_create, event_type_retire, event_type_update
 from loyalty.events import EventResult, event_record

@@ -205,8 +205,8 @@ def test_an_exclusive_welcome_bonus_not_earned_leaves_the_rules_below_it_their_p
     rule(program, "low", priority=1, benefit="fixed", value=Decimal(7))
     rule(program, "welcome", priority=10, exclusive=True, first_purchase=True, benefit="fixed", value=Decimal(500))
     buy(program, member, external_id="1")
-    read_basket = transactions._basket
-    monkeypatch.setattr(transactions, "_basket", lambda *args: replace(read_basket(*args), first_purchase=True))
+    read_basket = transactions.record._basket
+    monkeypatch.setattr(transactions.record, "_basket", lambda *args: replace(read_basket(*args), first_purchase=True))
     # when
     second = buy(program, member, external_id="2")
     # then: the welcome bonus is dropped under the lock, and the rule below it earns

@@ -9,8 +9,7 @@ from rest_framework.views import APIView
 
 from core.pagination import CursorPagination
 from core.schema import listing
-from core.validation import DecimalField
-from loyalty.api import AwareDateTimeField
+from core.validation import AwareDateTimeField, DecimalField
 from rewards.api.common import member_from_body
 from rewards.models import LANGUAGES, Reward
 from rewards.selectors import reward_get, reward_list

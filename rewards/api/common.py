@@ -1,7 +1,7 @@
 """What the rewards endpoints share: resolving members named in requests, and the shapes of answers."""
 
 from core.errors import MemberNotFound, Unprocessable
-from loyalty.api import balance_output as _balance_output
+from loyalty.account_api import balance_output as _balance_output
 from loyalty.ledger import Balance, ledger_balance
 from members.models import Member
 from members.selectors import member_get
