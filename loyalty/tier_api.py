@@ -11,8 +11,8 @@ from core.models import Program
 from core.pagination import CursorPagination
 from core.validation import DecimalField, UnknownFieldsRefused
 from loyalty.tier_models import Tier
+from loyalty.tier_selectors import tier_progress_get
 from loyalty.tier_setup import CODE_RE, MAX_MULTIPLIER, tier_create, tier_retire, tier_update
-from loyalty.tiers import tier_progress_get
 from members.models import Member
 
 LOCALES = ("en", "sv", "nb")

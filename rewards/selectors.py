@@ -10,7 +10,7 @@ from django.utils import timezone
 from core.db import columns, instance_from_row
 from core.models import Program
 from loyalty.ledger import ledger_balance
-from loyalty.tiers import tier_current_for
+from loyalty.tier_selectors import tier_current_for
 from members.models import Member
 from rewards.codes import voucher_code_normalize
 from rewards.errors import HoldNotFound, InvalidVoucherCode, RedemptionNotFound, RewardNotFound, VoucherNotFound

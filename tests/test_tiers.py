@@ -10,6 +10,7 @@ from django.db import transaction
 from core.errors import Conflict, InvalidInput
 from core.models import Program
 from loyalty.tier_models import Tier, TierChange, TierCounter, TierStatus
+from loyalty.tier_selectors import tier_multiplier_for, tier_progress_get
 from loyalty.tier_setup import (
     TierCodeTaken,
     TierRankTaken,
@@ -18,7 +19,7 @@ from loyalty.tier_setup import (
     tier_create,
 )
 from loyalty.tier_windows import anniversary, current_window_start, first_review_at, period_of
-from loyalty.tiers import tier_multiplier_for, tier_progress_get, tier_set_manual, tiers_review_due
+from loyalty.tiers import tier_set_manual, tiers_review_due
 from tests.factories import MemberFactory, record
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)

@@ -11,9 +11,10 @@ from django.utils import timezone
 from core.models import Program
 from loyalty import tier_counts, tier_setup
 from loyalty.tier_models import TierChange, TierCounter, TierStatus
+from loyalty.tier_selectors import tier_progress_get
 from loyalty.tier_setup import program_settings_update, tier_create
 from loyalty.tier_windows import first_review_at
-from loyalty.tiers import tier_progress_get, tier_set_manual, tiers_review_due
+from loyalty.tiers import tier_set_manual, tiers_review_due
 from tests.factories import MemberFactory, record
 
 JUNE = datetime(2025, 6, 10, 12, 0, tzinfo=UTC)

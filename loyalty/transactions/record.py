@@ -13,6 +13,7 @@ from core.models import ApiClient, Program
 from loyalty import ledger, referrals, rule_claims, rules, tiers
 from loyalty.earning import earning_for_purchase
 from loyalty.models import Entry, Transaction
+from loyalty.tier_selectors import tier_current_for
 from loyalty.transactions.common import (
     CLOCK_SKEW,
     MAX_POINTS,
@@ -261,7 +262,7 @@ def _basket(program: Program, data: TransactionInput, active: list) -> rules.Bas
     first_purchase = "first_purchase" in needs and not (
         Transaction.objects.filter(member=member, kind=Transaction.Kind.PURCHASE).exists()
     )
-    tier = tiers.tier_current_for(member=member, program=program)
+    tier = tier_current_for(member=member, program=program)
     return rules.Basket(
         program=program,
         total=data.total,
