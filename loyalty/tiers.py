@@ -1,4 +1,5 @@
-"""Members' tiers: counting qualifying activity, moving up at once, manual overrides, and what a member sees.
+"""Members' tiers: counting qualifying activity, moving up at once, and manual overrides (what a member sees is
+loyalty.tier_selectors').
 
 Definitions are changed by loyalty.tier_setup and reviewed by loyalty.tier_review (re-exported here). The earn path
 calls `tier_on_transaction` only when the programme has tiers (Program.has_tiers, loaded with the API client), so a
