@@ -150,49 +150,50 @@ def test_a_byte_that_is_not_utf8_in_a_later_part_refuses_the_file_and_names_the_
     _no_children_left()
 
 
-def test_a_part_that_fails_in_its_process_stops_the_import_and_writes_nothing(
-    program, tmp_path, settings, in_parts, monkeypatch
+class _NeedsCode(Exception):
+    def __init__(self, message, *, code):
+        super().__init__(message)
+        self.code = code
+
+
+def _fail():
+    raise RuntimeError("the database went away")
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fail_beyond_unpickling():
+    raise _NeedsCode("the real cause", code=7)
+
+
+@pytest.mark.parametrize(
+    "trouble, error",
+    [
+        (_fail, "the database went away"),
+        (_die, "ended by signal 9, without a result"),
+        (_fail_beyond_unpickling, "the real cause"),
+    ],
+    ids=["an error", "killed before it says anything", "an error that pickles but does not unpickle"],
+)
+def test_a_part_whose_process_fails_stops_the_import_names_why_and_writes_nothing(
+    program, tmp_path, settings, in_parts, monkeypatch, trouble, error
 ):
-    # given: the database refuses the second part's members query
-    members = [MemberFactory() for _ in range(2)]
-    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
-    rows = [_row(f"T{i}", members[0], "10.00", at) for i in range(50)]
-    rows += [_row(f"U{i}", members[1], "10.00", at) for i in range(50)]
-    parent = os.getpid()
-    resolve = checking_module.members_resolve
-
-    def failing(program, numbers):
-        if os.getpid() != parent and members[1].member_number in numbers:
-            raise RuntimeError("the database went away")
-        return resolve(program, numbers)
-
-    monkeypatch.setattr(checking_module, "members_resolve", failing)
-    settings.IMPORT_CHECKERS = 2
-    # when
-    with pytest.raises(RuntimeError, match="the database went away"):
-        _import(program, _csv(tmp_path, rows))
-    # then
-    assert not Transaction.objects.exists()
-    _no_children_left()
-
-
-def test_a_part_whose_process_is_killed_stops_the_import_and_writes_nothing(
-    program, tmp_path, settings, in_parts, monkeypatch
-):
-    # given: the process checking the second part is killed before it says anything
+    # given: the process checking the second part meets trouble when it looks its members up
     member = MemberFactory()
     at = datetime(2025, 5, 1, 12, tzinfo=UTC)
-    parent, check = os.getpid(), checking_module._check
+    parent, resolve = os.getpid(), checking_module.members_resolve
 
-    def killed(*args):
+    def troubled(program, numbers):
         if os.getpid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return check(*args)
+            trouble()
+        return resolve(program, numbers)
 
-    monkeypatch.setattr(checking_module, "_check", killed)
+    monkeypatch.setattr(checking_module, "members_resolve", troubled)
     settings.IMPORT_CHECKERS = 2
     # when
-    with pytest.raises(RuntimeError, match="ended by signal 9, without a result"):
+    with pytest.raises(RuntimeError, match=error):
         _import(program, _csv(tmp_path, [_row(f"T{i}", member, "10.00", at) for i in range(100)]))
     # then
     assert not Transaction.objects.exists()
@@ -297,32 +298,3 @@ def test_with_autocommit_off_the_import_sees_the_callers_uncommitted_rows(progra
     finally:
         transaction.rollback()
         transaction.set_autocommit(True)
-
-
-class _NeedsCode(Exception):
-    def __init__(self, message, *, code):
-        super().__init__(message)
-        self.code = code
-
-
-def test_an_error_in_a_parts_process_that_cannot_be_rebuilt_still_names_its_cause(
-    program, tmp_path, settings, in_parts, monkeypatch
-):
-    # given: the second part's process meets an error that pickles but cannot be unpickled
-    member = MemberFactory()
-    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
-    parent, resolve = os.getpid(), checking_module.members_resolve
-
-    def failing(program, numbers):
-        if os.getpid() != parent:
-            raise _NeedsCode("the real cause", code=7)
-        return resolve(program, numbers)
-
-    monkeypatch.setattr(checking_module, "members_resolve", failing)
-    settings.IMPORT_CHECKERS = 2
-    # when
-    with pytest.raises(RuntimeError, match="the real cause"):
-        _import(program, _csv(tmp_path, [_row(f"T{i}", member, "10.00", at) for i in range(100)]))
-    # then
-    assert not Transaction.objects.exists()
-    _no_children_left()
