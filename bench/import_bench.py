@@ -180,7 +180,7 @@ def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool) -> tuple
     import psycopg
 
     from core.db import array_literal
-    from core.references import foreign_keys_check
+    from core.references import foreign_keys_check, owned_present
     from loyalty.models import Entry, Lot, Transaction
 
     with psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) as conn:
@@ -223,10 +223,11 @@ def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool) -> tuple
                 write(cursor, chunk, "lots", "loyalty_lot")
                 if set_based:
                     cursor.execute("SET LOCAL session_replication_role = origin")
-                    entry_ids = first_column(chunk["entries"])
-                    foreign_keys_check(cursor, Transaction, "id", first_column(chunk["transactions"]))
-                    foreign_keys_check(cursor, Entry, "id", entry_ids)
-                    foreign_keys_check(cursor, Lot, "entry_id", entry_ids)
+                    entry_ids, transaction_ids = first_column(chunk["entries"]), first_column(chunk["transactions"])
+                    own = owned_present(cursor, {Transaction: transaction_ids, Entry: entry_ids})
+                    foreign_keys_check(cursor, Transaction, "id", transaction_ids, own)
+                    foreign_keys_check(cursor, Entry, "id", entry_ids, own)
+                    foreign_keys_check(cursor, Lot, "entry_id", entry_ids, own)
                 cursor.execute(
                     "UPDATE loyalty_account AS a SET available = v.available, pending = v.pending, "
                     "lifetime_earned = v.lifetime, updated_at = now() "

@@ -6,8 +6,10 @@ rows and their indexes (docs/benchmarks.md, tenth round). Inside `references_che
 not queued (session_replication_role = replica, for this block only); when the block ends, every foreign key of
 the rows it wrote is checked with one query per table, which does what the triggers would have done: each
 referenced row must exist, and is locked FOR KEY SHARE until the transaction ends, so that no other transaction
-can delete it or change its key before this one commits. The constraints stay declared, and every other write is
-checked by them as always.
+can delete it or change its key before this one commits. A reference to a row that this transaction inserted
+itself (Block.own: the block's own rows, or an import chunk's purchases written before its ledger rows) is checked
+by counting those rows once, by ranges of their keys, with no probe and no lock: no other transaction can see
+them. The constraints stay declared, and every other write is checked by them as always.
 
 Skipping the triggers needs the right to set session_replication_role (a superuser has it; on PostgreSQL 15 and
 newer, `GRANT SET ON PARAMETER session_replication_role TO <role>` gives it to the service's role) and, for the
@@ -29,18 +31,30 @@ from core.db import array_literal
 
 
 class Block:
-    """What a references_checked block wrote (`written`), and whether it skips the triggers."""
+    """What a references_checked block wrote (`written`), the rows its transaction wrote itself (`own`), and whether
+    it skips the triggers."""
 
     def __init__(self, into: tuple[type[models.Model], ...]):
         self.models = into
         self.writes: list[tuple[type[models.Model], str, list[int]]] = []
+        self.owned: dict[type[models.Model], list[int]] = {}
         self.skipping = False
 
     def written(self, model: type[models.Model], column: str, ids: list[int]) -> None:
-        """The rows of `model` whose `column` (a unique, indexed one) is among `ids` were written in the block."""
+        """The rows of `model` whose `column` (a unique, indexed one) is among `ids` were written in the block. By
+        their primary keys, they are the transaction's own (`own`)."""
         assert model in self.models, f"{model.__name__} is not among the block's models"
         if self.skipping and ids:
             self.writes.append((model, column, ids))
+            if column == model._meta.pk.column:
+                self.own(model, ids)
+
+    def own(self, model: type[models.Model], ids: list[int]) -> None:
+        """The rows of `model` with these primary keys were inserted by this database transaction, with keys it drew
+        from the table's sequence: no other transaction can see them, so none can delete them or change their keys
+        before it commits. A reference to one of them is checked by counting them, not by a probe and a lock each."""
+        if self.skipping and ids:
+            self.owned.setdefault(model, []).extend(ids)
 
 
 @contextmanager
@@ -66,8 +80,9 @@ def references_checked(*into: type[models.Model]) -> Iterator[Block]:
             with connection.cursor() as cursor:
                 # Back to what it was before checking, so that the rest of the transaction is checked as usual.
                 cursor.execute("SELECT set_config('session_replication_role', %s, true)", [before])
+                own = owned_present(cursor, block.owned)
                 for model, column, ids in block.writes:
-                    foreign_keys_check(cursor, model, column, ids)
+                    foreign_keys_check(cursor, model, column, ids, own)
 
 
 def _may_skip(written: tuple[type[models.Model], ...]) -> tuple[str, list[str]]:
@@ -84,9 +99,11 @@ def _may_skip(written: tuple[type[models.Model], ...]) -> tuple[str, list[str]]:
     return " AND ".join(may), [table for table in tables for _ in range(2)]
 
 
-def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list[int]) -> None:
+def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list[int], own: dict | None = None):
     """Every foreign key of the rows of `model` whose `column` is among `ids` names a row that exists, locked FOR KEY
-    SHARE in key order; an IntegrityError names the constraint otherwise."""
+    SHARE in key order; an IntegrityError names the constraint otherwise. `own` ({model: runs of primary keys},
+    owned_present) names rows that this transaction inserted and that are known to be there: a key among them
+    needs neither a probe nor a lock."""
     keys = _foreign_keys(model)
     if not keys:
         return
@@ -95,14 +112,20 @@ def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list
         where, params = f"{column} BETWEEN %s AND %s", [ids[0], ids[-1]]
     else:
         where, params = f"{column} = ANY(%s::bigint[])", [array_literal(ids)]
-    missing = [
+    missing = []
+    for key, table, target in keys:
         # How many distinct values name no row: those named, less those found and locked. A probe per value: bounds
         # (BETWEEN the least and the greatest) halved the time where the rows lie together, as an import's entries
         # name its transactions, but made the planner read whole ranges of a large table where they are spread.
-        f"(SELECT count(DISTINCT {key.column}) FROM new) - (SELECT count(*) FROM (SELECT FROM {table} r "
-        f"WHERE r.{target} IN (SELECT {key.column} FROM new) ORDER BY r.{target} FOR KEY SHARE OF r) found)"
-        for key, table, target in keys
-    ]
+        # Values among the transaction's own rows, counted there already, are left out.
+        runs = (own or {}).get(key.related_model) if key.target_field.primary_key else None
+        others = ""
+        if runs:
+            others = " WHERE NOT (" + " OR ".join(f"{key.column} BETWEEN {lo} AND {hi}" for lo, hi in runs) + ")"
+        missing.append(
+            f"(SELECT count(DISTINCT {key.column}) FROM new{others}) - (SELECT count(*) FROM (SELECT FROM {table} r "
+            f"WHERE r.{target} IN (SELECT {key.column} FROM new{others}) ORDER BY r.{target} FOR KEY SHARE OF r) found)"
+        )
     cursor.execute(
         f"WITH new AS MATERIALIZED (SELECT {', '.join(key.column for key, _, _ in keys)} "
         f"FROM {model._meta.db_table} WHERE {where}) SELECT {', '.join(missing)}",
@@ -114,6 +137,35 @@ def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list
                 f"insert on table {model._meta.db_table} violates a foreign key: {count} value(s) of "
                 f"{key.column} name no row of {table} ({target})"
             )
+
+
+def owned_present(cursor, owned: dict[type[models.Model], list[int]]) -> dict:
+    """{model: runs (first, last) of primary keys} of the rows a block's transaction inserted itself (Block.own),
+    each run counted in the table to be all there (IntegrityError otherwise). Keys in more than a few runs are left
+    out, and references to them checked as any other."""
+    present = {}
+    for model, ids in owned.items():
+        ids = sorted(set(ids))
+        runs = [[ids[0], ids[0]]]
+        for pk in ids[1:]:
+            if pk == runs[-1][1] + 1:
+                runs[-1][1] = pk
+            else:
+                runs.append([pk, pk])
+        if len(runs) > _MAX_RUNS:
+            continue
+        table, pk_column = model._meta.db_table, model._meta.pk.column
+        cursor.execute(
+            f"SELECT {' + '.join(f'(SELECT count(*) FROM {table} WHERE {pk_column} BETWEEN %s AND %s)' for _ in runs)}",
+            [bound for run in runs for bound in run],
+        )
+        if cursor.fetchone()[0] != len(ids):
+            raise IntegrityError(f"rows of {table} declared inserted by this transaction are not all there")
+        present[model] = [(int(first), int(last)) for first, last in runs]
+    return present
+
+
+_MAX_RUNS = 16
 
 
 @cache

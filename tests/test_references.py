@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from core.references import references_checked
 from loyalty.imports import transactions_import
-from loyalty.models import Entry, Lot, Transaction
+from loyalty.models import Account, Entry, Lot, Transaction
 from loyalty.verify import ledger_verify
 from members.models import Member
 from tests.factories import MemberFactory
@@ -266,3 +266,75 @@ def test_an_import_makes_the_same_ledger_with_the_triggers_skipped_or_not(progra
     )
     assert ledger_verify() == []
     _constraints_checked_now()
+
+
+# --- rows the block's transaction wrote itself (Block.own) -------------------------------------------------------
+
+
+def _entry(member_id: int, transaction_id: int) -> Entry:
+    now = timezone.now()
+    return Entry.objects.create(
+        account_id=member_id,
+        kind=Entry.Kind.EARN,
+        points=5,
+        available_after=5,
+        pending_after=0,
+        occurred_at=now,
+        created_at=now,
+        transaction_id=transaction_id,
+    )
+
+
+def _locked(model, pk) -> bool:
+    """Whether the row carries a lock (or a deletion) in its header."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT xmax::text::bigint <> 0 FROM {model._meta.db_table} WHERE id = %s", [pk])
+        return cursor.fetchone()[0]
+
+
+def test_a_reference_to_a_row_the_transaction_wrote_itself_is_counted_not_probed_and_locked(program):
+    # given: a member and its account, and a purchase written in a block of the same transaction
+    member = MemberFactory(program=program)
+    Account.objects.create(member=member)
+    with references_checked(Transaction) as block:
+        txn = _purchase(program, member_id=member.pk)
+        block.written(Transaction, "id", [txn.pk])
+    assert _locked(Member, member.pk)  # the purchase's member, probed and locked
+    # when: an entry names the purchase, declared the transaction's own
+    with references_checked(Entry) as block:
+        entry = _entry(member.pk, txn.pk)
+        block.written(Entry, "id", [entry.pk])
+        block.own(Transaction, [txn.pk])
+    # then: the purchase was counted, not locked
+    assert not _locked(Transaction, txn.pk)
+    assert Entry.objects.filter(pk=entry.pk).exists()
+
+
+def test_rows_declared_the_transactions_own_that_are_not_there_are_refused_and_the_block_writes_nothing(program):
+    # given
+    member = MemberFactory(program=program)
+    Account.objects.create(member=member)
+    # when: an entry names a purchase that is not there, declared the transaction's own
+    with pytest.raises(IntegrityError, match="declared inserted by this transaction are not all there"):
+        with references_checked(Entry) as block:
+            entry = _entry(member.pk, MISSING)
+            block.written(Entry, "id", [entry.pk])
+            block.own(Transaction, [MISSING])
+    # then
+    assert not Entry.objects.exists()
+    assert _role() == "origin"
+
+
+def test_a_reference_outside_the_transactions_own_rows_is_probed_as_any_other(program):
+    # given: a purchase of the transaction's own, and an entry that names another, missing one
+    member = MemberFactory(program=program)
+    Account.objects.create(member=member)
+    txn = _purchase(program, member_id=member.pk)
+    # when
+    with pytest.raises(IntegrityError, match="transaction_id name no row of loyalty_transaction"):
+        with references_checked(Entry) as block:
+            entries = [_entry(member.pk, txn.pk), _entry(member.pk, MISSING)]
+            block.written(Entry, "id", [e.pk for e in entries])
+            block.own(Transaction, [txn.pk])
+    # then
+    assert not Entry.objects.exists()

@@ -214,7 +214,8 @@ def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip
                 )
             )
             credited += points
-    ledger.ledger_credit_rows(credits=credits, now=now)
+    # The chunk's transaction inserted the purchases itself: the entries' references to them need no lock.
+    ledger.ledger_credit_rows(credits=credits, now=now, own_transactions=list(inserted.values()))
     report.points_credited += credited
     # Imported purchases qualify for tiers as recorded ones do (before the returns, which take off what they count).
     tier_counts_add(program=program, transaction_ids=list(inserted.values()), now=now)

@@ -10,7 +10,7 @@ from core.db import COPY_NULL as NULL
 from core.db import array_literal, copy_text, ids_reserve
 from core.references import references_checked
 from loyalty.ledger.core import LIFETIME_KINDS, ledger_credit, ledger_lock
-from loyalty.models import Account, Draw, Entry, Lot
+from loyalty.models import Account, Draw, Entry, Lot, Transaction
 
 _CREDIT_ARGUMENTS = frozenset({"member_id", "kind", "points", "occurred_at", "available_from", "expires_at"})
 _CREDIT_FIELDS = frozenset({"transaction_id", "api_client_id", "staff_user_id", "reason"})
@@ -108,9 +108,10 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
 
 
 @transaction.atomic(savepoint=False)
-def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]:
+def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transactions: list[int] = ()) -> list[int]:
     """ledger_credit_many's writes (PostgreSQL), for credits made ready beforehand: the import makes its purchases'
-    credits while it reads the file, so writing a chunk works out balances and little else."""
+    credits while it reads the file, so writing a chunk works out balances and little else. `own_transactions`: the
+    ids of transactions the credits name that the caller's database transaction inserted itself (Block.own)."""
     if not credits:
         return []
     a, e, lot_t, d = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
@@ -186,6 +187,7 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime) -> list[int]
                 copy.write("".join(lots))
             block.written(Entry, "id", entry_ids + expire_ids)
             block.written(Lot, "entry_id", entry_ids)
+            block.own(Transaction, list(own_transactions))
         if draws:
             # A lot is found by its credit's entry (one lot per credit entry), which spares reserving lot ids.
             cursor.execute(
