@@ -41,8 +41,9 @@ class Block:
         self.skipping = False
 
     def written(self, model: type[models.Model], column: str, ids: list[int]) -> None:
-        """The rows of `model` whose `column` (a unique, indexed one) is among `ids` were written in the block. By
-        their primary keys, they are the transaction's own (`own`)."""
+        """The rows of `model` whose `column` (a unique, indexed one) is among `ids` were written in the block.
+        Declared by their primary keys, they must be rows the block inserted (COPY, or RETURNING of an INSERT), for
+        they are then taken as the transaction's own (`own`)."""
         assert model in self.models, f"{model.__name__} is not among the block's models"
         if self.skipping and ids:
             self.writes.append((model, column, ids))
@@ -52,7 +53,9 @@ class Block:
     def own(self, model: type[models.Model], ids: list[int]) -> None:
         """The rows of `model` with these primary keys were inserted by this database transaction, with keys it drew
         from the table's sequence: no other transaction can see them, so none can delete them or change their keys
-        before it commits. A reference to one of them is checked by counting them, not by a probe and a lock each."""
+        before it commits. A reference to one of them is checked by counting them, not by a probe and a lock each.
+        Only ids of rows this transaction inserted itself (a COPY's, an INSERT's RETURNING) may be given: a row of
+        another transaction's would pass the count unlocked, and could be deleted before this one commits."""
         if self.skipping and ids:
             self.owned.setdefault(model, []).extend(ids)
 

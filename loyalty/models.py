@@ -8,6 +8,10 @@ from django.utils.translation import gettext_lazy as _
 from core.models import ApiClient, Program
 from members.models import Member
 
+# How a transaction's insert meets a repeat of it: by (programme, external id, store) alone, transaction_unique. A
+# conflict on any other unique index (a primary key drawn from a sequence set back by a restore) raises.
+ON_REPEAT = "ON CONFLICT (program_id, external_id, store) DO NOTHING"
+
 
 class Transaction(models.Model):
     """A purchase or return as a till or web shop sent it. Anonymous purchases have no member."""

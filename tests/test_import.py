@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from core.models import Program
@@ -233,6 +233,23 @@ def test_rerun_imports_nothing(program, tmp_path):
     # then
     assert (report.imported, report.already_present, report.points_credited) == (0, 20, 0)
     assert _ledger_state() == before
+
+
+def test_new_purchases_whose_ids_collide_are_refused_not_taken_for_repeats(program, tmp_path):
+    # given: recorded purchases, and the transactions' sequence set back below their ids (as a restore may leave it)
+    members = [MemberFactory() for _ in range(3)]
+    rows = _purchases(members, 25, datetime(2025, 3, 1, tzinfo=UTC))
+    _import(program, _csv(tmp_path, rows[:20], name="first.csv"))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT setval(pg_get_serial_sequence('loyalty_transaction', 'id'), "
+            "(SELECT min(id) FROM loyalty_transaction) - 1)"
+        )
+    # when: new purchases draw ids that recorded ones hold
+    with pytest.raises(IntegrityError, match="loyalty_transaction_pkey"):
+        _import(program, _csv(tmp_path, rows[20:], name="second.csv"))
+    # then: refused, not reported as already present and dropped
+    assert Transaction.objects.count() == 20
 
 
 def test_an_overlapping_file_imports_only_its_new_rows(program, tmp_path):

@@ -20,7 +20,7 @@ from loyalty import ledger
 from loyalty.earning import earning_for_purchase
 from loyalty.imports.report import ImportAborted, ImportReport
 from loyalty.imports.rows import Row
-from loyalty.models import Entry, Transaction
+from loyalty.models import ON_REPEAT, Entry, Transaction
 from loyalty.tier_counts import tier_counts_add
 from loyalty.transactions import TransactionInput, transaction_record
 from members.models import Member
@@ -294,7 +294,7 @@ def _purchases_insert(program: Program, purchases: list, now: datetime) -> dict:
         cursor.execute(
             f"INSERT INTO {table} ({_COLUMNS}) SELECT {_COLUMNS} FROM {_TEMP} "
             'ORDER BY store COLLATE "C", external_id COLLATE "C" '
-            "ON CONFLICT DO NOTHING RETURNING store, external_id, id"
+            f"{ON_REPEAT} RETURNING store, external_id, id"
         )
         inserted = {(store, external_id): pk for store, external_id, pk in cursor.fetchall()}
         cursor.execute(f"DROP TABLE {_TEMP}")

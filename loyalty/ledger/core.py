@@ -12,7 +12,7 @@ from django.utils import timezone
 from core.db import insert_params, insert_plan, on_postgresql, statement_cursor, unsaved
 from core.errors import InsufficientPoints
 from loyalty.ledger.jobs import lots_expire
-from loyalty.models import Account, Draw, Entry, Lot
+from loyalty.models import ON_REPEAT, Account, Draw, Entry, Lot
 
 # Points earned; bonus points (events, referrals) are earned too.
 EARNED_KINDS = (Entry.Kind.EARN, Entry.Kind.REVERSAL, Entry.Kind.BONUS)
@@ -341,7 +341,7 @@ def _new_transaction_sql(model: type[Model], member_sql: str, also_ctes: str, al
         f"r AS (INSERT INTO {model._meta.db_table} ({r_columns}) "
         f"SELECT {', '.join(r_values)} FROM m WHERE EXISTS "
         f"(SELECT 1 FROM {Account._meta.db_table} WHERE member_id = m.id) "
-        f"ON CONFLICT DO NOTHING RETURNING id, member_id), {ctes}{', ' if also_ctes else ''}{also_ctes} "
+        f"{ON_REPEAT} RETURNING id, member_id), {ctes}{', ' if also_ctes else ''}{also_ctes} "
         "SELECT r.id, r.member_id, e.id, e.available_after, e.pending_after, e.held_after "
         f"FROM r, e, l WHERE {also_condition or 'true'}"
     )

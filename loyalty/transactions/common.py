@@ -11,7 +11,7 @@ from core.db import insert_params, insert_plan, unsaved
 from core.errors import Conflict
 from core.models import Program
 from loyalty import ledger
-from loyalty.models import Entry, Transaction
+from loyalty.models import ON_REPEAT, Entry, Transaction
 from members.models import Member
 
 # A till's clock may run a little ahead; beyond this a transaction "in the future" is refused.
@@ -82,12 +82,12 @@ def new_transaction(program, data, api_client, now, **fields) -> Transaction:
 
 
 def insert_ignoring_conflict(instance) -> int | None:
-    """INSERT the unsaved instance; None when a unique constraint says it exists already.
+    """INSERT the unsaved transaction; None when transaction_unique says it was recorded already (ON_REPEAT).
     One round trip, and no check-then-insert race: the database decides."""
     plan, columns = insert_plan(type(instance))
     sql = (
         f"INSERT INTO {instance._meta.db_table} ({columns}) VALUES ({', '.join(['%s'] * len(plan))}) "
-        "ON CONFLICT DO NOTHING RETURNING id"
+        f"{ON_REPEAT} RETURNING id"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, insert_params(instance, plan))
