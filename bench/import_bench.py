@@ -58,22 +58,12 @@ def purchases_source(rng: random.Random) -> list[tuple[date, Decimal]]:
 
 
 def file_write(path: Path, *, purchases: int, members: list[str], rng: random.Random) -> None:
+    from loyalty.imports import FIELDS  # after django.setup()
+
     source = purchases_source(rng)
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(
-            [
-                "store",
-                "external_id",
-                "channel",
-                "member",
-                "type",
-                "original_external_id",
-                "occurred_at",
-                "currency",
-                "total",
-            ]
-        )
+        out.writerow(FIELDS)
         for i in range(purchases):
             day, amount = source[i % len(source)]
             at = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(
