@@ -86,7 +86,9 @@ def _record_per_row(program, rows, members):
 
 
 def _ledger_state():
-    """The ledger by business keys (member numbers, store/external id), not by row ids."""
+    """The ledger by business keys (member numbers, store/external id), not by row ids: each member's entries and
+    lots in the order they were written (an import writes members in an order of its own, each one's rows in file
+    order)."""
     key = {t.pk: (t.store, t.external_id) for t in Transaction.objects.all()}
     number = dict(Account.objects.values_list("pk", "member__member_number"))
     return {
@@ -102,7 +104,7 @@ def _ledger_state():
                 e.occurred_at,
                 key.get(e.transaction_id),
             )
-            for e in Entry.objects.order_by("pk")
+            for e in sorted(Entry.objects.all(), key=lambda e: (number[e.account_id], e.pk))
         ],
         "lots": [
             (
@@ -114,7 +116,7 @@ def _ledger_state():
                 lot.matured,
                 key.get(lot.entry.transaction_id),
             )
-            for lot in Lot.objects.select_related("entry").order_by("entry_id")
+            for lot in sorted(Lot.objects.select_related("entry"), key=lambda lot: (number[lot.account_id], lot.pk))
         ],
         "draws": sorted(
             (key.get(d.entry.transaction_id) or ("", ""), d.entry.kind, d.points)
@@ -990,7 +992,7 @@ def test_a_return_of_a_recorded_purchase_under_an_external_id_in_the_file_is_wri
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("writers", [1, 2])
-def test_when_two_lanes_stop_the_import_names_the_earliest_line(program, tmp_path, writers):
+def test_a_stopped_import_names_the_row_it_stopped_at_the_earliest_of_its_lanes(program, tmp_path, writers):
     # given: two members' returns of more than they bought, at lines 4 and 5, in different lanes
     first, second = _members_in_lanes(0, 1)
     at = timezone.now() - timedelta(days=10)
@@ -1003,5 +1005,36 @@ def test_when_two_lanes_stop_the_import_names_the_earliest_line(program, tmp_pat
     # when
     with pytest.raises(ImportAborted) as stopped:
         _import(program, _csv(tmp_path, rows), writers=writers)
-    # then
-    assert stopped.value.extra["line"] == 4
+    # then: two lanes each stop at their member's return, and the earlier line is named; one lane meets the members
+    # in the order of their numbers (service._spooled) and names the return it stopped at
+    earlier_met = 5 if first.member_number < second.member_number else 4  # lines 5 and 4 are first's and second's
+    assert stopped.value.extra["line"] == (4 if writers == 2 else earlier_met)
+
+
+def test_rows_read_ahead_are_written_by_member_each_members_in_file_order(program, tmp_path, monkeypatch):
+    # given: four members' purchases taking turns, 32 rows, in chunks of 4
+    from loyalty.imports import service
+
+    members = [MemberFactory() for _ in range(4)]
+    at = timezone.now() - timedelta(days=10)
+    rows = [_row(f"T{i:02d}", members[i % 4], "10.00", at + timedelta(minutes=i)) for i in range(32)]
+    chunks, write = [], service.chunk_write
+
+    def spied(*, chunk, **kwargs):
+        chunks.append([(p[2], p[1][1]) for p in chunk.purchases])  # (member number, external id)
+        return write(chunk=chunk, **kwargs)
+
+    monkeypatch.setattr(service, "chunk_write", spied)
+    # when
+    report = _import(program, _csv(tmp_path, rows), batch_size=4, writers=1)
+    # then: every row once, each member's in file order, and a chunk holds fewer members than in file order, where
+    # each of its 8 chunks would hold all four
+    assert report.imported == 32 and all(len(chunk) <= 4 for chunk in chunks)
+    written = [row for chunk in chunks for row in chunk]
+    assert sorted(written) == sorted((r["member"], r["external_id"]) for r in rows)
+    for member in members:
+        assert [t for m, t in written if m == member.member_number] == [
+            r["external_id"] for r in rows if r["member"] == member.member_number
+        ]
+    assert sum(len({m for m, _ in chunk}) for chunk in chunks) <= 12
+    assert ledger_verify() == []

@@ -9,6 +9,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 
 from django.conf import settings
 from django.db import connection
@@ -62,7 +63,7 @@ def transactions_import(
                     chunk_write(program=program, chunk=chunk, report=report, skip_invalid=skip_invalid)
                     progress("import", chunk.size)
             else:
-                _write_in_lanes(program, chunks, lanes, report, skip_invalid, progress)
+                _write_in_lanes(program, chunks, lanes, batch_size, report, skip_invalid, progress)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -90,39 +91,70 @@ def _collections_rarer():
                 gc.set_threshold(*_collector["threshold"])
 
 
+# The rows of a lane read ahead and put in order of their members before they are cut into chunks (_spooled); at
+# least two chunks' worth.
+GROUPED_ROWS = 40_000
+
+
 def _spooled(spools: list, checked: Checked, batch_size: int, lanes: int) -> Iterator[tuple[int, Prepared]]:
-    """(lane, chunk) for each chunk of at most `batch_size` rows of one lane from `spools` (in file order), in file
-    order within the lane; returns found bad after they were spooled (checking._returns_check) are left out. A chunk
-    writes its purchases before its returns, so a purchase of a member whom a return in the chunk reaches starts a
-    new chunk: that member's rows then reach the ledger in file order, as on the per-row path (under the
+    """(lane, chunk) for each chunk of at most `batch_size` rows of one lane from `spools` (in file order); returns
+    found bad after they were spooled (checking._returns_check) are left out.
+
+    Each lane's rows are read GROUPED_ROWS ahead and put in order of their owner (the member, or the external
+    id of an anonymous purchase), each owner's rows in file order, before they are cut into chunks: a chunk then
+    holds fewer members, and every member a chunk holds costs the database an account to open, lock and update (and
+    a check that the member is still active), whatever number of rows it has. Rows of different owners are
+    independent, so their order between chunks is free; where owners are not known (one lane for lack of them)
+    the rows stay in file order.
+
+    A chunk writes its purchases before its returns, so a purchase of a member whom a return in the chunk reaches
+    starts a new chunk: that member's rows then reach the ledger in file order, as on the per-row path (under the
     available-only return policy a return takes what its member has before the purchases after it). Where who a
-    return reaches is not known (one lane for lack of owners: a referral's two accounts, say), any purchase after a
-    return does."""
-    chunks: list[list] = [[] for _ in range(lanes)]
-    returned: list[set] = [set() for _ in range(lanes)]  # the owners the returns of each lane's chunk reach
+    return reaches is not known, any purchase after a return does."""
+    grouped = checked.owners is not None
+    # At least a chunk's worth of new rows each time; the first few times fewer, so that the lanes start early.
+    most = max(GROUPED_ROWS, 2 * batch_size) if grouped else 2 * batch_size
+    ahead = [2 * batch_size] * lanes
+    waiting: list[list] = [[] for _ in range(lanes)]  # (owner, row) of each lane, not yet cut into chunks
     for ready in _unspooled(spools):
         for item in ready:
-            purchase = type(item) is tuple
-            if purchase:  # (line, (store, external_id), member number, ...)
+            if type(item) is tuple:  # a purchase: (line, (store, external_id), member number, ...)
                 owner = item[2] or item[1][1]
             elif item.line in checked.bad:
                 continue
             else:  # a return, with the purchase it returns: the same accounts, the purchase's row locked
-                owner = checked.owners.get(item.original_external_id, item.member) if checked.owners else None
+                owner = checked.owners.get(item.original_external_id, item.member) if grouped else None
             lane = zlib.crc32(owner.encode()) % lanes if lanes > 1 else 0
-            if not purchase:
-                returned[lane].add(owner)
-            elif returned[lane] and (owner in returned[lane] or None in returned[lane]):
-                yield lane, _prepared(chunks[lane])
-                chunks[lane], returned[lane] = [], set()
-            chunk = chunks[lane]
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                yield lane, _prepared(chunk)
-                chunks[lane], returned[lane] = [], set()
-    for lane, chunk in enumerate(chunks):
-        if chunk:
+            rows = waiting[lane]
+            rows.append((owner, item))
+            if len(rows) >= ahead[lane]:
+                waiting[lane] = yield from _cut(lane, rows, batch_size, grouped, last=False)
+                ahead[lane] = min(2 * ahead[lane], most)
+    for lane, rows in enumerate(waiting):
+        yield from _cut(lane, rows, batch_size, grouped, last=True)
+
+
+def _cut(lane: int, rows: list, batch_size: int, grouped: bool, *, last: bool):
+    """Chunks of `rows` ((owner, row) of one lane, in file order), ordered by owner if `grouped`; returns the rows
+    left over for the next chunk, unless `last`, where they are a chunk of their own."""
+    if grouped:
+        rows.sort(key=itemgetter(0))  # by owner, stable: each owner's rows stay in file order
+    chunk: list = []
+    returned: set = set()  # the owners the chunk's returns reach
+    for owner, item in rows:
+        if type(item) is not tuple:
+            returned.add(owner)
+        elif returned and (owner in returned or None in returned):
             yield lane, _prepared(chunk)
+            chunk, returned = [], set()
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield lane, _prepared(chunk)
+            chunk, returned = [], set()
+    if last and chunk:
+        yield lane, _prepared(chunk)
+        return []
+    return rows[len(rows) - len(chunk) :] if chunk else []  # the unfinished chunk's rows wait for the next ones
 
 
 def _unspooled(spools: list) -> Iterator[list]:
@@ -141,11 +173,14 @@ def _prepared(items: list) -> Prepared:
     return Prepared(purchases, [item for item in items if type(item) is not tuple], len(items))
 
 
-def _write_in_lanes(program: Program, chunks, lanes: int, report: ImportReport, skip_invalid: bool, progress):
+def _write_in_lanes(
+    program: Program, chunks, lanes: int, batch_size: int, report: ImportReport, skip_invalid: bool, progress
+):
     """Write `chunks` ((lane, chunk)) with a thread per lane, each on its own database connection, while this thread
-    reads and prepares them, at most two chunks ahead of each lane. A lane that fails stops the others after their
-    chunk under way; its error is raised here. Each lane reports on its own; the reports are added up here."""
-    handoffs = [queue.Queue(maxsize=2) for _ in range(lanes)]
+    reads and prepares them, ahead of each lane by as many rows as _spooled reads ahead and a few chunks more: those
+    come at once. A lane that fails stops the others after their chunk under way; its error is raised here. Each
+    lane reports on its own; the reports are added up here."""
+    handoffs = [queue.Queue(maxsize=GROUPED_ROWS // batch_size + 3) for _ in range(lanes)]
     reports = [ImportReport() for _ in range(lanes)]
     stop, heard = threading.Event(), threading.Lock()
 
