@@ -147,9 +147,10 @@ class Entry(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, db_index=False
     )
     api_client = models.ForeignKey(ApiClient, null=True, blank=True, on_delete=models.PROTECT, db_index=False)
-    # The spend a refund gives back; unique, so a spend is refunded at most once whatever races.
-    refund_of = models.OneToOneField(
-        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="refunded_by"
+    # The spend a refund gives back; unique where set (Meta.constraints), so a spend is refunded at most once
+    # whatever races, and the entries that refund nothing, nearly all, are not in the index.
+    refund_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="refunded_by", db_index=False
     )
 
     class Meta:
@@ -171,6 +172,9 @@ class Entry(models.Model):
             models.CheckConstraint(condition=Q(pending_after__gte=0), name="entry_pending_after_gte_0"),
             models.CheckConstraint(condition=Q(held_after__gte=0), name="entry_held_after_gte_0"),
             models.CheckConstraint(condition=~Q(kind="adjust") | ~Q(reason=""), name="adjustment_has_reason"),
+            models.UniqueConstraint(
+                fields=["refund_of"], condition=Q(refund_of__isnull=False), name="entry_refunded_once"
+            ),
         ]
         indexes = [
             models.Index(fields=["account", "-occurred_at", "-id"]),

@@ -12,7 +12,7 @@ from django.utils import timezone
 from psycopg.pq import Format
 
 from core.db import prepared_statements_kept, statement_cursor, unsaved
-from loyalty.models import Entry, Transaction
+from loyalty.models import Entry, Lot, Transaction
 
 SERIES = (
     "SELECT t FROM generate_series('1999-12-31 23:00+00'::timestamptz, '2031-01-01+00', "
@@ -91,12 +91,12 @@ def test_unsaved_builds_the_instance_the_model_builds(program, make_client, memb
 
 @pytest.mark.django_db
 def test_unsaved_leaves_to_the_model_what_it_does_not_build_itself(program):
-    # given: an entry refunding another (a one-to-one, whose reverse cache the model sets) and a name no field has
-    refunded = Entry(kind="redeem", points=-5)
+    # given: a lot of an entry (a one-to-one, whose reverse cache the model sets) and a name no field has
+    entry = Entry(kind="earn", points=5)
     # when
-    refund = unsaved(Entry, kind="refund", points=5, refund_of=refunded)
+    lot = unsaved(Lot, entry=entry, amount=5, remaining=5)
     # then: built by the model itself, so it is the same; and the model's own error for an unknown name
-    assert refund.refund_of is refunded and refunded.refunded_by is refund
+    assert lot.entry is entry and entry.lot is lot
     with pytest.raises(TypeError, match="unexpected keyword"):
         unsaved(Transaction, program=program, no_such_field=1)
 

@@ -8,7 +8,7 @@ from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
 
 from core.errors import InsufficientPoints
-from loyalty.ledger import ledger_credit, ledger_debit
+from loyalty.ledger import ledger_credit, ledger_debit, ledger_refund
 from loyalty.models import Account, Draw, Entry, Lot
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory, record
@@ -226,6 +226,22 @@ def test_the_database_refuses_a_lot_above_its_amount(program, member):
 
     # then
     assert Lot.objects.get().remaining == 100
+
+
+def test_the_database_refuses_a_second_refund_of_a_spend(program, member):
+    # given: 100 points, 60 of them spent and refunded
+    _credit(member, 100, expires_at=None)
+    spend = _spend(member, 60)
+    ledger_refund(spend_entry_id=spend.pk, occurred_at=NOW, now=NOW)
+
+    # when
+    with pytest.raises(IntegrityError, match="entry_refunded_once"), transaction.atomic():
+        ledger_refund(spend_entry_id=spend.pk, occurred_at=NOW, now=NOW)
+
+    # then: refunded once; the entries that refund nothing are many and share no such bound
+    assert Account.objects.get(pk=member.pk).available == 100
+    assert Entry.objects.filter(refund_of__isnull=True).count() == 2
+    assert ledger_verify() == []
 
 
 def test_verify_ledger_passes_on_a_clean_ledger(program, capsys):
