@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from operator import itemgetter
 
 import psycopg
 from django.db import IntegrityError, connection, transaction
@@ -39,6 +40,7 @@ class Earnings:
 
     def __init__(self, program: Program, as_of: datetime):
         self.program = program
+        self.currency = program.currency
         self.as_of = as_of
         self.by_total: dict[Decimal, tuple[int, str]] = {}
         self.by_day: dict[tuple, tuple] = {}
@@ -104,17 +106,18 @@ class Earnings:
         The texts are COPY text: the transaction's of the columns of _purchases_text from store to breakdown, the
         others as ledger_credit_rows takes them. Anonymous purchases are kept for analytics and earn nothing, as in
         transaction_record; nor do purchases worth no points, which have no lot."""
-        occurred_at = row.occurred_at.isoformat(" ")  # str() would call this, at twice the cost
-        points, breakdown = self.points(row.total, row.occurred_at) if member_id is not None else (0, "[]")
-        dates, matured, expired = self.lot(row.occurred_at, occurred_at) if points else ("", False, None)
+        line, store, external_id, channel, member, _, _, _, at, total, lines = row  # one unpacking, not 13 lookups
+        occurred_at = at.isoformat(" ")  # str() would call this, at twice the cost
+        points, breakdown = self.points(total, at) if member_id is not None else (0, "[]")
+        dates, matured, expired = self.lot(at, occurred_at) if points else ("", False, None)
         return (
-            row.line,
-            (row.store, row.external_id),
-            row.member,
+            line,
+            (store, external_id),
+            member,
             member_id,
-            f"{copy_text(row.store)}\t{copy_text(row.external_id)}\t{row.channel}\t"
-            f"{NULL if member_id is None else member_id}\t{occurred_at}\t{self.program.currency}\t{row.total}\t"
-            f"{copy_text(json.dumps(row.lines)) if row.lines else '[]'}\t{points}\t{breakdown if points else '[]'}",
+            f"{copy_text(store)}\t{copy_text(external_id)}\t{channel}\t{NULL if member_id is None else member_id}\t"
+            f"{occurred_at}\t{self.currency}\t{total}\t{copy_text(json.dumps(lines)) if lines else '[]'}\t{points}\t"
+            f"{breakdown if points else '[]'}",
             points,
             occurred_at,
             dates,
@@ -201,18 +204,8 @@ def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip
     for _, key, _, member_id, _, points, occurred_at, dates, matured, expired in purchases:
         txn_id = inserted.get(key)
         if txn_id is not None and points:
-            credits.append(
-                ledger.BulkCredit(
-                    member_id,
-                    Entry.Kind.EARN.value,
-                    points,
-                    occurred_at,
-                    dates,
-                    matured,
-                    expired,
-                    ledger.credit_refs(transaction_id=txn_id),
-                )
-            )
+            refs = f"{txn_id}{_AFTER_TRANSACTION}"  # ledger.credit_refs(transaction_id=txn_id), at a third of its cost
+            credits.append(ledger.BulkCredit(member_id, _EARN, points, occurred_at, dates, matured, expired, refs))
             credited += points
     # The chunk's transaction inserted the purchases itself: the entries' references to them need no lock.
     ledger.ledger_credit_rows(credits=credits, now=now, own_transactions=list(inserted.values()))
@@ -221,6 +214,10 @@ def chunk_write(*, program: Program, chunk: Prepared, report: ImportReport, skip
     tier_counts_add(program=program, transaction_ids=list(inserted.values()), now=now)
     if chunk.returns:
         _returns_record(program, chunk.returns, members, report, skip_invalid, now)
+
+
+_EARN = Entry.Kind.EARN.value  # a Choices member's value costs a call each time it is read
+_AFTER_TRANSACTION = ledger.credit_refs()[len(NULL) :]  # an earn entry's references after its transaction's id
 
 
 def late_error(report: ImportReport, line: int, name: str, message: str, skip_invalid: bool) -> None:
@@ -248,10 +245,11 @@ def _purchases_text(program: Program, purchases: list, ids: list[int], now: date
     """The purchases with their ids (given in file order, as one INSERT at a time would give them) as COPY text of
     _COLUMNS, in (store, external_id) order: every import writes a chunk's purchases in this one order, so two
     imports of overlapping files wait for each other's uncommitted rows instead of deadlocking (the lock order in
-    loyalty/ledger/__init__.py). The keys are unique within a chunk, so the sort never compares further."""
+    loyalty/ledger/__init__.py). Sorted by the keys alone: they are unique within a chunk."""
     head, tail = f"\t{program.pk}\t", f"\tpurchase\t0\t0\t{now}\n"
     return "".join(
-        f"{pk}{head}{p[4]}{tail}" for _, pk, p in sorted(zip([p[1] for p in purchases], ids, purchases, strict=True))
+        f"{pk}{head}{p[4]}{tail}"
+        for _, pk, p in sorted(zip([p[1] for p in purchases], ids, purchases, strict=True), key=itemgetter(0))
     )
 
 

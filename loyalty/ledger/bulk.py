@@ -153,7 +153,8 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transact
                 lifetime = lifetime_kinds[kind] = kind in LIFETIME_KINDS
             if lifetime:
                 balance[2] += points
-            settle = min(points, max(0, points - balance[0])) if matured else 0
+            # What settles a negative balance (the points it takes are not in the lot): min(points, max(0, -before)).
+            settle = 0 if not matured or balance[0] >= points else min(points, points - balance[0])
             entries.append(
                 f"{entry_id}\t{member_id}\t{kind}\t{points}\t{balance[0]}\t{balance[1]}\t{balance[3]}\t{occurred_at}\t"
                 f"{now_text}\t{refs}\n"
