@@ -21,6 +21,7 @@ from loyalty import ledger
 from loyalty.earning import months_later
 from loyalty.imports import FIELDS, TransactionFile, transactions_import
 from loyalty.imports.report import ImportAborted
+from loyalty.imports.rows import RowParser
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
 from loyalty.points import points_adjust
 from loyalty.transactions import TransactionInput, transaction_record
@@ -291,6 +292,31 @@ def test_odd_rows_are_refused_as_the_field_checks_refuse_them(program, tmp_path)
     ]
     assert (report.invalid, report.imported) == (4, 0)
     assert not Transaction.objects.exists()
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Stockholm"])
+@pytest.mark.parametrize(
+    "given",
+    [
+        "2025-03-01T10:00:00+00:00",
+        "2025-03-01 10:00:00+00:00",
+        "2025-03-01T10:00:00Z",
+        "2025-03-01T10:00:00.0+00:00",
+        "2025-03-01T11:00:00+01:00",
+        "2025-W09-6T10:00:00+00:00",  # an ISO week date, as long as the usual form
+        "2025-03-01T100000.0+00:00",  # a time without colons, as long as the usual form
+    ],
+)
+def test_a_time_is_written_as_it_came_only_where_that_is_how_it_would_be_written(program, settings, zone, given):
+    # given: a server zone, and a purchase's time in one of the forms Python reads
+    settings.TIME_ZONE = zone
+    parser = RowParser(program, timezone.now())
+    # when
+    row = parser.parse(2, {**_row("A", None, "10.00", datetime(2025, 3, 1, tzinfo=UTC)), "occurred_at": given})
+    # then: the same instant; its text as given only where it is the very text the import would write
+    assert row.occurred_at == datetime(2025, 3, 1, 10, tzinfo=UTC)
+    assert row.occurred_text in ("", row.occurred_at.isoformat(" "))
+    assert bool(row.occurred_text) == (zone == "UTC" and given.endswith(":00+00:00") and given[4] == given[7] == "-")
 
 
 @pytest.mark.parametrize("total", ["1e5", "1_000", "+5", "١٢", "Infinity", "NaN", "12,50", "-3"])

@@ -31,6 +31,9 @@ class Row(NamedTuple):
     occurred_at: datetime
     total: Decimal
     lines: list
+    # occurred_at as the import writes it (datetime.isoformat(" ")), where the file gave it so already, at a fifth of
+    # the cost of writing it anew; else "".
+    occurred_text: str = ""
 
 
 class RowInvalid(Exception):
@@ -49,6 +52,7 @@ class RowParser:
         self.tz = timezone.get_current_timezone()
         if str(self.tz) in ("UTC", "Etc/UTC"):
             self.tz = UTC  # the same zone, which the interpreter converts to and prints in at half zoneinfo's cost
+        self.utc = self.tz is UTC
         self._numbers: dict[str, bool] = {}  # a member number's check digit, checked once per import
         self._totals: dict = {}  # a total's text -> its value, for rows that pass
 
@@ -115,6 +119,9 @@ class RowParser:
             return None
         if at.tzinfo is None or at > self.latest or (self.earliest is not None and at < self.earliest):
             return None
+        # A time in UTC to the second, YYYY-MM-DDTHH:MM:SS+00:00, in a server zone of UTC, is written as it came.
+        t = occurred_at
+        as_given = self.utc and len(t) == 25 and t[19:] == "+00:00" and t[4] == t[7] == "-" and t[13] == t[16] == ":"
         return Row(
             line,
             store,
@@ -127,6 +134,7 @@ class RowParser:
             at.astimezone(self.tz),
             amount,
             [],
+            f"{occurred_at[:10]} {occurred_at[11:]}" if as_given else "",
         )
 
     def _parse_checked(self, line: int, raw: dict | None) -> Row:

@@ -2,7 +2,6 @@
 
 import contextlib
 import gc
-import pickle
 import queue
 import threading
 import time
@@ -17,7 +16,7 @@ from django.utils import timezone
 
 from core.db import batch_statements
 from core.models import Program
-from loyalty.imports.checking import Checked, file_check, uncommitted_work
+from loyalty.imports.checking import Checked, file_check, spool_read, uncommitted_work
 from loyalty.imports.report import ImportAborted, ImportReport
 from loyalty.imports.rows import RowParser
 from loyalty.imports.writing import Earnings, Prepared, chunk_write
@@ -158,14 +157,9 @@ def _cut(lane: int, rows: list, batch_size: int, grouped: bool, *, last: bool):
 
 
 def _unspooled(spools: list) -> Iterator[list]:
-    """What file_check pickled to `spools`, a chunk of rows at a time."""
+    """What file_check spooled to `spools`, a chunk of rows at a time."""
     for spool in spools:
-        spool.seek(0)
-        while True:
-            try:
-                yield pickle.load(spool)
-            except EOFError:
-                break
+        yield from spool_read(spool)
 
 
 def _prepared(items: list) -> Prepared:

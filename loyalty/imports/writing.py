@@ -99,15 +99,15 @@ class Earnings:
         return available_from, expires_at, midnight, texts, whole_day(available_from), whole_day(expires_at)
 
     def ready(self, row: Row, member_id: int | None) -> tuple:
-        """The purchase `row` of member `member_id` (None: anonymous) ready to write, as a plain tuple, which the
-        spool pickles at a fifth of a named tuple's cost:
+        """The purchase `row` of member `member_id` (None: anonymous) ready to write, as a tuple of plain values,
+        which the spool writes with marshal (checking.spool_write):
             (line, (store, external_id), member number, member_id, transaction text, points, occurred_at,
              lot dates, matured, expired)
         The texts are COPY text: the transaction's of the columns of _purchases_text from store to breakdown, the
         others as ledger_credit_rows takes them. Anonymous purchases are kept for analytics and earn nothing, as in
         transaction_record; nor do purchases worth no points, which have no lot."""
-        line, store, external_id, channel, member, _, _, _, at, total, lines = row  # one unpacking, not 13 lookups
-        occurred_at = at.isoformat(" ")  # str() would call this, at twice the cost
+        line, store, external_id, channel, member, _, _, _, at, total, lines, occurred_at = row  # not 13 lookups
+        occurred_at = occurred_at or at.isoformat(" ")  # str() would call this, at twice the cost
         points, breakdown = self.points(total, at) if member_id is not None else (0, "[]")
         dates, matured, expired = self.lot(at, occurred_at) if points else ("", False, None)
         return (
