@@ -212,19 +212,19 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
 def spool_write(spool, ready: list, plain: bool) -> None:
     """Add a chunk's rows to `spool`: with marshal where they are `plain` values only (purchases as Earnings.ready
     makes them), at a third of pickle's cost; with pickle where there are returns (rows of dates and decimals)."""
-    if plain:
-        spool.write(b"m")
-        marshal.dump(ready, spool)
-    else:
-        spool.write(b"p")
-        pickle.dump(ready, spool, pickle.HIGHEST_PROTOCOL)
+    data = marshal.dumps(ready) if plain else pickle.dumps(ready, pickle.HIGHEST_PROTOCOL)
+    spool.write(b"m" if plain else b"p")
+    spool.write(len(data).to_bytes(8, "little"))
+    spool.write(data)
 
 
 def spool_read(spool) -> Iterator[list]:
-    """What spool_write added to `spool`, a chunk's rows at a time."""
+    """What spool_write added to `spool`, a chunk's rows at a time. Each is read whole first: marshal.load reads a
+    file piece by piece, ten times as slowly."""
     spool.seek(0)
     while kind := spool.read(1):
-        yield marshal.load(spool) if kind == b"m" else pickle.load(spool)
+        data = spool.read(int.from_bytes(spool.read(8), "little"))
+        yield marshal.loads(data) if kind == b"m" else pickle.loads(data)
 
 
 def _returns_check(program: Program, batch_size: int, checked: Checked, report: ImportReport):
