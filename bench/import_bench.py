@@ -171,7 +171,7 @@ def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool) -> tuple
 
     from core.db import array_literal
     from core.references import foreign_keys_check, owned_present
-    from loyalty.models import Entry, Lot, Transaction
+    from loyalty.models import Account, Entry, Lot, Transaction
 
     with psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) as conn:
         ledger = "loyalty_draw, loyalty_lot, loyalty_entry, loyalty_transaction, loyalty_account"
@@ -209,6 +209,7 @@ def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool) -> tuple
                     "ORDER BY member_id FOR UPDATE",
                     [accounts],
                 )
+                held = {Account: [pk for (pk,) in cursor.fetchall()]}
                 write(cursor, chunk, "entries", "loyalty_entry")
                 write(cursor, chunk, "lots", "loyalty_lot")
                 if set_based:
@@ -216,8 +217,8 @@ def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool) -> tuple
                     entry_ids, transaction_ids = first_column(chunk["entries"]), first_column(chunk["transactions"])
                     own = owned_present(cursor, {Transaction: transaction_ids, Entry: entry_ids})
                     foreign_keys_check(cursor, Transaction, "id", transaction_ids, own)
-                    foreign_keys_check(cursor, Entry, "id", entry_ids, own)
-                    foreign_keys_check(cursor, Lot, "entry_id", entry_ids, own)
+                    foreign_keys_check(cursor, Entry, "id", entry_ids, own, held)
+                    foreign_keys_check(cursor, Lot, "entry_id", entry_ids, own, held)
                 cursor.execute(
                     "UPDATE loyalty_account AS a SET available = v.available, pending = v.pending, "
                     "lifetime_earned = v.lifetime, updated_at = now() "

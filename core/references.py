@@ -9,7 +9,9 @@ referenced row must exist, and is locked FOR KEY SHARE until the transaction end
 can delete it or change its key before this one commits. A reference to a row that this transaction inserted
 itself (Block.own: the block's own rows, or an import chunk's purchases written before its ledger rows) is checked
 by counting those rows once, by ranges of their keys, with no probe and no lock: no other transaction can see
-them. The constraints stay declared, and every other write is checked by them as always.
+them. Nor is a reference to a row the transaction holds locked (Block.holds: the accounts a bulk credit locked),
+which no other transaction can delete or re-key before it commits. The constraints stay declared, and every other
+write is checked by them as always.
 
 Skipping the triggers needs the right to set session_replication_role (a superuser has it; on PostgreSQL 15 and
 newer, `GRANT SET ON PARAMETER session_replication_role TO <role>` gives it to the service's role) and, for the
@@ -38,6 +40,7 @@ class Block:
         self.models = into
         self.writes: list[tuple[type[models.Model], str, list[int]]] = []
         self.owned: dict[type[models.Model], list[int]] = {}
+        self.locked: dict[type[models.Model], list[int]] = {}
         self.skipping = False
 
     def written(self, model: type[models.Model], column: str, ids: list[int]) -> None:
@@ -58,6 +61,14 @@ class Block:
         another transaction's would pass the count unlocked, and could be deleted before this one commits."""
         if self.skipping and ids:
             self.owned.setdefault(model, []).extend(ids)
+
+    def holds(self, model: type[models.Model], ids: list[int]) -> None:
+        """This database transaction holds a row lock on the rows of `model` with these primary keys: they exist,
+        and no other transaction can delete them or change their keys before it commits (each row lock blocks
+        both). A reference to one of them needs no probe and no lock. Only keys that a locking query of this
+        transaction returned (SELECT ... FOR UPDATE) may be given."""
+        if self.skipping and ids:
+            self.locked.setdefault(model, []).extend(ids)
 
 
 @contextmanager
@@ -85,7 +96,7 @@ def references_checked(*into: type[models.Model]) -> Iterator[Block]:
                 cursor.execute("SELECT set_config('session_replication_role', %s, true)", [before])
                 own = owned_present(cursor, block.owned)
                 for model, column, ids in block.writes:
-                    foreign_keys_check(cursor, model, column, ids, own)
+                    foreign_keys_check(cursor, model, column, ids, own, block.locked)
 
 
 def _may_skip(written: tuple[type[models.Model], ...]) -> tuple[str, list[str]]:
@@ -102,11 +113,13 @@ def _may_skip(written: tuple[type[models.Model], ...]) -> tuple[str, list[str]]:
     return " AND ".join(may), [table for table in tables for _ in range(2)]
 
 
-def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list[int], own: dict | None = None):
+def foreign_keys_check(
+    cursor, model: type[models.Model], column: str, ids: list[int], own: dict | None = None, held: dict | None = None
+):
     """Every foreign key of the rows of `model` whose `column` is among `ids` names a row that exists, locked FOR KEY
     SHARE in key order; an IntegrityError names the constraint otherwise. `own` ({model: runs of primary keys},
-    owned_present) names rows that this transaction inserted and that are known to be there: a key among them
-    needs neither a probe nor a lock."""
+    owned_present) names rows that this transaction inserted and that are known to be there, and `held` ({model:
+    primary keys}, Block.holds) rows it holds locked: a key among either needs neither a probe nor a lock."""
     keys = _foreign_keys(model)
     if not keys:
         return
@@ -120,11 +133,14 @@ def foreign_keys_check(cursor, model: type[models.Model], column: str, ids: list
         # How many distinct values name no row: those named, less those found and locked. A probe per value: bounds
         # (BETWEEN the least and the greatest) halved the time where the rows lie together, as an import's entries
         # name its transactions, but made the planner read whole ranges of a large table where they are spread.
-        # Values among the transaction's own rows, counted there already, are left out.
-        runs = (own or {}).get(key.related_model) if key.target_field.primary_key else None
-        others = ""
-        if runs:
-            others = " WHERE NOT (" + " OR ".join(f"{key.column} BETWEEN {lo} AND {hi}" for lo, hi in runs) + ")"
+        # Values among the transaction's own rows, counted there already, and among the rows it holds locked are
+        # left out.
+        known = []
+        if key.target_field.primary_key:
+            known += [f"{key.column} BETWEEN {lo} AND {hi}" for lo, hi in (own or {}).get(key.related_model, ())]
+            if locked := (held or {}).get(key.related_model):
+                known.append(f"{key.column} = ANY('{array_literal(int(pk) for pk in locked)}'::bigint[])")
+        others = " WHERE NOT (" + " OR ".join(known) + ")" if known else ""
         missing.append(
             f"(SELECT count(DISTINCT {key.column}) FROM new{others}) - (SELECT count(*) FROM (SELECT FROM {table} r "
             f"WHERE r.{target} IN (SELECT {key.column} FROM new{others}) ORDER BY r.{target} FOR KEY SHARE OF r) found)"

@@ -339,3 +339,51 @@ def test_a_reference_outside_the_transactions_own_rows_is_probed_as_any_other(pr
             block.own(Transaction, [txn.pk])
     # then
     assert not Entry.objects.exists()
+
+
+# --- rows the block's transaction holds locked (Block.holds) ------------------------------------------------------
+
+
+def _reads_of(model) -> int:
+    """How many times this transaction has read the table of `model`, by index or whole."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(idx_scan, 0) + seq_scan FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
+            [model._meta.db_table],
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_reference_to_a_row_the_transaction_holds_locked_is_not_probed(program, held):
+    # given: a member's purchase, and the member's account locked by this transaction
+    member = MemberFactory(program=program)
+    Account.objects.create(member=member)
+    txn = _purchase(program, member_id=member.pk)
+    locked = list(Account.objects.select_for_update().filter(pk=member.pk).values_list("pk", flat=True))
+    before = _reads_of(Account)
+    # when: an entry of the account is written in a block, which is told of the lock or not
+    with references_checked(Entry) as block:
+        entry = _entry(member.pk, txn.pk)
+        block.written(Entry, "id", [entry.pk])
+        if held:
+            block.holds(Account, locked)
+    # then: the account is read to check the entry only where the block was not told
+    assert (_reads_of(Account) > before) is not held
+    assert Entry.objects.filter(pk=entry.pk).exists()
+
+
+def test_a_reference_outside_the_rows_the_transaction_holds_locked_is_probed_as_any_other(program):
+    # given: one account locked by this transaction
+    member = MemberFactory(program=program)
+    Account.objects.create(member=member)
+    txn = _purchase(program, member_id=member.pk)
+    locked = list(Account.objects.select_for_update().filter(pk=member.pk).values_list("pk", flat=True))
+    # when: an entry names an account that is not there
+    with pytest.raises(IntegrityError, match="account_id name no row of loyalty_account"):
+        with references_checked(Entry) as block:
+            entries = [_entry(member.pk, txn.pk), _entry(MISSING, txn.pk)]
+            block.written(Entry, "id", [e.pk for e in entries])
+            block.holds(Account, locked)
+    # then
+    assert not Entry.objects.exists()

@@ -189,6 +189,7 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transact
             block.written(Entry, "id", entry_ids + expire_ids)
             block.written(Lot, "entry_id", entry_ids)
             block.own(Transaction, list(own_transactions))
+            block.holds(Account, list(balances))  # locked above
         if draws:
             # A lot is found by its credit's entry (one lot per credit entry), which spares reserving lot ids.
             cursor.execute(
