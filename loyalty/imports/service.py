@@ -174,7 +174,7 @@ def _write_in_lanes(
     reads and prepares them, ahead of each lane by as many rows as _spooled reads ahead and a few chunks more: those
     come at once. A lane that fails stops the others after their chunk under way; its error is raised here. Each
     lane reports on its own; the reports are added up here."""
-    handoffs = [queue.Queue(maxsize=GROUPED_ROWS // batch_size + 3) for _ in range(lanes)]
+    handoffs = [queue.Queue(maxsize=GROUPED_ROWS // batch_size + 2) for _ in range(lanes)]
     reports = [ImportReport() for _ in range(lanes)]
     stop, heard = threading.Event(), threading.Lock()
 

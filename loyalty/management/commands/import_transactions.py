@@ -18,9 +18,10 @@ class Command(BaseCommand):
         "Import purchases and returns from a CSV file (header: store, external_id, channel, member, type, "
         "original_external_id, occurred_at, currency, total) or JSON lines (the same fields, plus optional lines). "
         "Rows already recorded are skipped, so a rerun imports nothing twice. A file with a bad row imports nothing "
-        "unless --skip-invalid is given. The file is read once (a large one in IMPORT_CHECKERS parts at once); "
-        "its checked rows wait in temporary files in TMPDIR (about three times a CSV file's size) until they are "
-        "written, and they are removed when the import ends."
+        "unless --skip-invalid is given. Each member's rows are written in file order, members in an order of the "
+        "import's own (lanes of members at once, each one's read-ahead grouped by member). The file is read once "
+        "(a large one in IMPORT_CHECKERS parts at once); its checked rows wait in temporary files in TMPDIR (about "
+        "three times a CSV file's size) until they are written, and they are removed when the import ends."
     )
 
     def add_arguments(self, parser):
