@@ -3,12 +3,15 @@
 import csv
 import gc
 import json
+import random
+import tempfile
 import threading
 import time
 import zlib
 from datetime import UTC, datetime, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
+from operator import itemgetter
 from types import SimpleNamespace
 
 import pytest
@@ -1064,3 +1067,76 @@ def test_rows_read_ahead_are_written_by_member_each_members_in_file_order(progra
         ]
     assert sum(len({m for m, _ in chunk}) for chunk in chunks) <= 12
     assert ledger_verify() == []
+
+
+def test_members_who_buy_return_and_buy_again_share_chunks(program, tmp_path, monkeypatch):
+    # given: 60 members who each buy, return part of it and buy again, in chunks of 100
+    from loyalty.imports import service
+
+    members = [MemberFactory() for _ in range(60)]
+    at = timezone.now() - timedelta(days=10)
+    rows = [_row(f"A{i}", m, "100.00", at) for i, m in enumerate(members)]
+    rows += [
+        _row(f"R{i}", m, "10.00", at + timedelta(hours=1), type="return", original_external_id=f"A{i}")
+        for i, m in enumerate(members)
+    ]
+    rows += [_row(f"B{i}", m, "50.00", at + timedelta(hours=2)) for i, m in enumerate(members)]
+    chunks, write = [], service.chunk_write
+
+    def spied(*, chunk, **kwargs):
+        chunks.append(chunk.size)
+        return write(chunk=chunk, **kwargs)
+
+    monkeypatch.setattr(service, "chunk_write", spied)
+    # when
+    report = _import(program, _csv(tmp_path, rows), batch_size=100, writers=1)
+    # then: each second purchase waits for a chunk after its member's return, all of them together (the rows in
+    # file order would take 2 chunks; one cut per member, 60)
+    assert (report.imported, report.errors) == (180, [])
+    assert len(chunks) <= 3
+    assert [a.available for a in Account.objects.order_by("pk")] == [140] * 60
+    assert ledger_verify() == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    ("batch_size", "lanes", "owners_known"), [(1, 1, True), (7, 3, True), (500, 1, True), (7, 1, False)]
+)
+def test_chunks_hold_every_row_once_and_each_members_in_file_order(seed, batch_size, lanes, owners_known):
+    # given: 6,000 rows of 300 members, a fifth of them returns of an earlier purchase of the same member, spooled
+    # as the check spools them
+    from loyalty.imports import service
+    from loyalty.imports.checking import Checked, spool_write
+    from loyalty.imports.rows import Row
+
+    rng, checked, items, bought = random.Random(seed), Checked(), [], {}
+    for line in range(2, 6002):
+        member = f"M{rng.randrange(300):03d}"
+        if bought.get(member) and rng.random() < 0.2:
+            at = datetime(2026, 1, 1, tzinfo=UTC)
+            original = rng.choice(bought[member])
+            items.append(Row(line, "S", f"R{line}", "pos", member, "return", original, "", at, Decimal(1), []))
+        else:
+            items.append((line, ("S", f"P{line}"), member, 1, "", 5, "", "", True, None))  # as Earnings.ready
+            checked.own(f"P{line}", member)
+            bought.setdefault(member, []).append(f"P{line}")
+    if not owners_known:
+        checked.owners, lanes = None, 1
+    spool = tempfile.TemporaryFile()
+    for start in range(0, len(items), 997):
+        part = items[start : start + 997]
+        spool_write(spool, part, all(type(item) is tuple for item in part))
+    # when
+    chunks = [chunk for _, chunk in service._spooled([spool], checked, batch_size, lanes)]
+    # then: each row once; each member's rows in file order as the ledger takes them (a chunk's purchases, then its
+    # returns); in file order throughout where owners are not known
+    line_of = itemgetter(0)  # a purchase's line; a Row's too
+    written = [[line_of(item) for item in (*chunk.purchases, *chunk.returns)] for chunk in chunks]
+    assert all(0 < len(lines) <= batch_size for lines in written)
+    assert sorted(line for lines in written for line in lines) == [line_of(item) for item in items]
+    member_of = {line_of(item): item[2] if type(item) is tuple else item.member for item in items}
+    for member in bought:
+        lines = [line for chunk in written for line in chunk if member_of[line] == member]
+        assert lines == sorted(lines), member
+    if not owners_known:
+        assert [line for chunk in written for line in sorted(chunk)] == [line_of(item) for item in items]

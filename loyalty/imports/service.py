@@ -134,10 +134,10 @@ def _spooled(spools: list, checked: Checked, batch_size: int, lanes: int) -> Ite
 
 
 def _cut(lane: int, rows: list, batch_size: int, grouped: bool, *, last: bool):
-    """Chunks of `rows` ((owner, row) of one lane, in file order), ordered by owner if `grouped`; returns the rows
-    left over for the next chunk, unless `last`, where they are a chunk of their own."""
+    """Chunks of `rows` ((owner, row) of one lane, in file order), ordered by owner if `grouped` (_by_owner);
+    returns the rows left over for the next chunk, unless `last`, where they are a chunk of their own."""
     if grouped:
-        rows.sort(key=itemgetter(0))  # by owner, stable: each owner's rows stay in file order
+        rows[:] = _by_owner(rows)
     chunk: list = []
     returned: set = set()  # the owners the chunk's returns reach
     for owner, item in rows:
@@ -154,6 +154,26 @@ def _cut(lane: int, rows: list, batch_size: int, grouped: bool, *, last: bool):
         yield lane, _prepared(chunk)
         return []
     return rows[len(rows) - len(chunk) :] if chunk else []  # the unfinished chunk's rows wait for the next ones
+
+
+def _by_owner(rows: list) -> list:
+    """`rows` ((owner, row), in file order) by owner, each owner's in file order. Where there are returns, an
+    owner's purchases after a return of theirs go to a later round (all owners' first rounds, then the second
+    ones, ...): a chunk must be cut before such a purchase (_cut), and so it is cut once a round, not once an
+    owner."""
+    if all(type(item) is tuple for _, item in rows):  # purchases only, as most files are
+        return sorted(rows, key=itemgetter(0))  # stable
+    rounds: dict = {}
+    returned: set = set()  # owners whose last row so far is a return
+    keys = []
+    for owner, item in rows:
+        if type(item) is not tuple:
+            returned.add(owner)
+        elif owner in returned:
+            returned.discard(owner)
+            rounds[owner] = rounds.get(owner, 0) + 1
+        keys.append((rounds.get(owner, 0), owner))
+    return [row for _, row in sorted(zip(keys, rows, strict=True), key=itemgetter(0))]
 
 
 def _unspooled(spools: list) -> Iterator[list]:
