@@ -242,10 +242,10 @@ _COLUMNS = (
 
 
 def _purchases_text(program: Program, purchases: list, ids: list[int], now: datetime) -> str:
-    """The purchases with their ids (given in file order, as one INSERT at a time would give them) as COPY text of
-    _COLUMNS, in (store, external_id) order: every import writes a chunk's purchases in this one order, so two
-    imports of overlapping files wait for each other's uncommitted rows instead of deadlocking (the lock order in
-    loyalty/ledger/__init__.py). Sorted by the keys alone: they are unique within a chunk."""
+    """The purchases with their ids (given in the chunk's order, each member's in file order, as one INSERT at a
+    time would give them) as COPY text of _COLUMNS, in (store, external_id) order: every import writes a chunk's
+    purchases in this one order, so two imports of overlapping files wait for each other's uncommitted rows instead
+    of deadlocking (the lock order in loyalty/ledger/__init__.py). Sorted by the keys alone: unique in a chunk."""
     head, tail = f"\t{program.pk}\t", f"\tpurchase\t0\t0\t{now}\n"
     return "".join(
         f"{pk}{head}{p[4]}{tail}"
