@@ -1038,6 +1038,9 @@ def test_a_stopped_import_names_the_row_it_stopped_at_the_earliest_of_its_lanes(
     # in the order of their numbers (service._spooled) and names the return it stopped at
     earlier_met = 5 if first.member_number < second.member_number else 4  # lines 5 and 4 are first's and second's
     assert stopped.value.extra["line"] == (4 if writers == 2 else earlier_met)
+    # and each chunk that met a bad return is undone whole: here every chunk did
+    assert not Transaction.objects.exists() and not Entry.objects.exists()
+    assert ledger_verify() == []
 
 
 def test_rows_read_ahead_are_written_by_member_each_members_in_file_order(program, tmp_path, monkeypatch):

@@ -52,7 +52,6 @@ class RowParser:
         self.tz = timezone.get_current_timezone()
         if str(self.tz) in ("UTC", "Etc/UTC"):
             self.tz = UTC  # the same zone, which the interpreter converts to and prints in at half zoneinfo's cost
-        self.utc = self.tz is UTC
         self._numbers: dict[str, bool] = {}  # a member number's check digit, checked once per import
         self._totals: dict = {}  # a total's text -> its value, for rows that pass
 
@@ -121,7 +120,8 @@ class RowParser:
             return None
         # A time in UTC to the second, YYYY-MM-DDTHH:MM:SS+00:00, in a server zone of UTC, is written as it came.
         t = occurred_at
-        as_given = self.utc and len(t) == 25 and t[19:] == "+00:00" and t[4] == t[7] == "-" and t[13] == t[16] == ":"
+        as_given = self.tz is UTC and len(t) == 25 and t[19:] == "+00:00"
+        as_given = as_given and t[4] == t[7] == "-" and t[13] == t[16] == ":"
         return Row(
             line,
             store,

@@ -40,7 +40,6 @@ class Earnings:
 
     def __init__(self, program: Program, as_of: datetime):
         self.program = program
-        self.currency = program.currency
         self.as_of = as_of
         self.by_total: dict[Decimal, tuple[int, str]] = {}
         self.by_day: dict[tuple, tuple] = {}
@@ -116,8 +115,8 @@ class Earnings:
             member,
             member_id,
             f"{copy_text(store)}\t{copy_text(external_id)}\t{channel}\t{NULL if member_id is None else member_id}\t"
-            f"{occurred_at}\t{self.currency}\t{total}\t{copy_text(json.dumps(lines)) if lines else '[]'}\t{points}\t"
-            f"{breakdown if points else '[]'}",
+            f"{occurred_at}\t{self.program.currency}\t{total}\t{copy_text(json.dumps(lines)) if lines else '[]'}\t"
+            f"{points}\t{breakdown if points else '[]'}",
             points,
             occurred_at,
             dates,
