@@ -17,18 +17,22 @@ from types import SimpleNamespace
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from core.models import Program
 from loyalty import ledger
 from loyalty.earning import months_later
 from loyalty.imports import FIELDS, TransactionFile, transactions_import
+from loyalty.imports import service as service_module
 from loyalty.imports.report import ImportAborted
 from loyalty.imports.rows import RowParser
+from loyalty.imports.writing import chunk_write
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
 from loyalty.points import points_adjust
 from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
+from members.models import Member
 from tests.factories import MemberFactory
 
 pytestmark = pytest.mark.django_db(transaction=False)
@@ -414,6 +418,52 @@ def test_unknown_and_suspended_members_are_row_errors(program, tmp_path):
     assert "suspended" in report.errors[0].message
     assert "No member" in report.errors[1].message
     assert not Transaction.objects.exists()
+
+
+def test_members_are_looked_up_once_per_import_not_once_per_chunk(program, tmp_path):
+    # given: six chunks that name the same two members
+    first, second = MemberFactory(), MemberFactory()
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [_row(f"T{i}", (first, second)[i % 2], 10, at) for i in range(12)]
+    # when
+    with CaptureQueriesContext(connection) as queries:
+        report = _import(program, _csv(tmp_path, rows), batch_size=2)
+    # then
+    lookups = [q["sql"] for q in queries if "member_number = ANY" in q["sql"]]
+    assert len(lookups) == 1
+    assert report.imported == 12
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True], ids=["stops", "skips"])
+def test_a_member_suspended_after_the_check_earns_nothing_from_later_chunks(
+    program, tmp_path, monkeypatch, skip_invalid
+):
+    # given: a member found active by the check of the whole file, suspended before the second chunk is written
+    member = MemberFactory()
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [_row(f"T{i}", member, 10, at) for i in (1, 2, 3)]
+    written = []
+
+    def suspending(**kw):
+        if written:
+            Member.objects.filter(pk=member.pk).update(status=Member.Status.SUSPENDED)
+        written.append(kw["chunk"].size)
+        chunk_write(**kw)
+
+    monkeypatch.setattr(service_module, "chunk_write", suspending)
+    path = _csv(tmp_path, rows)
+    # when
+    if skip_invalid:
+        report = _import(program, path, batch_size=2, writers=1, skip_invalid=True)
+    else:
+        with pytest.raises(ImportAborted, match="line 4: member: Member .* is suspended"):
+            _import(program, path, batch_size=2, writers=1)
+    # then: the first chunk stays imported; the suspended member's later row is not
+    assert sorted(Transaction.objects.values_list("external_id", flat=True)) == ["T1", "T2"]
+    assert Account.objects.get(member=member).lifetime_earned == 20
+    if skip_invalid:
+        assert [(e.line, e.field) for e in report.errors] == [(4, "member")]
+    assert ledger_verify() == []
 
 
 def test_a_member_in_debt_has_it_settled_by_imported_points(program, tmp_path):

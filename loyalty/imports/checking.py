@@ -32,6 +32,11 @@ _PURCHASE, _RETURN, _ACTIVE = Transaction.Kind.PURCHASE.value, Transaction.Kind.
 # save there (about 60,000 rows of the benchmark's file).
 PARTS_FROM_BYTES = 4 << 20
 
+# The most members a check keeps once found (about 150 bytes each), so as not to look them up again in each chunk.
+# Whether each is still active is checked again as its chunk is written (writing._members_inactive).
+MEMBERS_KNOWN = 1_000_000
+_NONE, _ANONYMOUS = (None, None), (None, _ACTIVE)
+
 logger = logging.getLogger(__name__)
 
 
@@ -144,12 +149,13 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
     return_keys, returns = checked.return_keys, checked.returns
     chunk: list[Row] = []
     read = report.read  # the rows read before these, so that progress counts bad rows too
+    known: dict[str, tuple[int, str]] = {}  # the members found so far: most files name each member many times
 
     def members_check():
-        found = members_resolve(parser.program, {row.member for row in chunk if row.member})
+        found = members_resolve(parser.program, {n for row in chunk if (n := row.member) and n not in known})
         ready, plain = [], True
         for row in chunk:
-            member_id, status = found.get(row.member, (None, None)) if row.member else (None, _ACTIVE)
+            member_id, status = (known.get(row.member) or found.get(row.member, _NONE)) if row.member else _ANONYMOUS
             name = "member"
             if status is None:
                 message = f"No member {row.member} in programme {parser.program.code}."
@@ -167,6 +173,8 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
             bad.add(row.line)
             report.add_error(row.line, name, message)
         spool_write(spool, ready, plain)
+        if len(known) < MEMBERS_KNOWN:
+            known.update(found)
         chunk.clear()
         heard()
 
