@@ -2,6 +2,7 @@
 rows, errors, line numbers and ledger as checked in one."""
 
 import os
+import pickle
 import signal
 import tempfile
 import time
@@ -229,6 +230,7 @@ def _return(external_id, original="P1", **fields):
         [_p1(), _return("P1", original="A1")],
         [_return("Y"), _p1(external_id="Y")],
         [_p1(), _return("Z"), _return("Z")],
+        [_p1(), _p1(None, external_id="A1"), _p1(), _p1(None, external_id="A1"), _p1("second", external_id="P2")],
     ],
     ids=[
         "returns before and after their purchases",
@@ -236,6 +238,7 @@ def _return(external_id, original="P1", **fields):
         "a return under a purchase's key",
         "a purchase under a return's key",
         "two returns under one key",
+        "rows repeated",
     ],
 )
 def test_what_the_parts_found_taken_in_together_is_what_one_check_finds(program, scenario):
@@ -243,10 +246,14 @@ def test_what_the_parts_found_taken_in_together_is_what_one_check_finds(program,
     members = {"first": MemberFactory(), "second": MemberFactory(), None: None}
     numbered = [(line, make(members)) for line, make in enumerate(scenario, start=1)]
     for cut in range(len(numbered) + 1):
-        # when
+        # when: the later part handed over as a part's process hands it over
+        later = _checked(program, numbered[cut:])
+        handed = pickle.loads(pickle.dumps(later, pickle.HIGHEST_PROTOCOL))
         found = _checked(program, numbered[:cut])
-        found.then(_checked(program, numbered[cut:]))
+        found.then(handed)
         # then
+        assert handed == later, cut
+        assert list(handed.purchase_keys) == list(later.purchase_keys), cut  # in file order
         assert found == _checked(program, numbered), cut
 
 
