@@ -37,6 +37,10 @@ PARTS_FROM_BYTES = 4 << 20
 MEMBERS_KNOWN = 1_000_000
 _NONE, _ANONYMOUS = (None, None), (None, _ACTIVE)
 
+# Marshal's version 2: later versions look up every object that others share too (the rows' strings, while the rows
+# are alive), to write it once, which costs more than it saves here (0.5 µs a row of the spool against 0.8).
+_MARSHAL_VERSION = 2
+
 logger = logging.getLogger(__name__)
 
 
@@ -88,9 +92,8 @@ class Checked:
         self.return_keys |= later.return_keys
 
     # A part's process hands what it found to the import's pickled (_part_process). Its keys and owners go as lists,
-    # in file order, in one blob that marshal writes and reads (without the references of its later versions, which
-    # cost more than they save here): pickle spent a quarter of a second on the sets and dict of 100,000 purchases,
-    # this about a third of that.
+    # in file order, in one blob that marshal writes and reads: pickle spent a quarter of a second on the sets and
+    # dict of 100,000 purchases, this about a third of that.
     _LARGE = ("purchase_keys", "owners", "purchases_seen")
 
     def __getstate__(self) -> dict:
@@ -101,7 +104,10 @@ class Checked:
             None if owners is None else (list(owners), list(owners.values())),
             None if owners is not None and owners.keys() == seen else list(seen),  # else it is the owners' keys
         )
-        return {**{k: v for k, v in vars(self).items() if k not in self._LARGE}, "large": marshal.dumps(large, 2)}
+        return {
+            **{k: v for k, v in vars(self).items() if k not in self._LARGE},
+            "large": marshal.dumps(large, _MARSHAL_VERSION),
+        }
 
     def __setstate__(self, state: dict) -> None:
         keys, owners, seen = marshal.loads(state.pop("large"))
@@ -249,7 +255,7 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
 def spool_write(spool, ready: list, plain: bool) -> None:
     """Add a chunk's rows to `spool`: with marshal where they are `plain` values only (purchases as Earnings.ready
     makes them), at a third of pickle's cost; with pickle where there are returns (rows of dates and decimals)."""
-    data = marshal.dumps(ready) if plain else pickle.dumps(ready, pickle.HIGHEST_PROTOCOL)
+    data = marshal.dumps(ready, _MARSHAL_VERSION) if plain else pickle.dumps(ready, pickle.HIGHEST_PROTOCOL)
     spool.write(b"m" if plain else b"p")
     spool.write(len(data).to_bytes(8, "little"))
     spool.write(data)
