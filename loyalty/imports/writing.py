@@ -41,15 +41,16 @@ class Earnings:
     def __init__(self, program: Program, as_of: datetime):
         self.program = program
         self.as_of = as_of
-        self.by_total: dict[Decimal, tuple[int, str]] = {}
+        self.by_total: dict[Decimal, tuple[int, str, str]] = {}
         self.by_day: dict[tuple, tuple] = {}
 
-    def points(self, total: Decimal, occurred_at: datetime) -> tuple[int, str]:
-        """(points, breakdown as JSON in COPY text)."""
+    def points(self, total: Decimal, occurred_at: datetime) -> tuple[int, str, str]:
+        """(points, breakdown as JSON in COPY text, the total as text: f"{total}" costs twice as much as the rest of
+        a row's text)."""
         found = self.by_total.get(total)
         if found is None:
             earning = earning_for_purchase(program=self.program, total=total, occurred_at=occurred_at)
-            found = (earning.points, copy_text(json.dumps(earning.breakdown)))
+            found = (earning.points, copy_text(json.dumps(earning.breakdown)), str(total))
             if len(self.by_total) < 100_000:
                 self.by_total[total] = found
         return found
@@ -107,7 +108,7 @@ class Earnings:
         transaction_record; nor do purchases worth no points, which have no lot."""
         line, store, external_id, channel, member, _, _, _, at, total, lines, occurred_at = row  # not 13 lookups
         occurred_at = occurred_at or at.isoformat(" ")  # str() would call this, at twice the cost
-        points, breakdown = self.points(total, at) if member_id is not None else (0, "[]")
+        points, breakdown, total = self.points(total, at) if member_id is not None else (0, "[]", str(total))
         dates, matured, expired = self.lot(at, occurred_at) if points else ("", False, None)
         return (
             line,
