@@ -91,7 +91,7 @@ class RowParser:
             or channel not in _CHANNELS
         ):
             return None
-        store, external_id, original, original_store, member = (
+        store, external_id, original, original_store, number = (
             store.strip(),
             external_id.strip(),
             original.strip(),
@@ -109,7 +109,7 @@ class RowParser:
             or (kind != "purchase" and (kind != "return" or not original))
         ):
             return None
-        if member and not self._number_ok(member):
+        if member and not self._number_ok(number):  # "  " is no member number, as _parse_checked says
             return None
         amount = self._totals.get(total)
         if amount is None:
@@ -135,7 +135,7 @@ class RowParser:
                 store,
                 external_id,
                 channel,
-                member,
+                number,
                 kind,
                 original,
                 original_store,
