@@ -23,10 +23,10 @@ from django.utils import timezone
 from core.models import Program
 from loyalty import ledger
 from loyalty.earning import months_later
-from loyalty.imports import FIELDS, TransactionFile, transactions_import
+from loyalty.imports import FIELDS, OPTIONAL_FIELDS, TransactionFile, transactions_import
 from loyalty.imports import service as service_module
 from loyalty.imports.report import ImportAborted
-from loyalty.imports.rows import RowParser
+from loyalty.imports.rows import RowInvalid, RowParser
 from loyalty.imports.writing import chunk_write
 from loyalty.models import Account, Draw, Entry, Lot, Transaction
 from loyalty.points import points_adjust
@@ -275,6 +275,51 @@ def test_an_overlapping_file_imports_only_its_new_rows(program, tmp_path):
     assert Transaction.objects.count() == 24
     assert ledger_verify() == []
     assert _ledger_state()["transactions"] == expected["transactions"]
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [FIELDS, FIELDS + OPTIONAL_FIELDS, tuple(reversed(FIELDS + OPTIONAL_FIELDS))],
+    ids=["required columns", "all columns", "all columns reversed"],
+)
+def test_a_csv_files_rows_read_as_the_same_fields_given_by_name_would_be(program, tmp_path, columns):
+    # given: plain and odd rows in a CSV file of these columns
+    member = MemberFactory()
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [
+        _row("A", member, "10.00", at),
+        _row("B", None, "10.00", at),
+        {**_row("C", member, "10.00", at), "member": "   "},
+        _row("D", member, "1e2", at),
+        _row("E", member, "10.00", at, type="return", original_external_id="A"),
+        _row(" ", member, "10.00", at),
+        _row("G", member, "10.00", at, currency="EUR"),
+        _row("H", member, "10.00", at, lines='[{"sku": "X"}]', original_store="S2"),
+        _row("I", member, "10.00", at, lines="{}", original_store="S2"),
+    ]
+    path = tmp_path / "tx.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    parser = RowParser(program, timezone.now())
+
+    def outcome(line, fields):
+        try:
+            return parser.parse(line, fields)
+        except RowInvalid as exc:
+            return exc.errors
+
+    # when
+    read = [outcome(line, fields) for line, fields in TransactionFile(path)]
+    # then: each as its cells would be read by name, the columns the file lacks left out
+    by_name = [outcome(line, {k: v for k, v in row.items() if k in columns}) for line, row in enumerate(rows, 2)]
+    assert read == by_name
+    refused = [
+        (line, sorted({name.split("[")[0] for name, _ in r})) for line, r in enumerate(read, 2) if isinstance(r, list)
+    ]
+    odd_lines = [(9, ["lines"]), (10, ["lines"])] if "lines" in columns else []
+    assert refused == [(4, ["member"]), (5, ["total"]), (7, ["external_id"]), (8, ["currency"]), *odd_lines]
 
 
 def test_odd_rows_are_refused_as_the_field_checks_refuse_them(program, tmp_path):

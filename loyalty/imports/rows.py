@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from core.models import Program
 from core.validation import is_plain_decimal
+from loyalty.imports.files import COLUMNS
 from loyalty.models import Transaction
 from loyalty.transactions import CLOCK_SKEW
 from members.numbers import is_valid_member_number
@@ -61,22 +62,25 @@ class RowParser:
         self._numbers: dict[str, bool] = {}  # a member number's check digit, checked once per import
         self._totals: dict = {}  # a total's text -> its value, for rows that pass
 
-    def parse(self, line: int, raw: dict | None) -> Row:
-        """The row, or RowInvalid naming every bad field."""
-        row = self._parse_plain(line, raw) if type(raw) is dict else None
-        return row if row is not None else self._parse_checked(line, raw)
+    def parse(self, line: int, raw: dict | tuple | None) -> Row:
+        """The row, or RowInvalid naming every bad field. `raw`: its fields by name, or as a tuple in COLUMNS
+        order (as a CSV file gives them); None for a row of the wrong shape."""
+        if type(raw) is tuple:
+            row = self._parse_plain(line, raw)
+            return row if row is not None else self._parse_checked(line, dict(zip(COLUMNS, raw, strict=True)))
+        if type(raw) is dict and (row := self._parse_plain(line, tuple(map(raw.get, COLUMNS)))) is not None:
+            return row
+        return self._parse_checked(line, raw)
 
-    def _parse_plain(self, line: int, raw: dict) -> Row | None:
+    def _parse_plain(self, line: int, values: tuple) -> Row | None:
         """The common row (strings as a CSV file gives them, no lines) accepted in a few µs; None for anything
         else, which _parse_checked then reads field by field. It accepts exactly what _parse_checked accepts."""
-        get = raw.get
-        store, external_id, original, original_store = (
-            get("store"),
-            get("external_id"),
-            get("original_external_id", ""),
-            get("original_store", ""),
+        store, external_id, channel, member, kind, original, occurred_at, currency, total, lines, original_store = (
+            values
         )
-        member, occurred_at, total, channel = get("member") or "", get("occurred_at"), get("total"), get("channel")
+        original = "" if original is None else original
+        original_store = "" if original_store is None else original_store
+        member = member or ""
         if (
             type(store) is not str
             or type(external_id) is not str
@@ -86,8 +90,8 @@ class RowParser:
             or type(occurred_at) is not str
             or type(total) is not str
             or type(channel) is not str
-            or get("lines") not in (None, "", [])
-            or get("currency") != self.program.currency
+            or lines not in (None, "", [])
+            or currency != self.program.currency
             or channel not in _CHANNELS
         ):
             return None
@@ -98,7 +102,6 @@ class RowParser:
             original_store.strip(),
             member.strip(),
         )
-        kind = get("type")
         if (
             not store
             or not external_id
