@@ -16,7 +16,7 @@ def luhn_check_digit(digits: str) -> str:
 
 
 def is_valid_member_number(number: str) -> bool:
-    return len(number) == 10 and number.isdigit() and luhn_check_digit(number[:-1]) == number[-1]
+    return len(number) == 10 and number.isascii() and number.isdigit() and luhn_check_digit(number[:-1]) == number[-1]
 
 
 def new_member_number() -> str:

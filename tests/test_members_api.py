@@ -231,9 +231,10 @@ def test_get_returns_the_member(api, program):
     assert sorted(response.json()["cards"]) == ["C1", "C2"]
 
 
-def test_get_of_an_unknown_member_is_a_404_problem(api):
-    # when
-    response = api.get(f"{URL}/1234567890")
+@pytest.mark.parametrize("number", ["1234567890", "²" * 10, "١٢٣٤٥٦٧٨٩7"], ids=["digits", "superscripts", "arabic"])
+def test_get_of_an_unknown_member_is_a_404_problem(api, number):
+    # when: digits, or characters Python takes for digits (str.isdigit) that are no member number's
+    response = api.get(f"{URL}/{number}")
     # then
     assert response.status_code == 404
     assert response.json()["code"] == "member_not_found"
