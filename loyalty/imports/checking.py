@@ -208,8 +208,8 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
             bad.add(row.line)
             report.add_error(row.line, name, message)
         spool_write(spool, ready, plain)
-        if len(known) < MEMBERS_KNOWN:
-            known.update(found)
+        if len(known) < MEMBERS_KNOWN:  # active ones only: writing re-checks those, not a refusal's status
+            known.update((n, found_) for n, found_ in found.items() if found_[1] == _ACTIVE)
         chunk.clear()
         heard()
 

@@ -281,5 +281,5 @@ def _decimal(value, places: int, errors: list, name: str) -> Decimal | None:
     elif number > _MAX_AMOUNT:
         errors.append((name, f"At most {_MAX_AMOUNT}."))
     else:
-        return number.quantize(Decimal(1).scaleb(-places))
+        return number.quantize(Decimal(1).scaleb(-places)).copy_abs()  # "-0.00" is 0.00: no -0 to cache by value
     return None
