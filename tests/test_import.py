@@ -220,16 +220,21 @@ def test_points_held_for_a_till_are_recorded_on_imported_entries_as_the_per_row_
     }
 
 
-def test_the_cycle_collector_runs_less_often_while_an_import_runs_and_as_before_after_it(program, tmp_path):
+@pytest.mark.parametrize("enabled", [True, False], ids=["on before", "off before"])
+def test_the_cycle_collector_is_off_while_an_import_runs_and_as_before_after_it(program, tmp_path, enabled):
     # given
-    before = gc.get_threshold()
     path = _csv(tmp_path, _purchases([MemberFactory()], 3, datetime(2025, 3, 1, tzinfo=UTC)))
     during = []
-    # when
-    _import(program, path, progress=lambda stage, count: during.append(gc.get_threshold()))
-    # then
-    assert during and set(during) == {(100 * before[0], *before[1:])}
-    assert gc.get_threshold() == before
+    (gc.enable if enabled else gc.disable)()
+    try:
+        # when
+        _import(program, path, progress=lambda stage, count: during.append(gc.isenabled()))
+        # then
+        after = gc.isenabled()
+    finally:
+        gc.enable()
+    assert during and set(during) == {False}
+    assert after is enabled
 
 
 def test_rerun_imports_nothing(program, tmp_path):

@@ -50,7 +50,7 @@ def transactions_import(
     report = ImportReport()
     progress = progress or (lambda stage, count: None)
     now = timezone.now()
-    with _collections_rarer(), contextlib.ExitStack() as stack:
+    with _collector_off(), contextlib.ExitStack() as stack:
         parser, earnings, processes = RowParser(program, now), Earnings(program, now), settings.IMPORT_CHECKERS
         checked, spools = file_check(parser, rows, batch_size, report, progress, earnings, processes, stack)
         if not report.invalid or skip_invalid:
@@ -67,27 +67,29 @@ def transactions_import(
     return report
 
 
-_collector = {"lock": threading.Lock(), "users": 0, "threshold": gc.get_threshold()}
+_collector = {"lock": threading.Lock(), "users": 0, "enabled": True}
 
 
 @contextlib.contextmanager
-def _collections_rarer():
-    """Python's cycle collector run a hundred times less often while imports run. An import allocates a few dozen
-    objects a row, nearly all freed as soon as made and none in cycles, yet each 700 of them set off a collection,
-    which cost a quarter of the import's Python time (measured on the benchmark's file). It still runs; the previous
-    thresholds come back when the last import running in the process ends."""
+def _collector_off():
+    """Python's cycle collector off while imports run. An import allocates a few dozen objects a row, nearly all
+    freed as soon as made and none in cycles; yet a collection each 700 of them cost a quarter of the import's
+    Python time, and one each 70,000 still 0.24 s of a 200,000-row import, every one with the interpreter held and
+    the lanes waiting for it (measured on the benchmark's file). The few cycles an import leaves (a chunk's
+    exceptions and cursors) wait for the first collection after it. The collector comes back as it was when the
+    last import running in the process ends."""
     with _collector["lock"]:
         if not _collector["users"]:
-            _collector["threshold"] = gc.get_threshold()
-            gc.set_threshold(100 * _collector["threshold"][0], *_collector["threshold"][1:])
+            _collector["enabled"] = gc.isenabled()
+            gc.disable()
         _collector["users"] += 1
     try:
         yield
     finally:
         with _collector["lock"]:
             _collector["users"] -= 1
-            if not _collector["users"]:
-                gc.set_threshold(*_collector["threshold"])
+            if not _collector["users"] and _collector["enabled"]:
+                gc.enable()
 
 
 # The rows of a lane read ahead and put in order of their members before they are cut into chunks (_spooled); at
