@@ -32,14 +32,14 @@ def in_parts(monkeypatch, settings):
     """Any file checked in parts; the outcome of each attempt at it (the spools' number, or None: checked again)."""
     monkeypatch.setattr(checking_module, "PARTS_FROM_BYTES", 0)
     outcomes = []
-    parts_check = checking_module._parts_check
+    parts_check = checking_module.parts_check
 
     def spied(*args):
         found = parts_check(*args)
         outcomes.append(None if found is None else len(found[1]))
         return found
 
-    monkeypatch.setattr(checking_module, "_parts_check", spied)
+    monkeypatch.setattr(checking_module, "parts_check", spied)
     return outcomes
 
 

@@ -1,23 +1,21 @@
 """An import's check pass (`file_check`): every row parsed and checked, its member resolved, and the good rows made
 ready to write and spooled to temporary files, before anything is written. A large file is checked in parts, each
-in its own process, at once: the pass is Python's work, one core's at a time."""
+in its own process, at once (loyalty.imports.parts): the pass is Python's work, one core's at a time."""
 
 import contextlib
-import logging
 import marshal
 import os
 import pickle
-import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from django.db import connection, connections
+from django.db import connection
 
-from core.db import batch_statements
 from core.models import Program
 from loyalty.event_models import Referral
-from loyalty.imports.files import PartMisjudged, TransactionFile
+from loyalty.imports.files import TransactionFile
+from loyalty.imports.parts import parts_check
 from loyalty.imports.report import ImportReport
 from loyalty.imports.rows import Row, RowInvalid, RowParser
 from loyalty.imports.writing import Earnings, members_resolve
@@ -40,8 +38,6 @@ _NONE, _ANONYMOUS = (None, None), (None, _ACTIVE)
 # Marshal's version 2: later versions look up every object that others share too (the rows' strings, while the rows
 # are alive), to write it once, which costs more than it saves here (0.5 µs a row of the spool against 0.8).
 _MARSHAL_VERSION = 2
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,9 +87,9 @@ class Checked:
         self.purchase_keys |= later.purchase_keys
         self.return_keys |= later.return_keys
 
-    # A part's process hands what it found to the import's pickled (_part_process). Its keys and owners go as lists,
-    # in file order, in one blob that marshal writes and reads: pickle spent a quarter of a second on the sets and
-    # dict of 100,000 purchases, this about a third of that.
+    # A part's process hands what it found to the import's pickled (parts._part_process). Its keys and owners go as
+    # lists, in file order, in one blob that marshal writes and reads: pickle spent a quarter of a second on the sets
+    # and dict of 100,000 purchases, this about a third of that.
     _LARGE = ("purchase_keys", "owners", "purchases_seen")
 
     def __getstate__(self) -> dict:
@@ -148,7 +144,7 @@ def file_check(
             progress(stage, count)
 
         with contextlib.ExitStack() as attempt:
-            found = _parts_check(parser, parts, batch_size, telling, earnings, attempt)
+            found = parts_check(_check, parser, parts, batch_size, telling, earnings, attempt)
             if found is not None:
                 checked, spools, part_report = found
                 report.add(part_report)
@@ -299,133 +295,3 @@ def _returns_check(program: Program, batch_size: int, checked: Checked, report: 
                     "original_external_id",
                     f"No such purchase{at}, neither recorded nor earlier in the file.",
                 )
-
-
-@dataclass
-class _Part:
-    """A part checked by a forked process: its id, the pipe it reports its progress on, the temporary files it
-    spools its rows to and pickles its result to, and the progress it reported before its start was known to fall
-    between rows (a part started inside a quoted field would count each of its lines as a row)."""
-
-    pid: int
-    progress: int
-    spool: object
-    result: object
-    held: int | None = 0  # None once its progress is told as it comes
-
-
-def _parts_check(parser, parts, batch_size, progress, earnings, stack) -> tuple[Checked, list, ImportReport] | None:
-    """The first part checked here, the others each in a forked process at once; (what they found together, their
-    spools in file order, their report), or None where a part did not end between rows, or a process could not be
-    forked. The processes are ended and reaped whatever happens."""
-    forked: list[_Part] = []
-    try:
-        for part in parts[1:]:
-            spool = stack.enter_context(tempfile.TemporaryFile(prefix="import-"))
-            result = stack.enter_context(tempfile.TemporaryFile(prefix="import-check-"))
-            heard, says = os.pipe()
-            try:
-                pid = os.fork()
-            except OSError:
-                logger.warning("Could not fork to check part of an import file; checking it in one process.")
-                os.close(heard)
-                os.close(says)
-                return None
-            if pid == 0:  # never returns
-                _part_process(parser, part, batch_size, earnings, spool, result, says)
-            forked.append(_Part(pid, heard, spool, result))
-            os.close(says)
-            os.set_blocking(heard, False)
-
-        def relay(stage: str, count: int) -> None:
-            progress(stage, count)
-            for other in forked:
-                _relay(other, progress)
-
-        spool = stack.enter_context(tempfile.TemporaryFile(prefix="import-"))
-        report = ImportReport()
-        try:
-            checked = _check(parser, parts[0], batch_size, report, relay, earnings, spool)
-        except PartMisjudged:
-            return None
-        spools = [spool]
-        for other in forked:  # its start is known now to fall between rows: the part before it ended there
-            if other.held:
-                progress("check", other.held)
-            other.held = None
-            os.set_blocking(other.progress, True)
-            while _relay(other, progress):
-                pass
-            _, status = os.waitpid(other.pid, 0)
-            other.pid = 0
-            other.result.seek(0)
-            try:
-                outcome = pickle.load(other.result)
-            except (EOFError, pickle.UnpicklingError):  # it ended before it could say how: killed, say
-                code = os.waitstatus_to_exitcode(status)
-                how = f"by signal {-code}" if code < 0 else f"with exit code {code}"
-                outcome = RuntimeError(f"The process checking part of the file ended {how}, without a result.")
-            if isinstance(outcome, PartMisjudged):
-                return None
-            if isinstance(outcome, BaseException):
-                raise outcome
-            found, part_report = outcome
-            checked.then(found)
-            report.add(part_report)
-            other.spool.seek(0)
-            spools.append(other.spool)
-        return checked, spools, report
-    finally:
-        for other in forked:
-            os.close(other.progress)
-            if other.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(other.pid, signal.SIGTERM)
-                os.waitpid(other.pid, 0)
-
-
-def _relay(part: _Part, progress) -> bool:
-    """Hand on the progress `part` has reported, or hold it; False once it has ended (or has nothing more now)."""
-    try:
-        said = os.read(part.progress, 4096)
-    except BlockingIOError:
-        return False
-    for at in range(0, len(said), 4):
-        count = int.from_bytes(said[at : at + 4], "little")
-        if part.held is None:
-            progress("check", count)
-        else:
-            part.held += count
-    return bool(said)
-
-
-def _part_process(parser, part, batch_size, earnings, spool, result, says: int):
-    """In a forked process: check `part`, spool its rows, pickle (what it found, its report) or the error it met to
-    `result`, and end without running anything of the parent's (no exit handlers, no finalisers)."""
-    # The parent's database connections are the parent's: forgotten first of all, never closed (closing would end
-    # the parent's session), and new ones opened as needed.
-    for alias in connections:
-        connections[alias].connection = None
-    code = 1
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        with batch_statements():
-            report = ImportReport()
-            checked = _check(
-                parser, part, batch_size, report, lambda stage, count: os.write(says, count.to_bytes(4, "little")),
-                earnings, spool,
-            )  # fmt: skip
-            spool.flush()
-            pickle.dump((checked, report), result, pickle.HIGHEST_PROTOCOL)
-        code = 0
-    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
-        try:
-            pickle.loads(said := pickle.dumps(exc, pickle.HIGHEST_PROTOCOL))  # it must come back whole
-        except Exception:  # noqa: BLE001 - an error that does not pickle
-            said = pickle.dumps(RuntimeError(f"Checking part of the file: {exc!r}"), pickle.HIGHEST_PROTOCOL)
-        result.write(said)
-    finally:
-        with contextlib.suppress(BaseException):
-            result.flush()
-            connection.close()
-        os._exit(code)
