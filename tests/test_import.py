@@ -237,6 +237,23 @@ def test_the_cycle_collector_is_off_while_an_import_runs_and_as_before_after_it(
     assert after is enabled
 
 
+def test_the_cycle_collector_comes_back_after_an_import_that_fails(program, tmp_path, monkeypatch):
+    # given: a chunk whose writing fails
+    path = _csv(tmp_path, _purchases([MemberFactory()], 3, datetime(2025, 3, 1, tzinfo=UTC)))
+
+    def failing(**kw):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(service_module, "chunk_write", failing)
+    gc.enable()
+    # when
+    with pytest.raises(RuntimeError, match="went away"):
+        _import(program, path, writers=1)
+    # then
+    assert gc.isenabled()
+    assert not Transaction.objects.exists()
+
+
 def test_rerun_imports_nothing(program, tmp_path):
     # given
     members = [MemberFactory() for _ in range(3)]
