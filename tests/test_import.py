@@ -425,17 +425,19 @@ def test_json_numbers_in_a_csv_lines_cell_are_numbers(program, tmp_path):
     assert Transaction.objects.get().lines[0]["amount"] == "12.50"
 
 
-def test_a_purchase_earning_more_points_than_a_transaction_holds_is_a_row_error(program, tmp_path):
-    # given: the largest total there is, at 1 point per unit, and a plain purchase after it
+@pytest.mark.parametrize("batch_size", [5000, 1], ids=["member-looked-up-with-it", "member-found-before"])
+def test_a_purchase_earning_more_points_than_a_transaction_holds_is_a_row_error(program, tmp_path, batch_size):
+    # given: the largest total there is, at 1 point per unit, between two plain purchases; in chunks of one row, its
+    # member is known from the chunk before when it is read
     member = MemberFactory()
     at = datetime(2025, 3, 1, tzinfo=UTC)
-    rows = [_row("BIG", member, "9999999999.99", at), _row("OK", member, "10.00", at)]
+    rows = [_row("OK1", member, "10.00", at), _row("BIG", member, "9999999999.99", at), _row("OK2", member, "1", at)]
     # when
-    report = _import(program, _csv(tmp_path, rows), skip_invalid=True)
+    report = _import(program, _csv(tmp_path, rows), skip_invalid=True, batch_size=batch_size)
     # then: that row is refused as the API refuses it, and the rest is imported
-    assert [(e.line, e.field) for e in report.errors] == [(2, "total")]
+    assert [(e.line, e.field) for e in report.errors] == [(3, "total")]
     assert "more than one transaction can hold" in report.errors[0].message
-    assert list(Transaction.objects.values_list("external_id", flat=True)) == ["OK"]
+    assert sorted(Transaction.objects.values_list("external_id", flat=True)) == ["OK1", "OK2"]
     assert ledger_verify() == []
 
 

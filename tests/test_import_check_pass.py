@@ -224,6 +224,21 @@ def test_a_purchase_text_writes_its_own_total_whatever_came_before(program):
             assert earnings.ready(row, member.pk)[4].split("\t")[6] == f"{row.total}", totals
 
 
+@pytest.mark.parametrize(("pending_days", "expiry_months"), [(0, 24), (3, 1), (30, 0)])
+def test_a_days_lot_dates_are_those_a_first_look_at_the_day_gives_randomized(program, pending_days, expiry_months):
+    # Earnings.lot keeps, for a day in UTC, its dates as text and whether its points have matured and expired; days
+    # whose times fall on both sides of the import's start are worked out time by time
+    program.pending_days, program.expiry_months = pending_days, expiry_months
+    now = timezone.now()
+    rng = random.Random(7)
+    seen = Earnings(program, now)
+    for _ in range(2000):
+        at = (now - timedelta(days=rng.randrange(0, 800), seconds=rng.randrange(86400))).replace(microsecond=0)
+        text = at.isoformat(" ")
+        assert seen.lot(at, text) == Earnings(program, now).lot(at, text), text
+    assert seen.utc_days  # the cache was used
+
+
 def test_a_member_number_of_other_digits_is_a_row_error(program, tmp_path):
     # "²".isdigit() is True, but int("²") raises
     rows = [

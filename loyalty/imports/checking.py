@@ -174,39 +174,54 @@ def _told_after(progress, skipped: int):
 def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progress, earnings: Earnings, spool):
     """Every row parsed and checked, members resolved a chunk at a time, and the chunk's good rows made ready to
     write and added to `spool` (spool_write), in file order: purchases as Earnings.ready makes them, returns as
-    rows. The returns' purchases are checked afterwards, once the whole file is read (_returns_check)."""
+    rows. The returns' purchases are checked afterwards, once the whole file is read (_returns_check).
+
+    A purchase of a member found in an earlier chunk (active then; writing checks again), or of no member, is made
+    ready as it is read; the others wait for their chunk's members to be looked up. Either way the chunk is spooled
+    in file order."""
     checked = Checked()
     bad, purchases_seen, purchase_keys = checked.bad, checked.purchases_seen, checked.purchase_keys
     return_keys, returns = checked.return_keys, checked.returns
-    chunk: list[Row] = []
+    chunk: list = []  # the chunk's purchases made ready (tuples), and its rows still to resolve (Rows)
+    waiting = False  # whether the chunk has rows to resolve
     read = report.read  # the rows read before these, so that progress counts bad rows too
     known: dict[str, tuple[int, str]] = {}  # the members found so far: most files name each member many times
+    ready_made, parse = earnings.ready, parser.parse
 
-    def members_check():
-        found = members_resolve(parser.program, {n for row in chunk if (n := row.member) and n not in known})
-        ready, plain = [], True
-        for row in chunk:
-            member_id, status = (known.get(row.member) or found.get(row.member, _NONE)) if row.member else _ANONYMOUS
-            name = "member"
-            if status is None:
-                message = f"No member {row.member} in programme {parser.program.code}."
-            elif row.kind == _RETURN:
-                ready.append(row)
-                plain = False
-                continue
-            elif status != _ACTIVE:
-                message = f"Member {row.member} is {status}."
-            elif member_id is not None and (points := earnings.points(row.total, row.occurred_at)[0]) > MAX_POINTS:
-                name, message = "total", points_out_of_range(points)  # as transaction_record refuses it
-            else:
-                ready.append(earnings.ready(row, member_id))
-                continue
-            bad.add(row.line)
-            report.add_error(row.line, name, message)
+    def refused(row: Row, name: str, message: str) -> None:
+        bad.add(row.line)
+        report.add_error(row.line, name, message)
+
+    def chunk_end():
+        nonlocal waiting
+        ready, plain = chunk, True
+        if waiting:
+            found = members_resolve(
+                parser.program, {n for row in chunk if type(row) is not tuple and (n := row.member) and n not in known}
+            )
+            ready = []
+            for row in chunk:
+                if type(row) is tuple:
+                    ready.append(row)
+                    continue
+                member = row.member
+                member_id, status = (known.get(member) or found.get(member, _NONE)) if member else _ANONYMOUS
+                if status is None:
+                    refused(row, "member", f"No member {row.member} in programme {parser.program.code}.")
+                elif row.kind == _RETURN:
+                    ready.append(row)
+                    plain = False
+                elif status != _ACTIVE:
+                    refused(row, "member", f"Member {row.member} is {status}.")
+                elif (made := ready_made(row, member_id))[5] > MAX_POINTS:
+                    refused(row, "total", points_out_of_range(made[5]))  # as transaction_record refuses it
+                else:
+                    ready.append(made)
+            if len(known) < MEMBERS_KNOWN:  # active ones only: writing re-checks those, not a refusal's status
+                known.update((n, found_) for n, found_ in found.items() if found_[1] == _ACTIVE)
         spool_write(spool, ready, plain)
-        if len(known) < MEMBERS_KNOWN:  # active ones only: writing re-checks those, not a refusal's status
-            known.update((n, found_) for n, found_ in found.items() if found_[1] == _ACTIVE)
         chunk.clear()
+        waiting = False
         heard()
 
     def heard():
@@ -217,19 +232,26 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
     for number, raw in rows:
         report.read += 1
         try:
-            row = parser.parse(number, raw)
+            row = parse(number, raw)
         except RowInvalid as exc:
             bad.add(number)
             for i, (name, message) in enumerate(exc.errors):
                 report.add_error(number, name, message, new_row=i == 0)
             continue
-        key = (row.store, row.external_id)
-        if row.kind == _PURCHASE:
-            purchases_seen.add(row.external_id)
+        store, external_id, member, kind = row[1], row[2], row[4], row[5]  # not four attribute lookups
+        key = (store, external_id)
+        if kind == _PURCHASE:
+            purchases_seen.add(external_id)
             purchase_keys[key] = None
-            checked.own(row.external_id, row.member or row.external_id)
+            checked.own(external_id, member or external_id)
             if key in return_keys:
                 checked.owners = None
+            found = known.get(member) if member else _ANONYMOUS
+            if found is not None and (made := ready_made(row, found[0]))[5] <= MAX_POINTS:
+                chunk.append(made)
+            else:
+                chunk.append(row)
+                waiting = True
         else:
             if key in purchase_keys or key in return_keys:
                 checked.owners = None
@@ -238,11 +260,12 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
                 returns.append((row, (row.original_store, row.original_external_id) in purchase_keys))
             else:
                 returns.append((row, row.original_external_id in purchases_seen))
-        chunk.append(row)
+            chunk.append(row)
+            waiting = True
         if len(chunk) == batch_size:
-            members_check()
+            chunk_end()
     if chunk:
-        members_check()
+        chunk_end()
     if report.read > read:
         heard()
     return checked

@@ -112,7 +112,7 @@ class RowParser:
             or (kind != "purchase" and (kind != "return" or not original))
         ):
             return None
-        if member and not self._number_ok(number):  # "  " is no member number, as _parse_checked says
+        if member and not (self._numbers.get(number) or self._number_ok(number)):  # "  " is no number either
             return None
         amount = self._totals.get(total)
         if amount is None:

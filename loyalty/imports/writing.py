@@ -4,7 +4,7 @@ transaction_record."""
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from operator import itemgetter
 
@@ -43,6 +43,11 @@ class Earnings:
         self.as_of = as_of
         self.by_total: dict[Decimal, tuple[int, str, str]] = {}
         self.by_day: dict[tuple, tuple] = {}
+        # Days in UTC by their text (a time's first ten characters) whose every time has its lot's dates as text, and
+        # whether its points have matured and expired: (available date, expiry date or None, matured, expired).
+        self.utc_days: dict[str, tuple] = {}
+        self.currency = program.currency
+        self.stores: dict[str, str] = {}  # a store's COPY text: stores repeat
 
     def points(self, total: Decimal, occurred_at: datetime) -> tuple[int, str, str]:
         """(points, breakdown as JSON in COPY text, the total as text: made once per total, as f"{total}" costs a
@@ -58,12 +63,24 @@ class Earnings:
     def lot(self, occurred_at: datetime, occurred_text: str) -> tuple[str, bool, str | None]:
         """The lot's available_from and expires_at as COPY text, whether it has matured, and its expiry text if that
         has passed already (the points expire on arrival)."""
+        if occurred_at.tzinfo is UTC and (whole := self.utc_days.get(occurred_text[:10])) is not None:
+            available_text, expires_text, day_matured, day_expired = whole  # the common case: a day seen before
+            time = occurred_text[10:]
+            if expires_text is None:
+                return f"{available_text}{time}\t{NULL}", day_matured, None
+            return (
+                f"{available_text}{time}\t{expires_text}{time}",
+                day_matured,
+                expires_text + time if day_expired else None,
+            )
         key = (occurred_at.date(), occurred_at.tzinfo)  # not the instant: two zones' midnights may coincide
         day = self.by_day.get(key)
         if day is None:
             day = self.by_day[key] = self._day(occurred_at)
         available_base, expires_base, midnight, texts, day_matured, day_expired = day
         if texts is not None and day_matured is not None and day_expired is not None:  # all known for the day
+            if occurred_at.tzinfo is UTC:
+                self.utc_days[occurred_text[:10]] = (*texts, day_matured, day_expired)
             available_text, expires_text = texts
             available_text += occurred_text[10:]
             expires_text = expires_text + occurred_text[10:] if expires_text is not None else None
@@ -108,16 +125,24 @@ class Earnings:
         transaction_record; nor do purchases worth no points, which have no lot."""
         line, store, external_id, channel, member, _, _, _, at, total, lines, occurred_at = row  # not 13 lookups
         occurred_at = occurred_at or at.isoformat(" ")  # str() would call this, at twice the cost
-        points, breakdown, total = self.points(total, at) if member_id is not None else (0, "[]", str(total))
+        if member_id is None:
+            points, breakdown, total = 0, "[]", str(total)
+        else:
+            points, breakdown, total = self.by_total.get(total) or self.points(total, at)
         dates, matured, expired = self.lot(at, occurred_at) if points else ("", False, None)
+        store_text = self.stores.get(store)
+        if store_text is None:
+            store_text = copy_text(store)
+            if len(self.stores) < 10_000:
+                self.stores[store] = store_text
         return (
             line,
             (store, external_id),
             member,
             member_id,
-            f"{copy_text(store)}\t{copy_text(external_id)}\t{channel}\t{NULL if member_id is None else member_id}\t"
-            f"{occurred_at}\t{self.program.currency}\t{total}\t{copy_text(json.dumps(lines)) if lines else '[]'}\t"
-            f"{points}\t{breakdown if points else '[]'}",
+            f"{store_text}\t{external_id if external_id.isalnum() else copy_text(external_id)}\t{channel}\t"
+            f"{NULL if member_id is None else member_id}\t{occurred_at}\t{self.currency}\t{total}\t"
+            f"{copy_text(json.dumps(lines)) if lines else '[]'}\t{points}\t{breakdown if points else '[]'}",
             points,
             occurred_at,
             dates,
