@@ -6,13 +6,15 @@ Then the baseline, in the same run: raw PostgreSQL doing the same writes. The ro
 the ledger's tables emptied, and the rows written again chunk by chunk as the import writes them (COPY the
 transactions, open and lock the accounts, COPY the entries and the lots, set the balances; one database transaction
 a chunk, synchronous_commit off), from text made ready beforehand: no parsing, no points worked out, no Python per
-row while it runs. The same tables, indexes and constraints. It runs twice: with the foreign keys checked by
-PostgreSQL's trigger per row at commit, then checked set-based as the import checks them (core/references.py). The
-second one's rate is what this machine's PostgreSQL allows the import at most; the ratio of the two rates says how
-much the import's own work costs. The ledger is verified again after each, so they wrote what the import wrote.
+row while it runs. The same tables, indexes and constraints. It runs three times: with the foreign keys checked by
+PostgreSQL's trigger per row at commit; checked set-based as the import checks them (core/references.py); and
+set-based on two connections at once, each writing its accounts' part of every chunk, as the import's two lanes
+write members apart. The ledger is verified again after each, so they wrote what the import wrote.
 
-The import writes in lanes of members at once (--writers, default IMPORT_WRITERS: 2); the baseline writes on one
-connection, so with more than one lane the ratio is no longer a ceiling.
+The import writes in lanes of members at once (--writers, default IMPORT_WRITERS: 2). The last baseline is then
+its ceiling on this machine as it is during the run: PostgreSQL's own work for the same writes on both cores, with
+no Python at all; the ratio of the two rates says how much the import's own work costs. The one-connection
+baselines are kept for comparison with earlier rounds.
 
 Usage: python bench/import_bench.py [--purchases 200000] [--members 20000] [--batch-size 5000] [--writers N] [--keep]
 Needs PostgreSQL at BENCH_PG (default postgres://postgres@127.0.0.1:5432). Amounts and dates come from the CDNOW
@@ -164,36 +166,54 @@ def first_column(lines: list[str]) -> list[int]:
     return [int(line.split("\t", 1)[0]) for line in lines]
 
 
-def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool) -> tuple[float, float | None]:
+def lanes_split(columns: dict, chunks: list[dict], lanes: int) -> list[list[dict]]:
+    """`chunks` split into `lanes` lanes of the same chunks, each holding the rows of the accounts whose key leaves
+    the lane's remainder (a transaction without a member by its own id): lanes then share no account, as the
+    import's lanes share no member, and each account's rows stay in their chunk and in order."""
+    if lanes == 1:
+        return [chunks]
+    keyed = {kind: columns[kind].index("member_id" if kind == "transactions" else "account_id") for kind in columns}
+    split: list[list[dict]] = [[] for _ in range(lanes)]
+    for chunk in chunks:
+        parts = [
+            {"transactions": [], "entries": [], "lots": [], "accounts": [], "balances": [[], [], []]}
+            for _ in range(lanes)
+        ]
+        for kind, at in keyed.items():
+            for line in chunk[kind]:
+                fields = line.split("\t", at + 1)
+                key = fields[at] if fields[at] != "\\N" else fields[0]
+                parts[int(key) % lanes][kind].append(line)
+        for i, account in enumerate(chunk["accounts"]):
+            part = parts[account % lanes]
+            part["accounts"].append(account)
+            for values, value in zip(part["balances"], (v[i] for v in chunk["balances"]), strict=True):
+                values.append(value)
+        for lane, part in enumerate(parts):
+            if part["transactions"]:
+                split[lane].append(part)
+    return split
+
+
+def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool, lanes: int = 1) -> tuple[float, float | None]:
     """Write the prepared chunks (`baseline_prepare`) into the emptied ledger; (seconds, PostgreSQL CPU seconds or
     None). Foreign keys are checked by PostgreSQL's trigger per row, or `set_based` as the import checks them
-    (core/references.py: the triggers skipped, then one query per table)."""
+    (core/references.py: the triggers skipped, then one query per table). In `lanes` connections at once, each
+    writing its accounts' part of every chunk (lanes_split)."""
+    import threading
+
     import psycopg
 
     from core.db import array_literal
     from core.references import foreign_keys_check, owned_present
     from loyalty.models import Account, Entry, Lot, Transaction
 
-    with psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) as conn:
-        ledger = "loyalty_draw, loyalty_lot, loyalty_entry, loyalty_transaction, loyalty_account"
-        # Tables that refer to the ledger's go with CASCADE: they must be empty here, or the baseline would lose rows.
-        others = conn.execute(
-            "WITH RECURSIVE refs(t) AS (SELECT unnest(%s::regclass[]) UNION "
-            "SELECT c.conrelid::regclass FROM pg_constraint c JOIN refs ON c.confrelid = refs.t WHERE c.contype = 'f') "
-            "SELECT t::text FROM refs WHERE NOT t = ANY(%s::regclass[])",
-            ["{" + ledger + "}"] * 2,
-        ).fetchall()
-        for (table,) in others:
-            assert conn.execute(f"SELECT NOT EXISTS (SELECT FROM {table})").fetchone()[0], f"{table} has rows"
-        conn.execute(f"TRUNCATE {ledger} CASCADE")
-        cpu = server_cpu_reader(conn.info.backend_pid)
+    def write(cursor, chunk: dict, kind: str, table: str) -> None:
+        with cursor.copy(f"COPY {table} ({', '.join(columns[kind])}) FROM STDIN") as copy:
+            copy.write("".join(chunk[kind]))
 
-        def write(cursor, chunk: dict, kind: str, table: str) -> None:
-            with cursor.copy(f"COPY {table} ({', '.join(columns[kind])}) FROM STDIN") as copy:
-                copy.write("".join(chunk[kind]))
-
-        cpu_before, started = cpu(), time.perf_counter()
-        for chunk in chunks:
+    def write_lane(conn, lane_chunks: list[dict]) -> None:
+        for chunk in lane_chunks:
             accounts = array_literal(chunk["accounts"])
             with conn.transaction(), conn.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit = off")
@@ -227,7 +247,46 @@ def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool) -> tuple
                     "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
                     [accounts, *(array_literal(values) for values in chunk["balances"])],
                 )
-        seconds, cpu_after = time.perf_counter() - started, cpu()
+
+    split = lanes_split(columns, chunks, lanes)
+    with psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) as conn:
+        ledger = "loyalty_draw, loyalty_lot, loyalty_entry, loyalty_transaction, loyalty_account"
+        # Tables that refer to the ledger's go with CASCADE: they must be empty here, or the baseline would lose rows.
+        others = conn.execute(
+            "WITH RECURSIVE refs(t) AS (SELECT unnest(%s::regclass[]) UNION "
+            "SELECT c.conrelid::regclass FROM pg_constraint c JOIN refs ON c.confrelid = refs.t WHERE c.contype = 'f') "
+            "SELECT t::text FROM refs WHERE NOT t = ANY(%s::regclass[])",
+            ["{" + ledger + "}"] * 2,
+        ).fetchall()
+        for (table,) in others:
+            assert conn.execute(f"SELECT NOT EXISTS (SELECT FROM {table})").fetchone()[0], f"{table} has rows"
+        conn.execute(f"TRUNCATE {ledger} CASCADE")
+        cpu = server_cpu_reader(conn.info.backend_pid)
+        extra = [psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) for _ in split[1:]]
+        try:
+            failed: list[BaseException] = []
+
+            def run(lane_conn, lane_chunks):
+                try:
+                    write_lane(lane_conn, lane_chunks)
+                except BaseException as exc:  # raised below
+                    failed.append(exc)
+
+            threads = [
+                threading.Thread(target=run, args=(lane_conn, lane_chunks))
+                for lane_conn, lane_chunks in zip([conn, *extra], split, strict=True)
+            ]
+            cpu_before, started = cpu(), time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            seconds, cpu_after = time.perf_counter() - started, cpu()
+            if failed:
+                raise failed[0]
+        finally:
+            for lane_conn in extra:
+                lane_conn.close()
     return seconds, (cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None)
 
 
@@ -308,8 +367,12 @@ def main() -> None:
 
     prepared = baseline_prepare(args.batch_size)
     replayed = []
-    for set_based, name in ((False, "foreign keys per row"), (True, "foreign keys set-based, as the import")):
-        seconds, baseline_cpu = baseline_run(*prepared, set_based=set_based)
+    for set_based, lanes, name in (
+        (False, 1, "foreign keys per row"),
+        (True, 1, "foreign keys set-based, as the import"),
+        (True, 2, "foreign keys set-based, two connections at once"),
+    ):
+        seconds, baseline_cpu = baseline_run(*prepared, set_based=set_based, lanes=lanes)
         rate = rows[0] / seconds
         print(f"baseline, raw PostgreSQL, same writes, {name}: {rows[0]} transactions in {seconds:.2f} s")
         print(f"  rate: {rate:,.0f} transactions/s")
@@ -319,11 +382,11 @@ def main() -> None:
         print(f"  import / baseline: {report.imported / report.seconds / rate:.2f}")
         breaches += ledger_verify()
         replayed.append((Transaction.objects.count(), Entry.objects.count(), Lot.objects.count()))
-    print(f"verify after the baselines: {len(breaches)} breaches; rows the same: {replayed == [rows, rows]}")
+    print(f"verify after the baselines: {len(breaches)} breaches; rows the same: {replayed == [rows] * 3}")
     if not args.keep:
         path.unlink()
         workdir.rmdir()
-    if breaches or rerun.imported or replayed != [rows, rows]:
+    if breaches or rerun.imported or replayed != [rows] * 3:
         sys.exit(1)
 
 
