@@ -265,3 +265,49 @@ def test_a_member_reactivated_between_chunks_is_accepted_in_later_chunks(program
     checked = _checked(program, rows, batch_size=1)
     # then: the second chunk looks the member up again, and takes row 2
     assert checked.bad == {1}
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_the_spool_holds_every_good_row_once_in_file_order_randomized(program, batch_size):
+    # given: purchases of members found in an earlier chunk or not yet, of suspended and unknown members, of no
+    # member, too large for a transaction, with bad totals, and returns of earlier purchases
+    active = [MemberFactory() for _ in range(6)]
+    suspended = MemberFactory(status=Member.Status.SUSPENDED)
+    unknown = "1234567897"  # a valid number of no member
+    rng, rows, bought = random.Random(batch_size), [], []
+    for line in range(1, 301):
+        pick = rng.random()
+        member = rng.choice(active)
+        if pick < 0.1 and bought:
+            original = rng.choice(bought)
+            row = {**_row(f"R{line}", member, "1.00", _AT), "type": "return", "original_external_id": original}
+        elif pick < 0.15:
+            row = _row(f"P{line}", suspended, "5.00", _AT)
+        elif pick < 0.2:
+            row = {**_row(f"P{line}", None, "5.00", _AT), "member": unknown}
+        elif pick < 0.25:
+            row = _row(f"P{line}", None, "5.00", _AT)
+        elif pick < 0.3:
+            row = _row(f"P{line}", member, "9999999999.99", _AT)
+        elif pick < 0.33:
+            row = _row(f"P{line}", member, "-1", _AT)
+        else:
+            row = _row(f"P{line}", member, f"{rng.randrange(1, 500)}.00", _AT)
+            bought.append(f"P{line}")
+        rows.append((line, row))
+    # when
+    with tempfile.TemporaryFile() as spool:
+        now = timezone.now()
+        report = ImportReport()
+        checked = _check(
+            RowParser(program, now), rows, batch_size, report, lambda *a: None, Earnings(program, now), spool
+        )
+        spooled = [item for chunk in spool_read(spool) for item in chunk]
+    # then: each good row once, in file order, purchases made ready and returns as rows; each bad row named once
+    lines = [item[0] if type(item) is tuple else item.line for item in spooled]
+    assert lines == [line for line, _ in rows if line not in checked.bad]
+    assert all((type(item) is tuple) == (rows[item_line - 1][1]["type"] == "purchase") for item, item_line in
+               zip(spooled, lines, strict=True))  # fmt: skip
+    assert sorted(error.line for error in report.errors) == sorted(checked.bad)
+    assert {error.field for error in report.errors} == {"member", "total"}
+    assert 40 < len(checked.bad) < 150
