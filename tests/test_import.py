@@ -393,6 +393,28 @@ def test_a_time_is_written_as_it_came_only_where_that_is_how_it_would_be_written
     assert bool(row.occurred_text) == (zone == "UTC" and given.endswith(":00+00:00") and given[4] == given[7] == "-")
 
 
+def test_a_time_of_24_00_is_not_written_as_it_came(program, monkeypatch):
+    # given: Python reading 24:00 as the next day's midnight, as later versions do (3.11 refuses it)
+    from loyalty.imports import rows as rows_module
+
+    class Reading(datetime):
+        @classmethod
+        def fromisoformat(cls, text):
+            if text[11:13] == "24":
+                return datetime.fromisoformat(text[:11] + "00" + text[13:]) + timedelta(days=1)
+            return datetime.fromisoformat(text)
+
+    monkeypatch.setattr(rows_module, "datetime", Reading)
+    parser = RowParser(program, timezone.now())
+    # when
+    row = parser.parse(
+        2, {**_row("A", None, "10.00", datetime(2025, 3, 1, tzinfo=UTC)), "occurred_at": "2025-03-01T24:00:00+00:00"}
+    )
+    # then: its text is written anew, so that its first ten characters are its date, as Earnings.lot takes them
+    assert row.occurred_at == datetime(2025, 3, 2, tzinfo=UTC)
+    assert row.occurred_text == ""
+
+
 @pytest.mark.parametrize("total", ["1e5", "1_000", "+5", "١٢", "Infinity", "NaN", "12,50", "-3"])
 def test_a_total_not_written_as_the_contract_writes_amounts_is_refused(program, tmp_path, total):
     # given: Python's Decimal would read each of these but the last two; the API refuses them all
