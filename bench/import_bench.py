@@ -177,7 +177,8 @@ def lanes_split(columns: dict, chunks: list[dict], lanes: int) -> list[list[dict
     import psycopg
 
     with psycopg.connect(f"{SERVER}/{DATABASE}") as conn:
-        lane_of = {pk: zlib.crc32(number.encode()) % lanes for pk, number in conn.execute(_MEMBER_NUMBERS)}
+        numbers = conn.execute("SELECT id, member_number FROM members_member")
+        lane_of = {pk: zlib.crc32(number.encode()) % lanes for pk, number in numbers}
     at = {kind: columns[kind].index("member_id" if kind == "transactions" else "account_id") for kind in columns}
     external_id = columns["transactions"].index("external_id")
     split: list[list[dict]] = [[] for _ in range(lanes)]
@@ -201,9 +202,6 @@ def lanes_split(columns: dict, chunks: list[dict], lanes: int) -> list[list[dict
             if part["transactions"]:
                 split[lane].append(part)
     return split
-
-
-_MEMBER_NUMBERS = "SELECT id, member_number FROM members_member"
 
 
 def baseline_run(columns: dict, chunks: list[dict], *, set_based: bool, lanes: int = 1) -> tuple[float, float | None]:
