@@ -207,12 +207,12 @@ def _check(parser: RowParser, rows, batch_size: int, report: ImportReport, progr
                 member = row.member
                 member_id, status = (known.get(member) or found.get(member, _NONE)) if member else _ANONYMOUS
                 if status is None:
-                    refused(row, "member", f"No member {row.member} in programme {parser.program.code}.")
+                    refused(row, "member", f"No member {member} in programme {parser.program.code}.")
                 elif row.kind == _RETURN:
                     ready.append(row)
                     plain = False
                 elif status != _ACTIVE:
-                    refused(row, "member", f"Member {row.member} is {status}.")
+                    refused(row, "member", f"Member {member} is {status}.")
                 elif (made := ready_made(row, member_id))[5] > MAX_POINTS:
                     refused(row, "total", points_out_of_range(made[5]))  # as transaction_record refuses it
                 else:

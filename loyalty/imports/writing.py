@@ -46,8 +46,6 @@ class Earnings:
         # Days in UTC by their text (a time's first ten characters) whose every time has its lot's dates as text, and
         # whether its points have matured and expired: (available date, expiry date or None, matured, expired).
         self.utc_days: dict[str, tuple] = {}
-        self.currency = program.currency
-        self.stores: dict[str, str] = {}  # a store's COPY text: stores repeat
 
     def points(self, total: Decimal, occurred_at: datetime) -> tuple[int, str, str]:
         """(points, breakdown as JSON in COPY text, the total as text: made once per total, as f"{total}" costs a
@@ -130,19 +128,14 @@ class Earnings:
         else:
             points, breakdown, total = self.by_total.get(total) or self.points(total, at)
         dates, matured, expired = self.lot(at, occurred_at) if points else ("", False, None)
-        store_text = self.stores.get(store)
-        if store_text is None:
-            store_text = copy_text(store)
-            if len(self.stores) < 10_000:
-                self.stores[store] = store_text
         return (
             line,
             (store, external_id),
             member,
             member_id,
-            f"{store_text}\t{external_id if external_id.isalnum() else copy_text(external_id)}\t{channel}\t"
-            f"{NULL if member_id is None else member_id}\t{occurred_at}\t{self.currency}\t{total}\t"
-            f"{copy_text(json.dumps(lines)) if lines else '[]'}\t{points}\t{breakdown if points else '[]'}",
+            f"{copy_text(store)}\t{copy_text(external_id)}\t{channel}\t{NULL if member_id is None else member_id}\t"
+            f"{occurred_at}\t{self.program.currency}\t{total}\t{copy_text(json.dumps(lines)) if lines else '[]'}\t"
+            f"{points}\t{breakdown if points else '[]'}",
             points,
             occurred_at,
             dates,
