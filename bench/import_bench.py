@@ -28,7 +28,6 @@ import random
 import sys
 import tempfile
 import time
-import zlib
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -168,17 +167,19 @@ def first_column(lines: list[str]) -> list[int]:
 
 
 def lanes_split(columns: dict, chunks: list[dict], lanes: int) -> list[list[dict]]:
-    """`chunks` split into `lanes` lanes as the import's lanes split them (loyalty/imports/service.py: by the CRC-32
-    of the member number, or of the external id of a purchase without a member), each lane holding its part of every
+    """`chunks` split into `lanes` lanes as the import's lanes split them (service.lane_of: by the member number, or
+    the external id of a purchase without a member), each lane holding its part of every
     chunk: a chunk's rows are one lane's, but where two lanes drew their ids at once. Lanes then share no account,
     and each account's rows stay in their chunk and in order."""
     if lanes == 1:
         return [chunks]
     import psycopg
 
+    from loyalty.imports.service import lane_of
+
     with psycopg.connect(f"{SERVER}/{DATABASE}") as conn:
         numbers = conn.execute("SELECT id, member_number FROM members_member")
-        lane_of = {pk: zlib.crc32(number.encode()) % lanes for pk, number in numbers}
+        lane_of_member = {pk: lane_of(number, lanes) for pk, number in numbers}
     at = {kind: columns[kind].index("member_id" if kind == "transactions" else "account_id") for kind in columns}
     external_id = columns["transactions"].index("external_id")
     split: list[list[dict]] = [[] for _ in range(lanes)]
@@ -191,10 +192,10 @@ def lanes_split(columns: dict, chunks: list[dict], lanes: int) -> list[list[dict
             for line in chunk[kind]:
                 fields = line.split("\t")
                 key = fields[column]
-                lane = lane_of[int(key)] if key != "\\N" else zlib.crc32(fields[external_id].encode()) % lanes
+                lane = lane_of_member[int(key)] if key != "\\N" else lane_of(fields[external_id], lanes)
                 parts[lane][kind].append(line)
         for i, account in enumerate(chunk["accounts"]):
-            part = parts[lane_of[account]]
+            part = parts[lane_of_member[account]]
             part["accounts"].append(account)
             for values, value in zip(part["balances"], (v[i] for v in chunk["balances"]), strict=True):
                 values.append(value)

@@ -7,7 +7,6 @@ import random
 import tempfile
 import threading
 import time
-import zlib
 from datetime import UTC, datetime, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
@@ -1047,7 +1046,9 @@ def test_an_external_id_of_several_members_imports_in_one_lane(program, tmp_path
 
 
 def _lane_of(member, lanes=2) -> int:
-    return zlib.crc32(member.member_number.encode()) % lanes
+    from loyalty.imports.service import lane_of
+
+    return lane_of(member.member_number, lanes)
 
 
 def _members_in_lanes(*lanes, **fields) -> list:

@@ -126,7 +126,7 @@ def _spooled(spools: list, checked: Checked, batch_size: int, lanes: int) -> Ite
                 continue
             else:  # a return, with the purchase it returns: the same accounts, the purchase's row locked
                 owner = checked.owners.get(item.original_external_id, item.member) if grouped else None
-            lane = zlib.crc32(owner.encode()) % lanes if lanes > 1 else 0
+            lane = lane_of(owner, lanes) if lanes > 1 else 0
             rows = waiting[lane]
             rows.append((owner, item))
             if len(rows) >= ahead[lane]:
@@ -134,6 +134,11 @@ def _spooled(spools: list, checked: Checked, batch_size: int, lanes: int) -> Ite
                 ahead[lane] = most
     for lane, rows in enumerate(waiting):
         yield from _cut(lane, rows, batch_size, grouped, last=True)
+
+
+def lane_of(owner: str, lanes: int) -> int:
+    """The lane of `owner`'s rows (a member number, or the external id of a purchase without a member)."""
+    return zlib.crc32(owner.encode()) % lanes
 
 
 def _cut(lane: int, rows: list, batch_size: int, grouped: bool, *, last: bool):
