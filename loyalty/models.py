@@ -189,7 +189,10 @@ class Entry(models.Model):
 class Lot(models.Model):
     """Points credited together, spent soonest-to-expire first. Pending until `available_from`."""
 
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="lots")
+    # No index of its own: every lookup of an account's lots is of those with points left, which the partial
+    # lot_spendable index serves, and accounts are never deleted (nor their keys changed), which is all the foreign
+    # key would need it for. An index entry for every lot cost each credit about 1.5 µs (docs/benchmarks.md).
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="lots", db_index=False)
     entry = models.OneToOneField(Entry, on_delete=models.PROTECT, related_name="lot")
     amount = models.BigIntegerField()
     remaining = models.BigIntegerField()
