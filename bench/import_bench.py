@@ -131,7 +131,7 @@ def baseline_prepare(batch_size: int) -> tuple[dict, list[dict]]:
         "entries": f"SELECT c.chunk, e.* FROM loyalty_entry e JOIN ({numbered}) c ON c.id = e.transaction_id "
         "ORDER BY e.id",
         "lots": f"SELECT c.chunk, l.* FROM loyalty_lot l JOIN loyalty_entry e ON e.id = l.entry_id "
-        f"JOIN ({numbered}) c ON c.id = e.transaction_id ORDER BY l.id",
+        f"JOIN ({numbered}) c ON c.id = e.transaction_id ORDER BY l.entry_id",
     }
     with psycopg.connect(f"{SERVER}/{DATABASE}") as conn:
         draws, other = conn.execute(

@@ -193,7 +193,9 @@ class Lot(models.Model):
     # lot_spendable index serves, and accounts are never deleted (nor their keys changed), which is all the foreign
     # key would need it for. An index entry for every lot cost each credit about 1.5 µs (docs/benchmarks.md).
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="lots", db_index=False)
-    entry = models.OneToOneField(Entry, on_delete=models.PROTECT, related_name="lot")
+    # A lot is its credit's: keyed by the entry, not by an id of its own, which would cost each credit a second
+    # index entry and a draw from a sequence (docs/benchmarks.md).
+    entry = models.OneToOneField(Entry, primary_key=True, on_delete=models.PROTECT, related_name="lot")
     amount = models.BigIntegerField()
     remaining = models.BigIntegerField()
     available_from = models.DateTimeField()

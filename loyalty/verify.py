@@ -53,17 +53,17 @@ def _checks() -> list[tuple[str, str]]:
         ),
         (
             "a lot's remaining equals its amount less its draws",
-            f"""SELECT l.id, l.remaining, l.amount - COALESCE(s.total, 0) FROM {lot} l
-                LEFT JOIN (SELECT lot_id, SUM(points) AS total FROM {d} GROUP BY lot_id) s ON s.lot_id = l.id
+            f"""SELECT l.entry_id, l.remaining, l.amount - COALESCE(s.total, 0) FROM {lot} l
+                LEFT JOIN (SELECT lot_id, SUM(points) AS total FROM {d} GROUP BY lot_id) s ON s.lot_id = l.entry_id
                 WHERE l.remaining <> l.amount - COALESCE(s.total, 0)""",
         ),
         (
             "no lot below zero or above its amount",
-            f"SELECT id, remaining, amount FROM {lot} WHERE remaining < 0 OR remaining > amount",
+            f"SELECT entry_id, remaining, amount FROM {lot} WHERE remaining < 0 OR remaining > amount",
         ),
         (
             "a lot credits exactly its entry's points to the entry's account",
-            f"""SELECT l.id, l.amount, e.points FROM {lot} l JOIN {e} e ON e.id = l.entry_id
+            f"""SELECT l.entry_id, l.amount, e.points FROM {lot} l JOIN {e} e ON e.id = l.entry_id
                 WHERE l.amount <> e.points OR l.account_id <> e.account_id""",
         ),
         (

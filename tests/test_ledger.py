@@ -283,7 +283,7 @@ def test_verify_ledger_detects_a_lot_out_of_step_with_its_draws(program, member,
     _buy(program, member, "100.00", external_id="r1")
     lot = Lot.objects.get()
     with connection.cursor() as cursor:
-        cursor.execute(f"UPDATE {Lot._meta.db_table} SET remaining = 90 WHERE id = %s", [lot.pk])
+        cursor.execute(f"UPDATE {Lot._meta.db_table} SET remaining = 90 WHERE entry_id = %s", [lot.pk])
 
     # when
     with pytest.raises(CommandError):

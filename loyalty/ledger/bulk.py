@@ -191,11 +191,10 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transact
             block.own(Transaction, list(own_transactions))
             block.holds(Account, list(balances))  # locked above
         if draws:
-            # A lot is found by its credit's entry (one lot per credit entry), which spares reserving lot ids.
+            # A lot is keyed by its credit's entry.
             cursor.execute(
-                f"INSERT INTO {d} (entry_id, lot_id, points) SELECT v.entry_id, l.id, v.points "
-                "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS v(entry_id, credit_id, points) "
-                f"JOIN {lot_t} l ON l.entry_id = v.credit_id",
+                f"INSERT INTO {d} (entry_id, lot_id, points) "
+                "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])",
                 [array_literal(draw[i] for draw in draws) for i in range(3)],
             )
         # Absolute values are safe: they were computed from the rows as locked above.

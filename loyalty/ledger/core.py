@@ -142,20 +142,21 @@ def _credit_sql(update_from: str, update_where: str, entry_from: str, entry_link
         f"l AS (INSERT INTO {lots} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
         "SELECT e.account_id, e.id, e.points, e.points - CASE WHEN %s "
         "THEN LEAST(e.points, GREATEST(0, e.points - e.available_after)) ELSE 0 END, %s, %s, %s FROM e "
-        "RETURNING id, entry_id, amount, remaining), "
-        f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, id, amount - remaining FROM l "
+        "RETURNING entry_id, amount, remaining), "
+        # A lot is keyed by its entry.
+        f"d AS (INSERT INTO {draws} (entry_id, lot_id, points) SELECT entry_id, entry_id, amount - remaining FROM l "
         "WHERE remaining < amount)"
     )
     return sql, [(f, how) for f, how in e_plan if f.attname not in from_statement]
 
 
 def _credited(entry: Entry, row, *, available_from, expires_at, now) -> Entry:
-    """`entry` as the statement of _credit_ctes wrote it, from its row (entry id and balances, lot id and
+    """`entry` as the statement of _credit_ctes wrote it, from its row (entry id and balances, the lot's
     remaining), with its lot."""
-    entry.pk, entry.available_after, entry.pending_after, entry.held_after, lot_id, remaining = row
+    entry.pk, entry.available_after, entry.pending_after, entry.held_after, remaining = row
     entry._state.adding = False
     lot = _lot(entry, remaining, available_from=available_from, expires_at=expires_at, matured=available_from <= now)
-    lot.pk, lot._state.adding = lot_id, False
+    lot._state.adding = False
     return entry
 
 
@@ -244,7 +245,7 @@ def _credit_in_steps(entry: Entry, *, available_from, expires_at, now) -> Entry:
 def _credit_in_one_statement(entry: Entry, **credit) -> Entry:
     """ledger_credit's writes on PostgreSQL: one round trip, two when the account is opened first."""
     ctes, params = _credit_ctes(entry, account=("member_id = %s", [entry.account_id]), **credit)
-    sql = f"WITH {ctes} SELECT e.id, e.available_after, e.pending_after, e.held_after, l.id, l.remaining FROM e, l"
+    sql = f"WITH {ctes} SELECT e.id, e.available_after, e.pending_after, e.held_after, l.remaining FROM e, l"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()

@@ -139,14 +139,15 @@ def _insert_spend(
         f"WITH e AS (INSERT INTO {Entry._meta.db_table} ({columns}) "
         f"VALUES ({', '.join(['%s'] * len(plan))}) RETURNING id), "
         # `before`: what the lots ahead of this one hold; a lot gives what is still missing once they are used up.
-        "l AS (SELECT id, remaining, "
-        "SUM(remaining) OVER (ORDER BY expires_at ASC NULLS LAST, id) - remaining AS before "
+        # A lot is keyed by its credit's entry, which orders lots as they were credited.
+        "l AS (SELECT entry_id, remaining, "
+        "SUM(remaining) OVER (ORDER BY expires_at ASC NULLS LAST, entry_id) - remaining AS before "
         f"FROM {lot} WHERE account_id = %s AND matured AND remaining > 0), "
-        "t AS (SELECT id, before, LEAST(remaining, %s - before) AS take FROM l WHERE before < %s), "
-        f"u AS (UPDATE {lot} SET remaining = {lot}.remaining - t.take FROM t WHERE {lot}.id = t.id)"
+        "t AS (SELECT entry_id, before, LEAST(remaining, %s - before) AS take FROM l WHERE before < %s), "
+        f"u AS (UPDATE {lot} SET remaining = {lot}.remaining - t.take FROM t WHERE {lot}.entry_id = t.entry_id)"
         f"{link_sql}{chain_sql}, "
         f"d AS (INSERT INTO {draw} (entry_id, lot_id, points) "
-        "SELECT e.id, t.id, t.take FROM e, t ORDER BY t.before RETURNING entry_id) "
+        "SELECT e.id, t.entry_id, t.take FROM e, t ORDER BY t.before RETURNING entry_id) "
         f"SELECT (SELECT id FROM e), (SELECT COUNT(*) FROM d){chain_ids}"
     )
     with connection.cursor() as cursor:

@@ -1,0 +1,73 @@
+"""Migrations that move data, run both ways over a ledger in use: what the rows record must come through unchanged."""
+
+from datetime import UTC, datetime
+
+import pytest
+from dateutil.relativedelta import relativedelta
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from loyalty.ledger import ledger_debit
+from loyalty.models import Draw, Entry, Lot
+from loyalty.verify import ledger_verify
+from tests.factories import MemberFactory, record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+BEFORE, KEYED = ("loyalty", "0021_lot_account_unindexed"), ("loyalty", "0022_lot_keyed_by_entry")
+
+
+def _migrate(target):
+    executor = MigrationExecutor(connection)
+    executor.migrate([target])
+
+
+def _draws_by_lot_id():
+    """(draw, its lot's entry, points) of every draw, its lot found by the draw's lot_id among the lots' ids."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT d.id, l.entry_id, d.points FROM loyalty_draw d JOIN loyalty_lot l ON l.id = d.lot_id ORDER BY d.id"
+        )
+        return cursor.fetchall()
+
+
+def test_lots_keyed_by_their_entries_keep_every_draw_both_ways(program):
+    # given a ledger with draws of every kind: spends over several lots, expiry on arrival, a debt settled by a lot
+    first, second = MemberFactory(program=program), MemberFactory(program=program)
+    for i, total in enumerate(["100.00", "50.00", "70.00"]):
+        record(program, first, total, external_id=f"a{i}", at=NOW - relativedelta(days=10 - i), now=NOW)
+    ledger_debit(member_id=first.pk, kind=Entry.Kind.REDEEM, points=160, occurred_at=NOW, now=NOW)
+    record(program, second, "30.00", external_id="old", at=NOW - relativedelta(months=25), now=NOW)  # expired
+    record(program, second, "40.00", external_id="b1", at=NOW, now=NOW)
+    ledger_debit(member_id=second.pk, kind=Entry.Kind.REDEEM, points=40, occurred_at=NOW, now=NOW)
+    record(program, second, "40.00", external_id="b1r", kind="return", original="b1", at=NOW, now=NOW)  # owes 40
+    record(program, second, "60.00", external_id="b2", at=NOW, now=NOW)  # settles the 40
+    draws = sorted(Draw.objects.values_list("id", "lot_id", "points"))
+    assert len(draws) >= 5 and ledger_verify() == []
+
+    try:
+        # when the lots get ids of their own again
+        _migrate(BEFORE)
+
+        # then each draw names its lot by that id, and the ids are not the entries' (the mapping did something)
+        assert _draws_by_lot_id() == draws
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM loyalty_lot WHERE id <> entry_id")
+            assert cursor.fetchone()[0] > 0
+    finally:
+        # and when they are keyed by their entries once more
+        _migrate(KEYED)
+
+    # then every draw names the same lot, by its entry, and the ledger holds
+    assert sorted(Draw.objects.values_list("id", "lot_id", "points")) == draws
+    assert ledger_verify() == []
+    # and the draws are append-only again
+    with pytest.raises(Exception, match="append-only"), connection.cursor() as cursor:
+        cursor.execute("UPDATE loyalty_draw SET points = points")
+    # and spending draws on the lots by their new keys: soonest to expire, then in the order they were credited
+    before = dict(Lot.objects.filter(account_id=first.pk).values_list("pk", "remaining"))
+    ledger_debit(member_id=first.pk, kind=Entry.Kind.REDEEM, points=10, occurred_at=NOW, now=NOW)
+    after = dict(Lot.objects.filter(account_id=first.pk).values_list("pk", "remaining"))
+    assert [pk for pk in before if before[pk] != after[pk]] == [min(pk for pk in before if before[pk] > 0)]
+    assert ledger_verify() == []
