@@ -94,7 +94,10 @@ def references_checked(*into: type[models.Model]) -> Iterator[Block]:
             with connection.cursor() as cursor:
                 # Back to what it was before checking, so that the rest of the transaction is checked as usual.
                 cursor.execute("SELECT set_config('session_replication_role', %s, true)", [before])
-                own = owned_present(cursor, block.owned)
+                # Only the own rows that a written row may refer to are counted (a block's rows may be its own
+                # and referred to by none: an import's lots, keyed by their entries).
+                referred = {key.related_model for model, _, _ in block.writes for key, _, _ in _foreign_keys(model)}
+                own = owned_present(cursor, {m: ids for m, ids in block.owned.items() if m in referred})
                 for model, column, ids in block.writes:
                     foreign_keys_check(cursor, model, column, ids, own, block.locked)
 

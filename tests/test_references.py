@@ -326,6 +326,28 @@ def test_rows_declared_the_transactions_own_that_are_not_there_are_refused_and_t
     assert _role() == "origin"
 
 
+def test_own_rows_that_no_written_row_refers_to_are_not_counted(program):
+    # given: an entry and its lot written in one block, as the import writes them; the lot is keyed by its entry, so
+    # it is the block's own row too, but no row of the block refers to a lot
+    member = MemberFactory(program=program)
+    Account.objects.create(member=member)
+    txn = _purchase(program, member_id=member.pk)
+    now = timezone.now()
+    # when
+    with CaptureQueriesContext(connection) as queries, references_checked(Entry, Lot) as block:
+        entry = _entry(member.pk, txn.pk)
+        Lot.objects.create(
+            account_id=member.pk, entry=entry, amount=5, remaining=5, available_from=now, expires_at=None, matured=True
+        )
+        block.written(Entry, "id", [entry.pk])
+        block.written(Lot, "entry_id", [entry.pk])
+    # then: the entries were counted (the lot refers to its entry), the lots not
+    statements = [q["sql"] for q in queries.captured_queries]
+    assert any("(SELECT count(*) FROM loyalty_entry WHERE id BETWEEN" in sql for sql in statements)
+    assert not any("(SELECT count(*) FROM loyalty_lot WHERE entry_id BETWEEN" in sql for sql in statements)
+    assert Lot.objects.filter(pk=entry.pk).exists()
+
+
 def test_a_reference_outside_the_transactions_own_rows_is_probed_as_any_other(program):
     # given: a purchase of the transaction's own, and an entry that names another, missing one
     member = MemberFactory(program=program)
