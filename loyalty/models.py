@@ -191,10 +191,10 @@ class Lot(models.Model):
 
     # No index of its own: every lookup of an account's lots is of those with points left, which the partial
     # lot_spendable index serves, and accounts are never deleted (nor their keys changed), which is all the foreign
-    # key would need it for. An index entry for every lot cost each credit about 1.5 µs (docs/benchmarks.md).
+    # key would need it for. An index entry for every lot cost each credit 1.0-1.3 µs of the database's CPU.
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="lots", db_index=False)
-    # A lot is its credit's: keyed by the entry, not by an id of its own, which would cost each credit a second
-    # index entry and a draw from a sequence (docs/benchmarks.md).
+    # A lot is its credit's: keyed by the entry, not by an id of its own, which cost each credit a second unique
+    # index entry and a draw from a sequence, 1.3-1.5 µs of the database's CPU (docs/benchmarks.md).
     entry = models.OneToOneField(Entry, primary_key=True, on_delete=models.PROTECT, related_name="lot")
     amount = models.BigIntegerField()
     remaining = models.BigIntegerField()

@@ -1,5 +1,6 @@
 """Lot.account without an index of its own: the lookups of an account's lots are of those with points left, which
-the partial lot_spendable index serves, and an index entry for every lot cost each credit about 1.5 µs.
+the partial lot_spendable index serves, and an index entry for every lot cost each credit 1.0-1.3 µs of the
+database's CPU (docs/benchmarks.md, fifteenth round).
 
 On PostgreSQL the index is dropped CONCURRENTLY: lots stay readable and writable meanwhile (a plain DROP INDEX
 waits for the table's exclusive lock, and every query on lots queues behind it). The backwards step builds it again
