@@ -24,6 +24,7 @@ from loyalty import ledger
 from loyalty.earning import months_later
 from loyalty.imports import FIELDS, OPTIONAL_FIELDS, TransactionFile, transactions_import
 from loyalty.imports import service as service_module
+from loyalty.imports import writing as writing_module
 from loyalty.imports.report import ImportAborted
 from loyalty.imports.rows import RowInvalid, RowParser
 from loyalty.imports.writing import chunk_write
@@ -913,6 +914,21 @@ def test_imports_of_overlapping_files_wait_for_each_other_instead_of_deadlocking
     assert "error" not in outcome, outcome.get("error")
     assert (outcome["report"].imported, outcome["report"].already_present) == (0, 3)
     assert sorted(Transaction.objects.values_list("external_id", flat=True)) == ["K1", "K2", "K3"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_chunks_purchases_are_written_in_the_order_of_their_keys_as_pairs(seed):
+    # given: purchases whose stores are prefixes of each other, share their first characters, or are not ASCII
+    rng = random.Random(seed)
+    texts = ["", "S", "S1", "S10", "S1\t", "S2", "Å", "Ö1", "𝔖", "a b", "S1x"]
+    keys = list({(rng.choice(texts[1:]), rng.choice(texts)) for _ in range(300)})
+    rng.shuffle(keys)
+    purchases = [(0, key, "", None, f"row{i}") for i, key in enumerate(keys)]
+    # when
+    text = writing_module._purchases_text(SimpleNamespace(pk=1), purchases, list(range(len(keys))), timezone.now())
+    # then: in the order of (store, external_id) as pairs, which is PostgreSQL's COLLATE "C" order of the fallback
+    written = [keys[int(line.split("\t", 1)[0])] for line in text.splitlines()]
+    assert written == sorted(keys)
 
 
 def _waiting_on_a_lock() -> bool:

@@ -264,12 +264,13 @@ def _purchases_text(program: Program, purchases: list, ids: list[int], now: date
     """The purchases with their ids (given in the chunk's order, each member's in file order, as one INSERT at a
     time would give them) as COPY text of _COLUMNS, in (store, external_id) order: every import writes a chunk's
     purchases in this one order, so two imports of overlapping files wait for each other's uncommitted rows instead
-    of deadlocking (the lock order in loyalty/ledger/__init__.py). Sorted by the keys alone: unique in a chunk."""
+    of deadlocking (the lock order in loyalty/ledger/__init__.py). Sorted by the keys alone, unique in a chunk, each
+    joined by a NUL: strings sort in half the time of pairs of strings, in the same order, as no key holds a NUL
+    (PostgreSQL's text cannot)."""
     head, tail = f"\t{program.pk}\t", f"\tpurchase\t0\t0\t{now}\n"
-    return "".join(
-        f"{pk}{head}{p[4]}{tail}"
-        for _, pk, p in sorted(zip([p[1] for p in purchases], ids, purchases, strict=True), key=itemgetter(0))
-    )
+    keys = ["\0".join(p[1]) for p in purchases]
+    ordered = sorted(zip(keys, ids, purchases, strict=True), key=itemgetter(0))
+    return "".join(f"{pk}{head}{p[4]}{tail}" for _, pk, p in ordered)
 
 
 def _purchases_copy(program: Program, purchases: list, now: datetime) -> list[int] | None:
