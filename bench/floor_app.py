@@ -36,7 +36,7 @@ e AS (
     RETURNING id, available_after, pending_after),
 l AS (
     INSERT INTO loyalty_lot (account_id, entry_id, amount, remaining, available_from, expires_at, matured)
-    SELECT %s, e.id, %s, %s, %s, %s, true FROM e RETURNING id)
+    SELECT %s, e.id, %s, %s, %s, %s, true FROM e RETURNING entry_id)
 SELECT r.id, e.available_after, e.pending_after FROM r, e, l"""
 _local = threading.local()
 

@@ -126,7 +126,7 @@ class EntryAdmin(ReadOnlyAdmin):
 
 @admin.register(Lot)
 class LotAdmin(ReadOnlyAdmin):
-    list_display = ["pk", "account", "amount", "remaining", "available_from", "expires_at", "matured"]
+    list_display = ["entry_id", "account", "amount", "remaining", "available_from", "expires_at", "matured"]
     list_filter = ["matured"]
     search_fields = ["account__member__member_number"]
     list_select_related = ["account__member"]

@@ -21,7 +21,10 @@ def _forwards(apps, schema_editor):
 
 
 def _backwards(apps, schema_editor):
-    schema_editor.execute(f"CREATE INDEX {_concurrently(schema_editor)}IF NOT EXISTS {_INDEX} ON loyalty_lot (account_id)")
+    # Dropped first: an interrupted CREATE INDEX CONCURRENTLY leaves an invalid index behind, which IF NOT EXISTS
+    # would take for the index, and a rerun would then leave it unusable.
+    _forwards(apps, schema_editor)
+    schema_editor.execute(f"CREATE INDEX {_concurrently(schema_editor)}{_INDEX} ON loyalty_lot (account_id)")
 
 
 class Migration(migrations.Migration):

@@ -6,8 +6,12 @@ the values change and put back on the new key (PostgreSQL), or their table is bu
 embedded default, where a foreign key names its column in the table's definition). Lots are spent soonest-to-expire
 first and then in the order they were credited, which the entries' ids keep as the lots' own ids did.
 
-Backwards, the lots get ids again (drawn in the table's order, so spending may then break ties between lots that
-expire at the same time in another order) and the draws name them by those."""
+One transaction: it holds lots and draws locked against every write while it rewrites the draws, builds the lots'
+new primary key and checks the draws' foreign key against it, which takes time in proportion to the ledger; on a
+large ledger, run it when the tills can wait (a failure leaves everything as it was).
+
+Backwards, each lot gets its entry's id as its own id again (so the order of spending stays), and the draws, which
+name lots by those, refer to the id."""
 
 import django.db.models.deletion
 from django.db import migrations, models
@@ -28,10 +32,19 @@ def _draw_lot_key(schema_editor) -> str | None:
 
 def _draws_rekeyed(schema_editor, sql: str) -> None:
     """Run `sql`, an UPDATE of the draws' lot_id (PostgreSQL). Draws are append-only (loyalty_draw_append_only):
-    this renames the lot each names, it changes nothing they record, so the trigger is off for this statement."""
+    this renames the lot each names, it changes nothing they record, so the trigger is off for this statement and
+    then as it was before (enabled, always, for replicas only, or disabled)."""
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'loyalty_draw'::regclass "
+            "AND tgname = 'loyalty_draw_append_only'"
+        )
+        state = cursor.fetchone()[0]
     schema_editor.execute("ALTER TABLE loyalty_draw DISABLE TRIGGER loyalty_draw_append_only")
     schema_editor.execute(sql)
-    schema_editor.execute("ALTER TABLE loyalty_draw ENABLE TRIGGER loyalty_draw_append_only")
+    if state != "D":
+        how = {"A": "ALWAYS ", "R": "REPLICA "}.get(state, "")
+        schema_editor.execute(f"ALTER TABLE loyalty_draw ENABLE {how}TRIGGER loyalty_draw_append_only")
 
 
 def _draws_by_entry(apps, schema_editor):
@@ -41,7 +54,8 @@ def _draws_by_entry(apps, schema_editor):
             schema_editor.execute(f"ALTER TABLE loyalty_draw DROP CONSTRAINT {name}")
         _draws_rekeyed(
             schema_editor,
-            "UPDATE loyalty_draw d SET lot_id = l.entry_id FROM loyalty_lot l WHERE l.id = d.lot_id AND l.id <> l.entry_id",
+            "UPDATE loyalty_draw d SET lot_id = l.entry_id FROM loyalty_lot l "
+            "WHERE l.id = d.lot_id AND l.id <> l.entry_id",
         )
     else:
         schema_editor.execute(
@@ -50,11 +64,13 @@ def _draws_by_entry(apps, schema_editor):
 
 
 def _draws_by_id(apps, schema_editor):
-    """Backwards, once the lots have ids again: the draws name each lot by its id, and refer to it by it."""
+    """Backwards, once the lots have an id column again: each lot's id is its entry's (through negative values, as
+    the key is checked row by row), the id sequence goes on after the last, and the draws refer to the id."""
+    for sql in ("UPDATE loyalty_lot SET id = -entry_id", "UPDATE loyalty_lot SET id = -id"):
+        schema_editor.execute(sql)
     if schema_editor.connection.vendor == "postgresql":
-        _draws_rekeyed(
-            schema_editor,
-            "UPDATE loyalty_draw d SET lot_id = l.id FROM loyalty_lot l WHERE l.entry_id = d.lot_id AND l.id <> l.entry_id",
+        schema_editor.execute(
+            "SELECT setval(pg_get_serial_sequence('loyalty_lot', 'id'), max(id)) FROM loyalty_lot HAVING count(*) > 0"
         )
         schema_editor.execute(
             f"ALTER TABLE loyalty_draw ADD CONSTRAINT {_FK}_id FOREIGN KEY (lot_id) REFERENCES loyalty_lot (id) "
@@ -62,7 +78,8 @@ def _draws_by_id(apps, schema_editor):
         )
     else:
         schema_editor.execute(
-            "UPDATE loyalty_draw SET lot_id = (SELECT l.id FROM loyalty_lot l WHERE l.entry_id = loyalty_draw.lot_id)"
+            "UPDATE sqlite_sequence SET seq = (SELECT max(id) FROM loyalty_lot) "
+            "WHERE name = 'loyalty_lot' AND EXISTS (SELECT 1 FROM loyalty_lot)"
         )
         schema_editor._remake_table(apps.get_model("loyalty", "Draw"))
 
