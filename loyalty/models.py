@@ -194,7 +194,7 @@ class Lot(models.Model):
     # key would need it for. An index entry for every lot cost each credit 1.0-1.3 µs of the database's CPU.
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="lots", db_index=False)
     # A lot is its credit's: keyed by the entry, not by an id of its own, which cost each credit a second unique
-    # index entry and a draw from a sequence, 1.3-1.5 µs of the database's CPU (docs/benchmarks.md).
+    # index entry and a draw from a sequence, 1.2-1.4 µs of the database's CPU (docs/benchmarks.md).
     entry = models.OneToOneField(Entry, primary_key=True, on_delete=models.PROTECT, related_name="lot")
     amount = models.BigIntegerField()
     remaining = models.BigIntegerField()
