@@ -61,36 +61,35 @@ class Earnings:
     def lot(self, occurred_at: datetime, occurred_text: str) -> tuple[str, bool, str | None]:
         """The lot's available_from and expires_at as COPY text, whether it has matured, and its expiry text if that
         has passed already (the points expire on arrival)."""
-        if occurred_at.tzinfo is UTC and (whole := self.utc_days.get(occurred_text[:10])) is not None:
-            available_text, expires_text, day_matured, day_expired = whole  # the common case: a day seen before
-            time = occurred_text[10:]
-            if expires_text is None:
-                return f"{available_text}{time}\t{NULL}", day_matured, None
-            return (
-                f"{available_text}{time}\t{expires_text}{time}",
-                day_matured,
-                expires_text + time if day_expired else None,
-            )
-        key = (occurred_at.date(), occurred_at.tzinfo)  # not the instant: two zones' midnights may coincide
-        day = self.by_day.get(key)
-        if day is None:
-            day = self.by_day[key] = self._day(occurred_at)
-        available_base, expires_base, midnight, texts, day_matured, day_expired = day
-        if texts is not None and day_matured is not None and day_expired is not None:  # all known for the day
-            if occurred_at.tzinfo is UTC:
-                self.utc_days[occurred_text[:10]] = (*texts, day_matured, day_expired)
-            available_text, expires_text = texts
-            available_text += occurred_text[10:]
-            expires_text = expires_text + occurred_text[10:] if expires_text is not None else None
-            return f"{available_text}\t{expires_text or NULL}", day_matured, expires_text if day_expired else None
-        since = occurred_at - midnight  # wall-clock time within the day: both share the zone
-        available_from = available_base + since
-        expires_at = expires_base + since if expires_base is not None else None
-        expired = expires_at is not None and expires_at <= self.as_of
+        utc = occurred_at.tzinfo is UTC
+        whole = self.utc_days.get(occurred_text[:10]) if utc else None  # the common case: a day seen before
+        if whole is None:
+            key = (occurred_at.date(), occurred_at.tzinfo)  # not the instant: two zones' midnights may coincide
+            day = self.by_day.get(key)
+            if day is None:
+                day = self.by_day[key] = self._day(occurred_at)
+            available_base, expires_base, midnight, texts, day_matured, day_expired = day
+            if texts is None or day_matured is None or day_expired is None:  # not the same for all the day's times
+                since = occurred_at - midnight  # wall-clock time within the day: both share the zone
+                available_from = available_base + since
+                expires_at = expires_base + since if expires_base is not None else None
+                expired = expires_at is not None and expires_at <= self.as_of
+                return (
+                    f"{available_from.isoformat(' ')}\t{NULL if expires_at is None else expires_at.isoformat(' ')}",
+                    available_from <= self.as_of,
+                    expires_at.isoformat(" ") if expired else None,
+                )
+            whole = (*texts, day_matured, day_expired)
+            if utc:
+                self.utc_days[occurred_text[:10]] = whole
+        available_text, expires_text, day_matured, day_expired = whole
+        time = occurred_text[10:]  # the purchase's time of day, and its offset
+        if expires_text is None:
+            return f"{available_text}{time}\t{NULL}", day_matured, None
         return (
-            f"{available_from.isoformat(' ')}\t{NULL if expires_at is None else expires_at.isoformat(' ')}",
-            available_from <= self.as_of,
-            expires_at.isoformat(" ") if expired else None,
+            f"{available_text}{time}\t{expires_text}{time}",
+            day_matured,
+            expires_text + time if day_expired else None,
         )
 
     def _day(self, occurred_at: datetime) -> tuple:
