@@ -94,6 +94,44 @@ def test_lots_keyed_by_their_entries_keep_every_draw_both_ways(program):
     assert ledger_verify() == []
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_failure_while_keying_lots_by_their_entries_leaves_the_ledger_as_it_was(program):
+    # given a ledger with draws, back to before the change, and the name of the draws' new foreign key taken, so
+    # the migration's last step fails
+    _, draws = _ledger_with_draws(program)
+    _migrate(BEFORE)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "ALTER TABLE loyalty_draw ADD CONSTRAINT loyalty_draw_lot_id_fk_loyalty_lot_entry_id CHECK (true)"
+            )
+        # when
+        with pytest.raises(Exception, match="already exists"):
+            _migrate(KEYED)
+
+        # then nothing of it stayed: lots keep their ids, draws name them by those and still refer to them, the
+        # draws' trigger is on, and the migration is not recorded
+        assert _draws_by_lot_id() == draws
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT (SELECT count(*) FROM pg_constraint WHERE conrelid = 'loyalty_draw'::regclass "
+                "AND contype = 'f' AND confrelid = 'loyalty_lot'::regclass), "
+                "(SELECT tgenabled FROM pg_trigger WHERE tgname = 'loyalty_draw_append_only'), "
+                "(SELECT count(*) FROM django_migrations WHERE app = 'loyalty' AND name = %s)",
+                [KEYED[1]],
+            )
+            assert cursor.fetchone() == (1, "O", 0)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "ALTER TABLE loyalty_draw DROP CONSTRAINT IF EXISTS loyalty_draw_lot_id_fk_loyalty_lot_entry_id"
+            )
+        _migrate(KEYED)
+    # and once the name is free the migration goes through
+    assert sorted(Draw.objects.values_list("id", "lot_id", "points")) == draws
+    assert ledger_verify() == []
+
+
 # Run by `manage.py shell` on an SQLite file (the embedded default), whose branch of the migration builds tables
 # again: the ledger above, back to before the change, lots given ids of their own as a database from before has
 # (negative, clear of every entry id; the draws following them in the same transaction, as SQLite checks the
