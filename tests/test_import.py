@@ -415,6 +415,26 @@ def test_a_time_of_24_00_is_not_written_as_it_came(program, monkeypatch):
     assert row.occurred_text == ""
 
 
+def test_the_rows_of_a_member_share_one_copy_of_their_number(program):
+    # given: two rows naming the same member, each number read as a string of its own, as the CSV reader gives them
+    member = MemberFactory()
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    parser = RowParser(program, timezone.now())
+    first, second = ({**_row(e, member, "10.00", at), "member": "".join(member.member_number)} for e in "AB")
+    assert first["member"] is not second["member"]
+    wrong = member.member_number[:-1] + str((int(member.member_number[-1]) + 1) % 10)
+    # when
+    rows = parser.parse(2, first), parser.parse(3, second)
+    # then: both hold the first row's copy (the check keeps every purchase's owner until the import ends)
+    assert rows[0].member == rows[1].member == member.member_number
+    assert rows[1].member is rows[0].member
+    # and a number whose check digit is wrong is refused, the first time and when it comes again
+    for line in (4, 5):
+        with pytest.raises(RowInvalid) as refused:
+            parser.parse(line, {**first, "member": f" {wrong} "})
+        assert [name for name, _ in refused.value.errors] == ["member"]
+
+
 @pytest.mark.parametrize("total", ["1e5", "1_000", "+5", "١٢", "Infinity", "NaN", "12,50", "-3"])
 def test_a_total_not_written_as_the_contract_writes_amounts_is_refused(program, tmp_path, total):
     # given: Python's Decimal would read each of these but the last two; the API refuses them all
