@@ -66,7 +66,8 @@ class Block:
         """This database transaction holds a row lock on the rows of `model` with these primary keys: they exist,
         and no other transaction can delete them or change their keys before it commits (each row lock blocks
         both). A reference to one of them needs no probe and no lock. Only keys that a locking query of this
-        transaction returned (SELECT ... FOR UPDATE) may be given."""
+        transaction returned (SELECT ... FOR UPDATE) may be given, or an INSERT of its own (RETURNING): no other
+        transaction sees such a row before this one commits."""
         if self.skipping and ids:
             self.locked.setdefault(model, []).extend(ids)
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from loyalty import ledger, tier_setup, tiers
@@ -352,3 +352,49 @@ def test_batches_sent_with_idempotency_keys_at_once_do_not_deadlock(transactiona
     assert errors == [None, None]
     assert statuses == {"A": [201, 201], "B": [201, 201]}
     assert ledger_verify() == []
+
+
+def test_an_account_opened_by_a_till_while_an_import_chunk_opens_it_keeps_both_credits(
+    transactional_db, program, monkeypatch
+):
+    # given two members without accounts; a till's purchase opens the first one's account and holds it, not yet
+    # committed, while an import chunk credits both, so the chunk finds that account missing and waits to open it
+    from loyalty.ledger import bulk
+
+    till_member, other = MemberFactory(program=program), MemberFactory(program=program)
+    assert not Account.objects.exists()
+    worked = []
+    monkeypatch.setattr(bulk, "_Work", type("Counted", (bulk._Work,), {"__init__": _counted(bulk._Work, worked)}))
+    opened = threading.Event()
+
+    def run_till():
+        with transaction.atomic():
+            _purchase(till_member, "T1", 300)
+            opened.set()
+            time.sleep(HEAD_START * 2)  # the import's chunk probes, finds no account and waits on its key
+
+    def run_import():
+        opened.wait(timeout=10)
+        rows = [_row(1, "I1", till_member, 100), _row(2, "I2", other, 200)]
+        return transactions_import(program=program, rows=rows, writers=1)
+
+    # when
+    errors = _threads(run_till, run_import)
+    # then the chunk found the account opened by the till, worked its credit out again from the till's balance, and
+    # opened the other account itself
+    assert errors == [None, None]
+    till_account, other_account = Account.objects.get(pk=till_member.pk), Account.objects.get(pk=other.pk)
+    till_points = Entry.objects.get(transaction__external_id="T1").points
+    import_points = {t: Entry.objects.get(transaction__external_id=t).points for t in ("I1", "I2")}
+    assert till_account.available + till_account.pending == till_points + import_points["I1"]
+    assert other_account.available + other_account.pending == import_points["I2"]
+    assert ledger_verify() == []
+    assert len(worked) == 2  # the first working out, and the second without the account the till opened
+
+
+def _counted(cls, calls: list):
+    def init(self, *args, **kwargs):
+        calls.append(args)
+        cls.__init__(self, *args, **kwargs)
+
+    return init

@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import NamedTuple
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from core.db import COPY_NULL as NULL
@@ -111,39 +111,123 @@ def ledger_credit_many(*, credits: list[dict], now: datetime) -> list[int]:
 def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transactions: list[int] = ()) -> list[int]:
     """ledger_credit_many's writes (PostgreSQL), for credits made ready beforehand: the import makes its purchases'
     credits while it reads the file, so writing a chunk works out balances and little else. `own_transactions`: the
-    ids of transactions the credits name that the caller's database transaction inserted itself (Block.own)."""
+    ids of transactions the credits name that the caller's database transaction inserted itself (Block.own).
+
+    An account not there yet is opened with its balances after the credits (worked out from nothing), rather than
+    opened at zero, locked and updated: a history names most members once a chunk, most of them the first time.
+    Accounts are inserted before any is locked, each in key order, as every many-account job does (_open)."""
     if not credits:
         return []
     a, e, lot_t, d = (m._meta.db_table for m in (Account, Entry, Lot, Draw))
     stamp = timezone.now()
     account_ids = sorted({credit[0] for credit in credits})
-    ids_text = array_literal(account_ids)
     with connection.cursor() as cursor:
-        # Opening in key order, then locking in key order: the same order as every other many-account job, so two
-        # imports, or an import and ledger_mature_due, wait for each other instead of deadlocking.
-        _open(cursor, ids_text, stamp)
-        cursor.execute(
-            f"SELECT member_id, available, pending, lifetime_earned, held FROM {a} "
-            "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",
-            [ids_text],
-        )
-        # fetchall: iterating the cursor costs two driver calls a row, over a tenth of a chunk's Python in a profile.
-        balances = {
-            pk: [available, pending, lifetime, held] for pk, available, pending, lifetime, held in cursor.fetchall()
-        }
         # Ids drawn up front, so lots and draws can name their entries without a round trip per row: one for each
         # credit's entry, and one for the expire entry of each credit whose expiry passed before it arrived (as
         # ledger_credit, it expires at once; an id is left unused where settling took all of it).
         ids = iter(ids_reserve(Entry, len(credits) + sum(1 for credit in credits if credit[6] is not None)))
-        entry_ids, expire_ids = [], []
-        # COPY text built here rather than with write_row, which adapts value by value at ~6 µs a row: integers
-        # print as PostgreSQL reads them, and the times and free text come as COPY text already.
-        now_text, lifetime_kinds, entries, lots, draws = str(now), {}, [], [], []
-        for member_id, kind, points, occurred_at, dates, matured, expired, refs in credits:
+        numbered = [(credit, next(ids), next(ids) if credit[6] is not None else None) for credit in credits]
+        work = _Work(numbered, now)
+        # The accounts not there yet (a guess, not locked: one opened meanwhile is found so below). A join, not
+        # "= ANY": the planner takes a bitmap scan for that, at twice the cost of a probe of the index each.
+        cursor.execute(
+            f"SELECT a.member_id FROM unnest(%s::bigint[]) AS v(id) JOIN {a} AS a ON a.member_id = v.id",
+            [array_literal(account_ids)],
+        )
+        missing = set(account_ids).difference(pk for (pk,) in cursor.fetchall())
+        opened: list[int] = []
+        if missing:
+            # Opened in key order with their balances; one another transaction opened first (waited for, as a
+            # racing first insert is a wait on its key) is left to be locked with the others.
+            new = sorted(missing)
+            balances = work.out({pk: [0, 0, 0, 0] for pk in new})
+            cursor.execute(
+                f"INSERT INTO {a} (member_id, available, pending, lifetime_earned, held, updated_at) "
+                "SELECT v.*, 0, %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+                "AS v(member_id, available, pending, lifetime) ORDER BY member_id ON CONFLICT DO NOTHING "
+                "RETURNING member_id",
+                [stamp, array_literal(new)] + [array_literal(balances[pk][i] for pk in new) for i in range(3)],
+            )
+            opened = [pk for (pk,) in cursor.fetchall()]
+            if len(opened) < len(new):  # their credits worked out again, from the balances as locked below
+                work = _Work(numbered, now)
+                work.out({pk: [0, 0, 0, 0] for pk in opened})
+        present = sorted(set(account_ids).difference(opened)) if opened else account_ids
+        if present:
+            # Opened first, then locked, each in key order: the same order as every other many-account job
+            # (_open), so two imports, or an import and ledger_mature_due, wait for each other instead of
+            # deadlocking.
+            ids_text = array_literal(present)
+            cursor.execute(
+                f"SELECT member_id, available, pending, lifetime_earned, held FROM {a} "
+                "WHERE member_id = ANY(%s::bigint[]) ORDER BY member_id FOR UPDATE",
+                [ids_text],
+            )
+            # fetchall: iterating the cursor costs two driver calls a row, over a tenth of a chunk's Python.
+            rows = cursor.fetchall()
+            balances = {pk: [available, pending, lifetime, held] for pk, available, pending, lifetime, held in rows}
+            if len(balances) < len(present):  # accounts are never deleted; a credit must not go missing if one were
+                raise IntegrityError(f"Accounts gone: {sorted(set(present) - set(balances))}.")
+            work.out(balances)
+        entry_ids = [entry_id for _, entry_id, _ in numbered]
+        # Their foreign keys checked set-based, not a trigger per row (core.references): half the database's work.
+        with references_checked(Entry, Lot) as block:
+            with cursor.copy(
+                f"COPY {e} (id, account_id, kind, points, available_after, pending_after, held_after, occurred_at, "
+                "created_at, transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
+            ) as copy:
+                copy.write("".join(work.entries))
+            with cursor.copy(
+                f"COPY {lot_t} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
+                "FROM STDIN"
+            ) as copy:
+                copy.write("".join(work.lots))
+            block.written(Entry, "id", entry_ids + work.expire_ids)
+            block.written(Lot, "entry_id", entry_ids)
+            block.own(Transaction, list(own_transactions))
+            block.holds(Account, opened + present)  # inserted or locked above
+        if work.draws:
+            # A lot is keyed by its credit's entry.
+            cursor.execute(
+                f"INSERT INTO {d} (entry_id, lot_id, points) "
+                "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])",
+                [array_literal(draw[i] for draw in work.draws) for i in range(3)],
+            )
+        if present:
+            # Absolute values are safe: they were computed from the rows as locked above.
+            cursor.execute(
+                f"UPDATE {a} AS a SET available = v.available, pending = v.pending, lifetime_earned = v.lifetime, "
+                "updated_at = %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+                "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
+                [stamp, ids_text] + [array_literal(balances[pk][i] for pk in present) for i in range(3)],
+            )
+    return entry_ids
+
+
+class _Work:
+    """The entries, lots and draws of ledger_credit_rows's credits (`numbered`: (credit, entry id, expire entry id
+    or None), in the order given), worked out for one set of accounts at a time (`out`). COPY text is built here
+    rather than with write_row, which adapts value by value at ~6 µs a row: integers print as PostgreSQL reads
+    them, and the times and free text come as COPY text already."""
+
+    def __init__(self, numbered: list, now: datetime):
+        self.numbered, self.now_text = numbered, str(now)
+        self.entries: list[str] = []
+        self.lots: list[str] = []
+        self.draws: list[tuple[int, int, int]] = []
+        self.expire_ids: list[int] = []  # those used
+        self.lifetime_kinds: dict[str, bool] = {}
+
+    def out(self, balances: dict[int, list[int]]) -> dict[int, list[int]]:
+        """The credits of the accounts in `balances` ({member id: [available, pending, lifetime, held]}, as they
+        are before them) worked out in order, and `balances` updated to after them and returned."""
+        entries, lots, draws, expire_ids = self.entries, self.lots, self.draws, self.expire_ids
+        now_text, lifetime_kinds = self.now_text, self.lifetime_kinds
+        for (member_id, kind, points, occurred_at, dates, matured, expired, refs), entry_id, expire_id in self.numbered:
+            balance = balances.get(member_id)
+            if balance is None:
+                continue
             assert points > 0
-            entry_id = next(ids)
-            entry_ids.append(entry_id)
-            balance = balances[member_id]
             if matured:
                 balance[0] += points
             else:
@@ -164,7 +248,6 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transact
                 draws.append((entry_id, entry_id, settle))
             if left and expired is not None:
                 # Expired before it arrived: the expiry job's entry and draw, at once (loyalty.ledger.jobs).
-                expire_id = next(ids)
                 expire_ids.append(expire_id)
                 balance[0 if matured else 1] -= left
                 entries.append(
@@ -174,34 +257,4 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transact
                 draws.append((expire_id, entry_id, left))
                 left = 0
             lots.append(f"{member_id}\t{entry_id}\t{points}\t{left}\t{dates}\t{'t' if matured else 'f'}\n")
-        # Their foreign keys checked set-based, not a trigger per row (core.references): half the database's work.
-        with references_checked(Entry, Lot) as block:
-            with cursor.copy(
-                f"COPY {e} (id, account_id, kind, points, available_after, pending_after, held_after, occurred_at, "
-                "created_at, transaction_id, api_client_id, staff_user_id, reason) FROM STDIN"
-            ) as copy:
-                copy.write("".join(entries))
-            with cursor.copy(
-                f"COPY {lot_t} (account_id, entry_id, amount, remaining, available_from, expires_at, matured) "
-                "FROM STDIN"
-            ) as copy:
-                copy.write("".join(lots))
-            block.written(Entry, "id", entry_ids + expire_ids)
-            block.written(Lot, "entry_id", entry_ids)
-            block.own(Transaction, list(own_transactions))
-            block.holds(Account, list(balances))  # locked above
-        if draws:
-            # A lot is keyed by its credit's entry.
-            cursor.execute(
-                f"INSERT INTO {d} (entry_id, lot_id, points) "
-                "SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[])",
-                [array_literal(draw[i] for draw in draws) for i in range(3)],
-            )
-        # Absolute values are safe: they were computed from the rows as locked above.
-        cursor.execute(
-            f"UPDATE {a} AS a SET available = v.available, pending = v.pending, lifetime_earned = v.lifetime, "
-            "updated_at = %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
-            "AS v(member_id, available, pending, lifetime) WHERE a.member_id = v.member_id",
-            [stamp, ids_text] + [array_literal(balances[pk][i] for pk in account_ids) for i in range(3)],
-        )
-    return entry_ids
+        return balances
