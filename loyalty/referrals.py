@@ -23,8 +23,8 @@ def referral_on_purchase(*, program: Program, member: Member | None, transaction
     """Reward the referral of `member` if `transaction` is their first purchase of at least the programme's minimum.
     Runs inside the purchase's database transaction, before the purchase takes any account lock. Costs no query when
     referrals are off, the member was not referred or the purchase is too small, and one to find there is nothing to
-    do. Rewards at most once, whatever races: the referee is unique among referrals. Locks both accounts in
-    primary-key order."""
+    do. Rewards at most once, whatever races: the referee is unique among referrals. Opens both accounts, then
+    locks them (ledger_lock_many)."""
     if member is None or member.referred_by_id is None or not program.referrals_enabled:
         return
     if transaction.total < program.referral_min_purchase:
@@ -33,9 +33,8 @@ def referral_on_purchase(*, program: Program, member: Member | None, transaction
     if claimed is None:
         return
     referral_id, referrer_points, referee_points = claimed
-    # Key order, like every job that locks several accounts, so this cannot deadlock with them.
-    for member_id in sorted((member.pk, member.referred_by_id)):
-        ledger.ledger_lock(member_id)
+    # Both opened, then both locked, each in key order, like every path that locks several accounts.
+    ledger.ledger_lock_many(member_ids=(member.pk, member.referred_by_id))
     earning = earning_for_purchase(program=program, total=transaction.total, occurred_at=transaction.occurred_at)
     entries = {}
     for role, member_id, points, reason in (
@@ -93,15 +92,14 @@ def _claim(program: Program, member: Member, transaction: Transaction, now: date
 def referral_on_return(*, program: Program, original: Transaction, returned_total, now: datetime, **reversal) -> None:
     """Take back the referral points that `original` gave, if the return being recorded (`reversal["transaction"]`)
     completes its return (`returned_total`). Runs inside the return's database transaction, which holds the
-    purchase's row, before the return takes any account lock: it locks both members' accounts in primary-key
-    order. `reversal`: ledger_reverse's occurred_at and the return's transaction."""
+    purchase's row, before the return takes any account lock: it opens both members' accounts, then locks them
+    (ledger_lock_many). `reversal`: ledger_reverse's occurred_at and the return's transaction."""
     if returned_total < original.total or original.member is None or original.member.referred_by_id is None:
         return  # only a referred member's purchase can have rewarded a referral: no query for the others
     referral = Referral.objects.filter(transaction=original, undone_by__isnull=True).first()
     if referral is None:
         return
-    for member_id in sorted((referral.referrer_id, referral.referee_id)):
-        ledger.ledger_lock(member_id)
+    ledger.ledger_lock_many(member_ids=(referral.referrer_id, referral.referee_id))
     allow_negative = program.return_policy == Program.ReturnPolicy.ALLOW_NEGATIVE
     txn = reversal.pop("transaction")
     for member_id, entry_id, points in (

@@ -398,3 +398,53 @@ def _counted(cls, calls: list):
         cls.__init__(self, *args, **kwargs)
 
     return init
+
+
+def test_a_referred_members_first_purchase_and_an_import_chunk_opening_their_account_do_not_deadlock(
+    transactional_db, program, monkeypatch
+):
+    # given a referrer with an account and the member they referred, without one yet; the member's first purchase
+    # at a till rewards the referral, so it locks both accounts and stops there, while an import chunk credits both
+    # members: it finds the referrer's account and opens the member's
+    program.referrals_enabled, program.referral_referrer_points, program.referral_referee_points = True, 50, 20
+    program.save()
+    referrer = MemberFactory(program=program)
+    referee = MemberFactory(program=program, referral_code=referrer.referral_code)
+    assert referrer.pk < referee.pk
+    _purchase(referrer, "P1", 100)
+    assert not Account.objects.filter(pk=referee.pk).exists()
+    held = threading.Event()
+    till = []
+    for name in ("ledger_lock", "ledger_lock_many"):
+        monkeypatch.setattr(ledger, name, _pausing(getattr(ledger, name), till, held))
+
+    def run_till():
+        till.append(threading.current_thread())
+        _purchase(referee, "T1", 300)
+
+    def run_import():
+        held.wait(timeout=10)  # the till holds its first account lock now
+        rows = [_row(1, "I1", referrer, 100), _row(2, "I2", referee, 200)]
+        transactions_import(program=program, rows=rows, writers=1)
+
+    # when
+    errors = _threads(run_till, run_import)
+    # then neither was a deadlock victim, and every credit and both referral rewards are in the ledger
+    assert errors == [None, None]
+    assert Entry.objects.filter(transaction__external_id__in=["P1", "T1", "I1", "I2"]).count() == 4
+    assert Transaction.objects.get(external_id="T1").referral is not None
+    assert ledger_verify() == []
+
+
+def _pausing(lock, threads: list, held: threading.Event):
+    """`lock` (a ledger locking function) that, the first time one of `threads` calls it, sets `held` and keeps its
+    locks for a while before going on."""
+
+    def locked_then_paused(*args, **kwargs):
+        result = lock(*args, **kwargs)
+        if threading.current_thread() in threads and not held.is_set():
+            held.set()
+            time.sleep(HEAD_START * 2)
+        return result
+
+    return locked_then_paused

@@ -17,8 +17,10 @@ primary-key order; a path may skip steps but never goes back to an earlier one (
   1. a single row claimed by compare-and-set (a hold, a voucher), or a new purchase's unique (store, external_id)
      (an import chunk's purchases: in (store, external_id) order);
   2. purchase rows a return locks (FOR UPDATE; an import chunk's returns: all of them first, in key order);
-  3. accounts: ledger_lock or any ledger write; two or more strictly in key order (referrals rewarded or undone,
-     the jobs, imports through ledger_lock_many and ledger_credit_many);
+  3. accounts: ledger_lock or any ledger write; two or more strictly in key order, every one not there yet opened
+     (inserted) before any is locked (referrals rewarded or undone, the jobs and imports, through ledger_lock_many,
+     ledger_credit_many and ledger_credit_rows): opening an account waits for the transaction that opened it
+     first, so a path that opened one after locking another could deadlock with it (tests/test_lock_order.py);
   4. shared counters: earning rules' budget slices (key order; a purchase's one statement locks one slice a
      budget, the careful claim all of them), then a reward's stock; a member's rule usage rows are written only
      under that member's account lock (after 3; in a purchase's one statement, right after it);

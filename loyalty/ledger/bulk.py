@@ -53,9 +53,10 @@ _NO_REFS = credit_refs()
 
 @transaction.atomic(savepoint=False)
 def ledger_lock_many(*, member_ids) -> None:
-    """Lock the accounts of `member_ids` (opened on first use) in primary-key order until the transaction ends. For
-    work that goes on to write several accounts one at a time in an order of its own (an import chunk's returns):
-    holding them all first, in key order, it cannot deadlock with the jobs or with a referral's two accounts."""
+    """Lock the accounts of `member_ids` until the transaction ends: those not there yet opened first, then all
+    locked, each in primary-key order. For work that goes on to write several accounts one at a time in an order of
+    its own (an import chunk's returns, a referral's two accounts): it cannot deadlock with the jobs, an import
+    chunk or another such path (loyalty.ledger's lock order)."""
     account_ids = sorted(set(member_ids))
     if not account_ids:
         return
@@ -140,13 +141,13 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transact
             # Opened in key order with their balances; one another transaction opened first (waited for, as a
             # racing first insert is a wait on its key) is left to be locked with the others.
             new = sorted(missing)
-            balances = work.out({pk: [0, 0, 0, 0] for pk in new})
+            opening = work.out({pk: [0, 0, 0, 0] for pk in new})
             cursor.execute(
                 f"INSERT INTO {a} (member_id, available, pending, lifetime_earned, held, updated_at) "
                 "SELECT v.*, 0, %s FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) "
                 "AS v(member_id, available, pending, lifetime) ORDER BY member_id ON CONFLICT DO NOTHING "
                 "RETURNING member_id",
-                [stamp, array_literal(new)] + [array_literal(balances[pk][i] for pk in new) for i in range(3)],
+                [stamp, array_literal(new)] + [array_literal(opening[pk][i] for pk in new) for i in range(3)],
             )
             opened = [pk for (pk,) in cursor.fetchall()]
             if len(opened) < len(new):  # their credits worked out again, from the balances as locked below
@@ -154,9 +155,9 @@ def ledger_credit_rows(*, credits: list[BulkCredit], now: datetime, own_transact
                 work.out({pk: [0, 0, 0, 0] for pk in opened})
         present = sorted(set(account_ids).difference(opened)) if opened else account_ids
         if present:
-            # Opened first, then locked, each in key order: the same order as every other many-account job
-            # (_open), so two imports, or an import and ledger_mature_due, wait for each other instead of
-            # deadlocking.
+            # Opened first, then locked, each in key order, as every path that takes several accounts does
+            # (loyalty.ledger's lock order): two imports, an import and a job or a referral wait for each other
+            # instead of deadlocking.
             ids_text = array_literal(present)
             cursor.execute(
                 f"SELECT member_id, available, pending, lifetime_earned, held FROM {a} "
