@@ -34,6 +34,7 @@ from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
 from members.models import Member
 from tests.factories import MemberFactory
+from tests.threads import until_someone_waits_on_a_lock
 
 pytestmark = pytest.mark.django_db(transaction=False)
 
@@ -921,10 +922,7 @@ def test_imports_of_overlapping_files_wait_for_each_other_instead_of_deadlocking
     # when: this import of the file in the opposite order starts, waits on K1, and the other import goes on
     worker = threading.Thread(target=import_reversed)
     worker.start()
-    deadline = time.monotonic() + 10
-    while not _waiting_on_a_lock() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _waiting_on_a_lock(), "the import did not wait for the uncommitted K1"
+    assert until_someone_waits_on_a_lock(), "the import did not wait for the uncommitted K1"
     other_writes("K3")  # in file order the import would hold K3 by now, and this would deadlock
     other_writes("K2")
     other.commit()
@@ -949,14 +947,6 @@ def test_a_chunks_purchases_are_written_in_the_order_of_their_keys_as_pairs(seed
     # then: in the order of (store, external_id) as pairs, which is PostgreSQL's COLLATE "C" order of the fallback
     written = [keys[int(line.split("\t", 1)[0])] for line in text.splitlines()]
     assert written == sorted(keys)
-
-
-def _waiting_on_a_lock() -> bool:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        return cursor.fetchone()[0] > 0
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from loyalty import ledger, tier_setup, tiers
@@ -22,7 +22,7 @@ from loyalty.tiers import tiers_review_due
 from loyalty.transactions import TransactionInput, transaction_record
 from loyalty.verify import ledger_verify
 from tests.factories import MemberFactory
-from tests.threads import at_once
+from tests.threads import at_once, until_someone_waits_on_a_lock
 
 AT = datetime(2025, 5, 1, 12, tzinfo=UTC)
 # Long enough for the other thread to take its first lock and queue for the next one.
@@ -231,14 +231,6 @@ def test_a_late_purchase_in_the_grace_days_racing_the_review_keeps_the_tier(tran
     assert not TierChange.objects.filter(member=member, reason=TierChange.Reason.DOWNGRADE).exists()
 
 
-def _someone_waits_on_a_lock() -> bool:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        return cursor.fetchone()[0] > 0
-
-
 def test_a_tier_change_moving_members_up_and_the_review_do_not_deadlock(transactional_db, program, monkeypatch):
     # given: a member in Silver, due for review, with 250 points this month: the review moves them down (a history
     # row, which refers to the programme), and Gold lowered to 200 moves them up
@@ -275,9 +267,7 @@ def test_a_tier_change_moving_members_up_and_the_review_do_not_deadlock(transact
 
     def release():  # once the review waits on a lock, or has finished
         paused.wait(timeout=10)
-        deadline = time.monotonic() + 5
-        while not _someone_waits_on_a_lock() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until_someone_waits_on_a_lock(timeout=5)
         go.set()
 
     # when
@@ -371,7 +361,8 @@ def test_an_account_opened_by_a_till_while_an_import_chunk_opens_it_keeps_both_c
         with transaction.atomic():
             _purchase(till_member, "T1", 300)
             opened.set()
-            time.sleep(HEAD_START * 2)  # the import's chunk probes, finds no account and waits on its key
+            # until the import's chunk has probed, found no account and waits on its key
+            assert until_someone_waits_on_a_lock()
 
     def run_import():
         opened.wait(timeout=10)
@@ -438,13 +429,13 @@ def test_a_referred_members_first_purchase_and_an_import_chunk_opening_their_acc
 
 def _pausing(lock, threads: list, held: threading.Event):
     """`lock` (a ledger locking function) that, the first time one of `threads` calls it, sets `held` and keeps its
-    locks for a while before going on."""
+    locks until another connection waits on a lock (or 10 s have passed) before going on."""
 
     def locked_then_paused(*args, **kwargs):
         result = lock(*args, **kwargs)
         if threading.current_thread() in threads and not held.is_set():
             held.set()
-            time.sleep(HEAD_START * 2)
+            until_someone_waits_on_a_lock()
         return result
 
     return locked_then_paused

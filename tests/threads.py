@@ -2,6 +2,7 @@
 one budget or one purchase from many clients on real PostgreSQL."""
 
 import threading
+import time
 
 from django.db import connection
 
@@ -32,3 +33,24 @@ def at_once(count, work, *, timeout: float = 120) -> list:
 
 def failures(outcomes: list) -> list[Exception]:
     return [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+
+
+def someone_waits_on_a_lock() -> bool:
+    """Whether a connection to this database waits on a lock now. The statistics snapshot is cleared first, so it
+    also answers anew inside a transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_stat_clear_snapshot(), count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[1] > 0
+
+
+def until_someone_waits_on_a_lock(timeout: float = 10) -> bool:
+    """Wait until a connection to this database waits on a lock, at most `timeout` seconds; whether one does."""
+    deadline = time.monotonic() + timeout
+    while not someone_waits_on_a_lock():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
