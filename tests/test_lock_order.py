@@ -116,10 +116,7 @@ def test_an_import_chunk_undoing_a_referral_and_the_expiry_job_do_not_deadlock(
 ):
     # given a referrer (lowest key) rewarded for a referee's purchase that the file returns in full, in a chunk that
     # also credits a third member; everyone has points the expiry job will expire, so it locks all three accounts
-    program.referrals_enabled, program.referral_referrer_points, program.referral_referee_points = True, 50, 20
-    program.save()
-    referrer = MemberFactory(program=program)
-    referee = MemberFactory(program=program, referral_code=referrer.referral_code)
+    referrer, referee = _referrer_and_referee(program)
     third = MemberFactory(program=program)
     assert referrer.pk < referee.pk < third.pk
     _purchase(referee, "P1", 300)
@@ -397,10 +394,7 @@ def test_a_referred_members_first_purchase_and_an_import_chunk_opening_their_acc
     # given a referrer with an account and the member they referred, without one yet; the member's first purchase
     # at a till rewards the referral, so it locks both accounts and stops there, while an import chunk credits both
     # members: it finds the referrer's account and opens the member's
-    program.referrals_enabled, program.referral_referrer_points, program.referral_referee_points = True, 50, 20
-    program.save()
-    referrer = MemberFactory(program=program)
-    referee = MemberFactory(program=program, referral_code=referrer.referral_code)
+    referrer, referee = _referrer_and_referee(program)
     assert referrer.pk < referee.pk
     _purchase(referrer, "P1", 100)
     assert not Account.objects.filter(pk=referee.pk).exists()
@@ -439,3 +433,11 @@ def _pausing(lock, threads: list, held: threading.Event):
         return result
 
     return locked_then_paused
+
+
+def _referrer_and_referee(program):
+    """A member and the member they referred, in a programme that rewards referrals (50 and 20 points)."""
+    program.referrals_enabled, program.referral_referrer_points, program.referral_referee_points = True, 50, 20
+    program.save()
+    referrer = MemberFactory(program=program)
+    return referrer, MemberFactory(program=program, referral_code=referrer.referral_code)
