@@ -351,7 +351,13 @@ def test_an_account_opened_by_a_till_while_an_import_chunk_opens_it_keeps_both_c
     till_member, other = MemberFactory(program=program), MemberFactory(program=program)
     assert not Account.objects.exists()
     worked = []
-    monkeypatch.setattr(bulk, "_Work", type("Counted", (bulk._Work,), {"__init__": _counted(bulk._Work, worked)}))
+
+    class Counted(bulk._Work):
+        def __init__(self, *args):
+            worked.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(bulk, "_Work", Counted)
     opened = threading.Event()
 
     def run_till():
@@ -378,14 +384,6 @@ def test_an_account_opened_by_a_till_while_an_import_chunk_opens_it_keeps_both_c
     assert other_account.available + other_account.pending == import_points["I2"]
     assert ledger_verify() == []
     assert len(worked) == 2  # the first working out, and the second without the account the till opened
-
-
-def _counted(cls, calls: list):
-    def init(self, *args, **kwargs):
-        calls.append(args)
-        cls.__init__(self, *args, **kwargs)
-
-    return init
 
 
 def test_a_referred_members_first_purchase_and_an_import_chunk_opening_their_account_do_not_deadlock(
