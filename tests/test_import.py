@@ -1050,6 +1050,34 @@ def test_a_lane_that_fails_stops_the_import_and_a_rerun_imports_the_rest(program
     assert ledger_verify() == []
 
 
+def test_a_chunk_that_fails_after_opening_its_new_accounts_leaves_none_of_them(program, tmp_path, monkeypatch):
+    # given: two members without accounts, and the chunk's entries failing to be written, after the chunk has
+    # opened their accounts with their balances
+    from loyalty.ledger import bulk
+
+    members = [MemberFactory(), MemberFactory()]
+    at = datetime(2025, 5, 1, 12, tzinfo=UTC)
+    path = _csv(tmp_path, [_row(f"T{i}", member, "10.00", at) for i, member in enumerate(members)])
+    opened = []
+
+    def fail_after_the_accounts(*models):
+        opened.extend(Account.objects.filter(pk__in=[m.pk for m in members]).values_list("pk", flat=True))
+        raise RuntimeError("the entries cannot be written")
+
+    monkeypatch.setattr(bulk, "references_checked", fail_after_the_accounts)
+    # when
+    with pytest.raises(Exception, match="the entries cannot be written"):
+        _import(program, path, writers=1)
+    # then: the accounts had been opened, and went with the chunk: no account, transaction or entry is left
+    assert sorted(opened) == sorted(m.pk for m in members)
+    assert not Account.objects.exists()
+    assert not Transaction.objects.exists()
+    assert not Entry.objects.exists()
+    monkeypatch.undo()
+    assert _import(program, path, writers=1).imported == 2  # and a rerun imports the file
+    assert ledger_verify() == []
+
+
 def test_an_external_id_of_several_members_imports_in_one_lane(program, tmp_path, monkeypatch):
     # given: two stores' purchases under one external id, of two members, and a return naming its store
     from loyalty.imports import service
